@@ -1,0 +1,1 @@
+"""Recipe for the small English demo FastSLM shipped as the default model."""

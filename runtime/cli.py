@@ -1,0 +1,94 @@
+"""`fastslm-run`: answer a prompt about one or more recordings, streaming the answer."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import FastSLMError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"fastslm-run: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    audio: Annotated[list[Path], typer.Argument(help="Audio files (any format libsndfile reads).")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help='"transcribe", "summarize", or a question.')] = "transcribe",
+    model: Annotated[Optional[Path], typer.Option(help="Model folder or exported bundle [default: shipped demo].")] = None,
+    backend: Annotated[str, typer.Option(help="auto, onnx or torch.")] = "auto",
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object per file instead of streamed text.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Stop after this many answer tokens.")] = 512,
+    temperature: Annotated[float, typer.Option(help="0 = greedy; the reference FastSLM samples at 0.2.")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = off).")] = 20,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 0.95,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,
+    language: Annotated[Optional[str], typer.Option(help="Language token: en or ko.")] = None,
+) -> None:
+    try:
+        from .generate import Pipeline
+        from .loading import DEFAULT_MODEL_NOTE
+        from .sampling import SamplingOptions
+
+        sampling = SamplingOptions(
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens
+        )
+        pipe = Pipeline.load(model, backend)
+        note = f" ({DEFAULT_MODEL_NOTE})" if model is None else ""
+        typer.echo(f"fastslm-run: model {pipe.model_name} on {pipe.backend.name}{note}", err=True)
+        for path in audio:
+            answer_one(pipe, path, prompt, sampling, language, json_output, several=len(audio) > 1)
+    except FastSLMError as exc:
+        fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+
+
+def answer_one(pipe, path: Path, prompt: str, sampling, language, json_output: bool, several: bool) -> None:
+    from tqdm import tqdm
+
+    with tqdm(desc=f"encoding {path.name}", unit="window", leave=False, disable=None, file=sys.stderr) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        speech = pipe.encode(path, progress=progress)
+    if json_output:
+        result = pipe.generate(speech, prompt, sampling=sampling, language=language)
+        record = {
+            "audio": str(path),
+            "prompt": prompt,
+            "text": result.text,
+            "audio_seconds": round(result.audio_seconds, 3),
+            "windows": result.n_windows,
+            "prompt_tokens": result.prompt_tokens,
+            "answer_tokens": len(result.token_ids),
+            "model": pipe.model_name,
+            "backend": pipe.backend.name,
+        }
+        typer.echo(json.dumps(record, ensure_ascii=False))
+        return
+    if several:
+        typer.echo(f"== {path}")
+    for piece in pipe.stream(speech, prompt, sampling=sampling, language=language):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

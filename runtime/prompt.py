@@ -1,0 +1,162 @@
+"""FastSLM's prompt: special tokens, tasks, and the Qwen3 chat-template text of one user turn.
+
+The reference renders `[{"role": "user", "content": TASK + AUDIO + "\\n" + instruction}]`
+with Qwen3's chat template and `add_generation_prompt=True`, so the prompt text is
+
+    <|im_start|>user\\n<|ASR|><|audio_bos|><|AUDIO|><|audio_eos|>\\n{instruction}<|im_end|>\\n
+    <|im_start|>assistant\\n
+
+The runtime splits its ids at <|AUDIO|> (`PromptIds`): left text, then the speech tokens,
+then right text. Everything up to <|audio_eos|> does not depend on the instruction, which
+is what lets one audio prefix be reused for many questions.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from .errors import OptionError
+
+AUDIO, AUDIO_BOS, AUDIO_EOS = "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"
+# The reference adds these with add_special_tokens in this order (audio, language, task),
+# so their ids follow one another right after Qwen3's own added tokens.
+SPECIAL_TOKENS = (
+    AUDIO, AUDIO_BOS, AUDIO_EOS,
+    "<|EN|>", "<|KO|>",
+    "<|ASR|>", "<|AST|>", "<|SSUM|>", "<|SQQA|>",
+)
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+CHAT_TOKENS = (ENDOFTEXT, IM_START, IM_END)
+# Qwen3 marks <think> and </think> as added but *not* special: decoding keeps them as text.
+THINK_TOKENS = ("<think>", "</think>")
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+
+LANGUAGE_TOKENS = {"en": "<|EN|>", "ko": "<|KO|>"}
+_LANGUAGE_NAMES = {"english": "en", "korean": "ko"}
+
+
+class Task(enum.Enum):
+    """The four FastSLM tasks; the value is the task token."""
+
+    ASR = "<|ASR|>"
+    AST = "<|AST|>"
+    SSUM = "<|SSUM|>"
+    SQQA = "<|SQQA|>"
+
+    @property
+    def token(self) -> str:
+        return self.value
+
+    @property
+    def default_instruction(self) -> str | None:
+        """None for SQQA: there the user's question is the instruction."""
+        return _DEFAULT_INSTRUCTIONS[self]
+
+
+_DEFAULT_INSTRUCTIONS = {
+    Task.ASR: "Transcribe this audio clip into text.",
+    Task.AST: "Translate this audio clip into English.",
+    Task.SSUM: "Summarize this audio clip.",
+    Task.SQQA: None,
+}
+
+# Optional filler around a task keyword: "please transcribe the audio clip into text".
+_OBJECT = r"(?: (?:this|the))?(?: (?:audio(?: clip)?|clip|speech|recording|talk|file))?"
+_ASR = re.compile(
+    r"(?:please )?(?:asr|stt|transcribe|transcription|transcript|speech recognition)"
+    + _OBJECT + r"(?: (?:into|to) text)?"
+)
+_SSUM = re.compile(
+    r"(?:please )?(?:ssum|summarize|summarise|summary|summarization|summarisation)"
+    + _OBJECT + r"(?: (?:briefly|in brief))?"
+)
+_AST = re.compile(r"(?:please )?(?:ast|translate|translation)" + _OBJECT + r"(?: (?:to|into) ([a-z]+))?")
+_TASK_VERBS = {"transcribe": Task.ASR, "summarize": Task.SSUM, "summarise": Task.SSUM,
+               "translate": Task.AST}
+
+
+def resolve_task(prompt: str | None) -> tuple[Task, str]:
+    """Map a user's free-text prompt to `(task, instruction)`.
+
+    The rule, applied to the prompt lower-cased with punctuation turned into spaces:
+    1. empty (None, "", only punctuation)            -> ASR, default instruction
+    2. only a task keyword with optional filler, e.g. "transcribe", "ASR", "summary",
+       "summarize the audio", "translate to Korean"  -> that task, its default instruction
+       (for AST with a target: "Translate this audio clip into Korean.")
+    3. starts with a task verb (transcribe / summarize / summarise / translate) and says
+       more, e.g. "Summarize the talk in three bullets." -> that task, the text as given
+    4. anything else (a question)                   -> SQQA, the text as given
+    """
+    text = (prompt or "").strip()
+    words = re.sub(r"[^\w]+", " ", text.lower()).strip()
+    if not words:
+        return Task.ASR, _DEFAULT_INSTRUCTIONS[Task.ASR]
+    if _ASR.fullmatch(words):
+        return Task.ASR, _DEFAULT_INSTRUCTIONS[Task.ASR]
+    if _SSUM.fullmatch(words):
+        return Task.SSUM, _DEFAULT_INSTRUCTIONS[Task.SSUM]
+    match = _AST.fullmatch(words)
+    if match:
+        target = match.group(1)
+        if target is None:
+            return Task.AST, _DEFAULT_INSTRUCTIONS[Task.AST]
+        name = {"en": "english", "ko": "korean"}.get(target, target)
+        return Task.AST, f"Translate this audio clip into {name.capitalize()}."
+    verb = words.removeprefix("please ").split()[0]
+    return _TASK_VERBS.get(verb, Task.SQQA), text
+
+
+def language_token(language: str) -> str:
+    """<|EN|> / <|KO|> for a code or English name ("en", "KO", "korean")."""
+    key = language.strip().lower()
+    key = _LANGUAGE_NAMES.get(key, key)
+    if key not in LANGUAGE_TOKENS:
+        known = ", ".join(LANGUAGE_TOKENS)
+        raise OptionError(f"unknown language {language!r}: FastSLM knows {known} (or leave it unset)")
+    return LANGUAGE_TOKENS[key]
+
+
+def build_prompt(
+    task: Task,
+    instruction: str,
+    language: str | None = None,
+    enable_thinking: bool | None = None,
+) -> str:
+    """Qwen3's chat-template text for one user turn plus the generation prompt.
+
+    `enable_thinking` is passed to the template as Qwen3's variable of that name. The
+    reference never passes it (None), and Qwen3's template then adds nothing after
+    `<|im_start|>assistant\\n`; that is what the FastSLM weights were trained on. Only
+    `enable_thinking=False` adds the empty block `<think>\\n\\n</think>\\n\\n` (plain Qwen3's
+    way of switching thinking off); True renders like None.
+    The language token, when given, follows the task token.
+    """
+    if not isinstance(task, Task):
+        raise OptionError(f"unknown task {task!r}: use one of {', '.join(t.name for t in Task)}")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise OptionError("the instruction is empty: give a question or leave the prompt unset for ASR")
+    marker = next((t for t in SPECIAL_TOKENS + CHAT_TOKENS if t in instruction), None)
+    if marker is not None:
+        raise OptionError(f"the instruction contains the reserved token {marker}: remove it")
+    lang = language_token(language) if language is not None else ""
+    content = f"{task.token}{lang}{AUDIO_BOS}{AUDIO}{AUDIO_EOS}\n{instruction}"
+    text = f"{IM_START}user\n{content}{IM_END}\n{IM_START}assistant\n"
+    if enable_thinking is False:
+        text += EMPTY_THINK
+    return text
+
+
+@dataclass(frozen=True)
+class PromptIds:
+    """A prompt's ids split at <|AUDIO|>, which is replaced by the speech tokens.
+
+    `left` runs up to and including <|audio_bos|>; `right` starts at <|audio_eos|>.
+    """
+
+    left: tuple[int, ...]
+    right: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.left) + len(self.right)

@@ -1,0 +1,104 @@
+"""Next-token choice from a logits vector: greedy, or Hugging Face-style sampling.
+
+Sampling follows `transformers`' warper order and rules exactly (TemperatureLogitsWarper,
+then TopKLogitsWarper, then TopPLogitsWarper, min_tokens_to_keep 1), so a seed-free run
+draws from the same distribution the reference's `llm.generate(do_sample=True, ...)` does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import OptionError
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """temperature 0 means greedy; top_k 0 and top_p 1 switch those filters off."""
+
+    temperature: float = 0.0
+    top_k: int = 20
+    top_p: float = 0.95
+    seed: int | None = None
+    max_new_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise OptionError(f"temperature {self.temperature!r} is invalid: use 0 for greedy or a positive number")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise OptionError(f"top_k {self.top_k!r} is invalid: use a whole number >= 0 (0 turns it off)")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise OptionError(f"top_p {self.top_p!r} is invalid: use a number in (0, 1] (1 turns it off)")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise OptionError(f"seed {self.seed!r} is invalid: use a whole number >= 0 or leave it unset")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise OptionError(f"max_new_tokens {self.max_new_tokens!r} is invalid: use a whole number >= 1")
+
+    @classmethod
+    def reference(cls, seed: int | None = None) -> SamplingOptions:
+        """The sampling of the reference FastSLM.generate (do_sample=True)."""
+        return cls(temperature=0.2, top_k=20, top_p=0.95, seed=seed, max_new_tokens=512)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return _is_int(value) or isinstance(value, (float, np.floating))
+
+
+class Sampler:
+    """Picks one token id per call; its random stream is seeded once from options.seed."""
+
+    def __init__(self, options: SamplingOptions | None = None):
+        self.options = options or SamplingOptions()
+        self._rng = np.random.default_rng(self.options.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        logits = np.asarray(logits)
+        if logits.ndim != 1 or logits.size == 0:
+            raise ValueError(f"expected a 1-D logits vector, got shape {logits.shape}")
+        if self.options.greedy:
+            # NaN wins np.argmax; a broken backend must fail loudly, not emit token garbage.
+            if np.isnan(logits).any():
+                raise ValueError("logits contain NaN")
+            return int(np.argmax(logits))
+        ids, scores = self.candidates(logits)
+        probs = np.exp(scores - scores.max())
+        cdf = np.cumsum(probs)
+        pick = int(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right"))
+        return int(ids[min(pick, len(ids) - 1)])
+
+    def candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The token ids that survive temperature, top-k and top-p, with their scaled logits."""
+        scores = np.asarray(logits, dtype=np.float64) / self.options.temperature
+        if np.isnan(scores).any():
+            raise ValueError("logits contain NaN")
+        ids = np.arange(scores.size)
+        k = self.options.top_k
+        if 0 < k < scores.size:
+            # HF keeps every score >= the k-th largest, ties included.
+            kth = np.partition(scores, scores.size - k)[scores.size - k]
+            ids = np.flatnonzero(scores >= kth)
+        ids = ids[scores[ids] > -np.inf]  # masked tokens (-inf) can never be drawn
+        if ids.size == 0:
+            raise ValueError("every logit is -inf: nothing to sample")
+        kept = scores[ids]
+        if self.options.top_p < 1.0:
+            order = np.argsort(kept, kind="stable")  # ascending, like HF's sort
+            sorted_scores = kept[order]
+            probs = np.exp(sorted_scores - sorted_scores[-1])
+            cum = np.cumsum(probs / probs.sum())
+            remove = cum <= 1 - self.options.top_p
+            remove[-1] = False  # min_tokens_to_keep = 1
+            order = order[~remove]
+            ids, kept = ids[order], kept[order]
+        return ids, kept

@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FASTSLM_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+JFK_TRANSCRIPT = (
+    "And so my fellow Americans, ask not what your country can do for you, "
+    "ask what you can do for your country."
+)
+
+
+@pytest.fixture(scope="session")
+def jfk_path() -> Path:
+    path = SHARED_DATA / "jfk.flac"
+    if not path.exists():
+        pytest.fail(f"test audio {path} is missing: set FASTSLM_SHARED_DATA to the folder holding jfk.flac")
+    return path

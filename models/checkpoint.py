@@ -37,7 +37,8 @@ LEGACY_RENAMES = (
     (re.compile(r"^encoder\.resampler([123])\."), r"encoder.compressor\1."),
     (re.compile(r"^encoder\.resampler\."), "encoder.compressor."),
 )
-# Whisper's rule, which the reference follows for the adapter too.
+# Whisper's rule (64-wide heads), which the reference follows for the adapter too; the head
+# count is not stored in a state dict.
 HEAD_WIDTH = 64
 
 

@@ -32,9 +32,9 @@ _SENTENCES = (
 
 def tiny_config(n_mels: int = 80, vocab_size: int = TINY_VOCAB, llm_dim: int = 64) -> FastSLMConfig:
     return FastSLMConfig(
-        whisper=WhisperEncoderDims(n_mels=n_mels, n_ctx=1500, width=32, n_heads=2, n_layers=2),
+        whisper=WhisperEncoderDims(n_mels=n_mels, n_ctx=1500, width=128, n_heads=2, n_layers=2),
         hfq_former=HFQFormerDims(
-            width=32, n_heads=2, n_frames=1500, stage_queries=(8, 8, 8), n_queries=5, n_out_blocks=2, llm_dim=llm_dim
+            width=128, n_heads=2, n_frames=1500, stage_queries=(8, 8, 8), n_queries=5, n_out_blocks=2, llm_dim=llm_dim
         ),
         qwen3=Qwen3Dims(
             vocab_size=vocab_size,

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import FastSLMError
+from .errors import AudioError, FastSLMError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -44,8 +44,17 @@ def run(
         pipe = Pipeline.load(model, backend)
         note = f" ({DEFAULT_MODEL_NOTE})" if model is None else ""
         typer.echo(f"fastslm-run: model {pipe.model_name} on {pipe.backend.name}{note}", err=True)
+        failed = 0
         for path in audio:
-            answer_one(pipe, path, prompt, sampling, language, json_output, several=len(audio) > 1)
+            try:
+                answer_one(pipe, path, prompt, sampling, language, json_output, several=len(audio) > 1)
+            except AudioError as exc:
+                # One unreadable file should not cost the answers for the others.
+                message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+                typer.echo(f"fastslm-run: error: {message}", err=True)
+                failed += 1
+        if failed:
+            raise typer.Exit(2)
     except FastSLMError as exc:
         fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:

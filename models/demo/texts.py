@@ -26,6 +26,7 @@ held-out sentence can never reach training.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import re
@@ -151,6 +152,11 @@ _SENT_SPLIT = re.compile(r"(?<=[.?!])\s+(?=[A-Z])")
 
 def fortune_sentences(fortune_dir: Path = FORTUNE_DIR) -> list[str]:
     """Single clean sentences from the whitelisted fortune files (file order, no dedupe)."""
+    return list(_fortune_sentences(Path(fortune_dir)))
+
+
+@functools.lru_cache(maxsize=4)
+def _fortune_sentences(fortune_dir: Path) -> tuple[str, ...]:
     out: list[str] = []
     for name in FORTUNE_FILES:
         path = fortune_dir / name
@@ -168,12 +174,17 @@ def fortune_sentences(fortune_dir: Path = FORTUNE_DIR) -> list[str]:
                 cleaned = clean_sentence(sentence)
                 if cleaned:
                     out.append(cleaned)
-    return out
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------------- wordnet
 def wordnet_sentences(wordnet_dir: Path = WORDNET_DIR) -> list[str]:
     """The quoted example sentences of WordNet 3.0 (file order, no dedupe)."""
+    return list(_wordnet_sentences(Path(wordnet_dir)))
+
+
+@functools.lru_cache(maxsize=4)
+def _wordnet_sentences(wordnet_dir: Path) -> tuple[str, ...]:
     out: list[str] = []
     for pos in ("noun", "verb", "adj", "adv"):
         path = wordnet_dir / f"data.{pos}"
@@ -188,7 +199,7 @@ def wordnet_sentences(wordnet_dir: Path = WORDNET_DIR) -> list[str]:
                     cleaned = clean_sentence(example)
                     if cleaned:
                         out.append(cleaned)
-    return out
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------------- templates

@@ -1,0 +1,77 @@
+"""`fastslm-run --backend torch` end to end, and its one-line errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from fastslm.models.tiny import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-cli")
+    build_tiny_model(folder, seed=2)
+    return folder
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "-m", "fastslm.runtime.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_run_end_to_end_json(tiny_dir, jfk_path):
+    result = run_cli("--backend", "torch", "--model", str(tiny_dir), "--json", "--max-new-tokens", "12", str(jfk_path), str(jfk_path))
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(records) == 2
+    assert records[0]["windows"] == 1 and records[0]["audio_seconds"] == pytest.approx(11.0, abs=0.01)
+    assert records[0]["backend"] == "torch" and 1 <= records[0]["answer_tokens"] <= 12
+    assert records[0]["text"] == records[1]["text"]  # greedy is deterministic
+    assert "model tiny-random on torch" in result.stderr
+
+
+def make_bad_inputs(folder, jfk_path):
+    empty = folder / "empty.wav"
+    sf.write(empty, np.zeros(0, dtype=np.float32), 16000)
+    text = folder / "notes.wav"
+    text.write_text("this is not audio\n")
+    corrupt = folder / "cut.flac"
+    corrupt.write_bytes(jfk_path.read_bytes()[:5000])
+    nan = folder / "nan.wav"
+    sf.write(nan, np.full(16000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+    return {"empty": empty, "not audio": text, "corrupt": corrupt, "nan": nan, "missing": folder / "missing.wav"}
+
+
+@pytest.mark.parametrize("case", ["empty", "not audio", "corrupt", "nan", "missing"])
+def test_bad_audio_gives_one_error_line(tmp_path, tiny_dir, jfk_path, case):
+    path = make_bad_inputs(tmp_path, jfk_path)[case]
+    result = run_cli("--backend", "torch", "--model", str(tiny_dir), str(path))
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and str(path.name) in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/nonexistent/model"], "does not exist"),
+        (["--backend", "tensorflow"], "unknown backend"),
+        (["--temperature", "-1"], "temperature"),
+        (["--max-new-tokens", "0"], "max_new_tokens"),
+    ],
+)
+def test_bad_options_give_one_error_line(tiny_dir, jfk_path, args, message):
+    base = ["--model", str(tiny_dir)] if "--model" not in args else []
+    result = run_cli(*base, *args, str(jfk_path))
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr

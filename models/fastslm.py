@@ -113,9 +113,10 @@ class FastSLM(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        tensors = {name: t.detach().contiguous() for name, t in self.state_dict().items()}
-        if self.config.qwen3.tie_word_embeddings:
-            tensors.pop("llm.lm_head.weight", None)  # the same storage as the embedding table
+        # Sinusoid tables are recomputed at construction and the tied head shares the embedding
+        # table, so neither is stored (3.6 MB of the 36 MB demo model were sinusoids).
+        derived = set(_derived_keys(self))
+        tensors = {name: t.detach().contiguous() for name, t in self.state_dict().items() if name not in derived}
         save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": MODEL_FORMAT})
         if tokenizer_json is not None:
             source = Path(tokenizer_json)

@@ -238,6 +238,11 @@ class Qwen3ForCausalLM(nn.Module):
         self.dims = dims
         self.model = Qwen3Model(dims)
         self.lm_head = nn.Linear(dims.hidden_size, dims.vocab_size, bias=False)
+        # Computed once, in fp32 on the CPU, and kept out of the module's buffers so that neither
+        # .half() nor building on the meta device touches it. Recomputed inside an exported
+        # graph, constant folding gets theta^(-2i/d) 1 ulp off, which at position 40k turns the
+        # angles by ~3e-3.
+        self.inv_freq = rope_frequencies(dims.head_dim, dims.rope_theta, device=torch.device("cpu"))
         if dims.tie_word_embeddings:
             self.tie_weights()
             # Tied: the saved state holds model.embed_tokens.weight only; loading re-ties.
@@ -256,22 +261,25 @@ class Qwen3ForCausalLM(nn.Module):
         position_ids: Tensor,
         past_keys: list[Tensor],
         past_values: list[Tensor],
-        last_only: bool = False,
+        logits_index: Tensor | None = None,
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """inputs_embeds (B, T, H), position_ids (B, T) int64, past (B, kv, P, hd) per layer, P >= 0.
 
-        Returns logits (B, T or 1, V) float32 and present keys/values (B, kv, P + T, hd) per layer.
+        Returns logits (B, K, V) float32 for the K positions in `logits_index` (all T when None)
+        and present keys/values (B, kv, P + T, hd) per layer. Rows are picked before the final
+        norm and the vocabulary projection: a prefill needs one row, and projecting every prompt
+        position onto a 152k vocabulary would cost ~10% of a real Qwen3-4B prefill.
         """
         x = inputs_embeds  # (B, T, H)
-        cos, sin = rope_cos_sin(position_ids, rope_frequencies(self.dims.head_dim, self.dims.rope_theta, x.device), x.dtype)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq.to(x.device), x.dtype)  # angles in fp32
         present_keys, present_values = [], []
         for layer, past_k, past_v in zip(self.model.layers, past_keys, past_values, strict=True):
             x, k, v = layer(x, cos, sin, past_k, past_v)
             present_keys.append(k)
             present_values.append(v)
-        if last_only:
-            x = x[:, -1:, :]  # (B, 1, H)
-        logits = self.lm_head(self.model.norm(x)).float()  # (B, T or 1, V)
+        if logits_index is not None:
+            x = x.index_select(1, logits_index)  # (B, K, H)
+        logits = self.lm_head(self.model.norm(x)).float()  # (B, K, V)
         return logits, present_keys, present_values
 
     # -- convenience around it --------------------------------------------------------------
@@ -306,7 +314,8 @@ class Qwen3ForCausalLM(nn.Module):
         if position_ids is None:
             start = past.length
             position_ids = torch.arange(start, start + T, device=inputs_embeds.device).expand(B, T)
-        logits, keys, values = self.forward_embeds(inputs_embeds, position_ids, list(past.keys), list(past.values), last_only)
+        last = torch.tensor([T - 1], device=inputs_embeds.device) if last_only else None
+        logits, keys, values = self.forward_embeds(inputs_embeds, position_ids, list(past.keys), list(past.values), last)
         return Qwen3Output(logits=logits, past=KVCache(keys, values))
 
     # -- loading ----------------------------------------------------------------------------

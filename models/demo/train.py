@@ -1,0 +1,443 @@
+"""Training of the demo FastSLM on precomputed encoder features: HFQ-Former + Qwen3 decoder.
+
+The Whisper encoder is frozen, so one training step starts from its stored output:
+
+    features (B, 1500, D) --adapter--> speech (B, 50, H)
+    inputs_embeds = embed(left ids) + speech + embed(right ids) + embed(answer ids + <|im_end|>)
+    loss = cross-entropy on the answer tokens and <|im_end|> only
+
+which is the sequence `fastslm.runtime.generate.Pipeline.prefill` builds at inference, plus the
+answer (prompt ids from `build_prompt` + `Tokenizer.encode_prompt`, positions 0..T-1). Samples
+of a batch are right-padded; padding comes after every real position, so the causal mask
+keeps it out of the real ones, and it carries no loss.
+
+Reproducible and resumable: the initial weights come from the seed, and everything random in
+step s (which windows, which example of each window, the feature masks) is drawn from a
+generator seeded with (seed, s). A checkpoint (tmp file + rename) holds the trainable
+weights, the AdamW state, the step, the RNG states and the schedule, so a killed run restarts
+from its last checkpoint and continues exactly as the uninterrupted run would have.
+
+Schedule: linear warmup, cosine decay to `min_lr_ratio * lr`. Without `steps`, the first
+`calibrate_steps` steps are timed and the schedule is sized to fill `hours` (stored in the
+checkpoint, so resumes keep it). Every `eval_minutes` (converted to steps at calibration) the
+model is evaluated on held-out utterances through the runtime's Pipeline and the best
+weights by greedy WER are kept in ``best.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from ...runtime.prompt import IM_END, Task, build_prompt
+from ...runtime.tokenizer import Tokenizer
+from ..fastslm import FastSLM, FastSLMConfig
+from .features import FeatureStore
+from .windows import RecipeError
+
+STATE_FILE = "state.pt"
+BEST_FILE = "best.pt"
+LOG_FILE = "log.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    seed: int = 0
+    batch_size: int = 8
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 300
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    steps: int | None = None  # total schedule length; None: sized from `hours` after calibration
+    hours: float = 2.5
+    calibrate_steps: int = 20
+    qa_prob: float = 0.7  # a window with questions trains on one of them with this probability, else ASR
+    qa_weight: float = 4.0  # loss weight of a QA answer token relative to an ASR token
+    # feature-level SpecAugment (on the encoder output): per sample, with augment_prob
+    augment_prob: float = 0.5
+    time_masks: int = 2
+    time_mask_frames: int = 20  # 50 frames = 1 s
+    channel_mask: int = 24
+    checkpoint_minutes: float = 5.0
+    eval_minutes: float = 20.0  # 0: no periodic evaluation
+    eval_every: int | None = None  # steps; None: from eval_minutes at calibration
+    max_new_tokens: int = 200
+    bf16: bool = False  # autocast the step to bfloat16 (faster on AVX512-BF16 CPUs)
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(self.betas))
+        if self.steps is None and self.calibrate_steps >= self.warmup_steps:
+            raise ValueError("calibrate_steps must be below warmup_steps: the schedule is sized during warmup")
+
+    # options that change the trajectory: a resume must use the same ones
+    def trajectory_key(self) -> dict:
+        d = asdict(self)
+        for k in ("steps", "hours", "calibrate_steps", "checkpoint_minutes", "eval_minutes", "eval_every",
+                  "max_new_tokens", "log_every"):
+            d.pop(k)
+        return d
+
+
+def learning_rate(step: int, total: int | None, o: TrainOptions) -> float:
+    if step < o.warmup_steps or total is None:
+        return o.lr * min(1.0, (step + 1) / o.warmup_steps)
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def init_llm_(model: FastSLM, seed: int) -> None:
+    """GPT-style init of the decoder trained from scratch: N(0, 0.02), residual outputs scaled down."""
+    g = torch.Generator().manual_seed(seed)
+    n_layers = model.config.qwen3.num_layers
+    with torch.no_grad():
+        for name, p in model.llm.named_parameters():
+            if p.dim() < 2:
+                continue
+            std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def new_model(config: FastSLMConfig, seed: int, whisper: torch.nn.Module | None = None) -> FastSLM:
+    """A FastSLM with seeded random adapter/decoder and (if given) the pretrained, frozen encoder."""
+    torch.manual_seed(seed)
+    model = FastSLM(config)
+    init_llm_(model, seed)
+    if whisper is not None:
+        model.encoder.whisper.load_state_dict(whisper.state_dict())
+    model.encoder.whisper.requires_grad_(False)
+    return model
+
+
+def trainable_parameters(model: FastSLM) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def trainable_state(model: FastSLM) -> dict:
+    clone = lambda sd: {k: v.detach().clone() for k, v in sd.items()}  # noqa: E731
+    return {"adapter": clone(model.encoder.adapter.state_dict()), "llm": clone(model.llm.state_dict())}
+
+
+def load_trainable_state(model: FastSLM, state: dict) -> None:
+    model.encoder.adapter.load_state_dict(state["adapter"])
+    model.llm.load_state_dict(state["llm"])
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+@dataclass
+class Batch:
+    features: Tensor  # (B, frames, D) float32
+    ids: Tensor  # (B, T) int64; speech positions hold 0
+    speech_start: list[int]  # per sample: index of the first speech token
+    targets: Tensor  # (B, T) int64: the token at that position where it carries loss, else -100
+    weights: Tensor  # (B, T) float32 loss weights at the target positions
+    windows: list[int] = field(default_factory=list)
+
+
+class Examples:
+    """Turns (window, example) pairs into token ids, with the prompt ids cached per instruction."""
+
+    def __init__(self, tokenizer: Tokenizer, tokens_per_window: int):
+        self.tok = tokenizer
+        self.q = tokens_per_window
+        self.im_end = tokenizer.token_id(IM_END)
+        self._prompts: dict[tuple[str, str], tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+    def prompt(self, task: str, instruction: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        key = (task, instruction)
+        if key not in self._prompts:
+            ids = self.tok.encode_prompt(build_prompt(Task[task], instruction))
+            self._prompts[key] = (ids.left, ids.right)
+        return self._prompts[key]
+
+    def sequence(self, example: dict) -> tuple[list[int], int, int]:
+        """(ids with zeros at the speech positions, speech start, index of the first answer id)."""
+        left, right = self.prompt(example["task"], example["instruction"])
+        answer = self.tok.encode(example["answer"]) + [self.im_end]
+        prefix = list(left) + [0] * self.q + list(right)
+        return prefix + answer, len(left), len(prefix)
+
+    def batch(self, features: np.ndarray, examples: list[dict], qa_weight: float) -> Batch:
+        seqs = [self.sequence(e) for e in examples]
+        T = max(len(s) for s, _, _ in seqs)
+        B = len(seqs)
+        ids = torch.zeros(B, T, dtype=torch.int64)
+        targets = torch.full((B, T), -100, dtype=torch.int64)
+        weights = torch.zeros(B, T)
+        for b, ((seq, _, answer_at), ex) in enumerate(zip(seqs, examples)):
+            ids[b, : len(seq)] = torch.tensor(seq)
+            targets[b, answer_at : len(seq)] = torch.tensor(seq[answer_at:])
+            weights[b, answer_at : len(seq)] = 1.0 if ex["task"] == "ASR" else qa_weight
+        feats = torch.from_numpy(np.asarray(features, dtype=np.float32))
+        return Batch(feats, ids, [s for _, s, _ in seqs], targets, weights)
+
+
+def spec_augment_(features: Tensor, rng: np.random.Generator, o: TrainOptions) -> None:
+    """In place: time masks (whole frames) and one channel mask, filled with the window's mean frame."""
+    B, T, D = features.shape
+    for b in range(B):
+        if rng.random() >= o.augment_prob:
+            continue
+        fill = features[b].mean(dim=0)  # (D,)
+        for _ in range(o.time_masks):
+            width = int(rng.integers(0, o.time_mask_frames + 1))
+            start = int(rng.integers(0, T - width + 1))
+            features[b, start : start + width] = fill
+        width = int(rng.integers(0, o.channel_mask + 1))
+        start = int(rng.integers(0, D - width + 1))
+        features[b, :, start : start + width] = fill[start : start + width]
+
+
+def forward_loss(model: FastSLM, batch: Batch, bf16: bool = False) -> Tensor:
+    """The weighted mean cross-entropy over the answer tokens (see the module docstring)."""
+    q = model.config.tokens_per_window
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        speech = model.encoder.adapter(batch.features)  # (B, Q, H)
+        text = model.llm.embed(batch.ids)  # (B, T, H)
+        rows = [torch.cat([text[b, :s], speech[b], text[b, s + q :]]) for b, s in enumerate(batch.speech_start)]
+        embeds = torch.stack(rows)  # (B, T, H)
+        logits = model.llm(inputs_embeds=embeds).logits  # (B, T, V) float32
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), batch.targets[:, 1:], reduction="none")  # (B, T-1)
+    w = batch.weights[:, 1:]
+    return (ce * w).sum() / w.sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: FastSLM,
+        tokenizer: Tokenizer,
+        windows: list[dict],
+        features: FeatureStore,
+        out_dir: Path,
+        options: TrainOptions = TrainOptions(),
+        evaluator=None,  # callable(model) -> dict with "wer" (and optionally "qa"); None: no evaluation
+        progress: bool = True,
+    ):
+        if len(windows) != len(features):
+            raise RecipeError(f"{len(windows)} windows but {len(features)} feature rows: rerun the features stage")
+        self.model, self.windows, self.features = model, windows, features
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.o = options
+        self.examples = Examples(tokenizer, model.config.tokens_per_window)
+        self.evaluator = evaluator
+        self.progress = progress
+        decay = [p for p in trainable_parameters(model) if p.dim() >= 2]
+        no_decay = [p for p in trainable_parameters(model) if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": options.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=options.lr, betas=options.betas,
+        )
+        self.step = 0
+        self.total_steps = options.steps
+        self.eval_every = options.eval_every
+        self.elapsed_s = 0.0
+        self.best = {"wer": None, "step": None}
+        self._perms: dict[int, np.ndarray] = {}
+        self._stop = False
+        self._evaluated_at: int | None = None
+        self._resume()
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        path = self.out / STATE_FILE
+        if not path.is_file():
+            return
+        state = torch.load(path, weights_only=True)
+        if state["options"] != self.o.trajectory_key() or state["config"] != self.model.config.to_dict():
+            raise RecipeError(f"{path} was written with other options or model dims; pass the same ones, "
+                              f"or delete {self.out} to train from scratch")
+        load_trainable_state(self.model, state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        kind, keys, pos, has_gauss, gauss = state["numpy_rng"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(state["python_rng"])
+        self.step, self.elapsed_s, self.best = state["step"], state["elapsed_s"], state["best"]
+        self.total_steps = self.o.steps if self.o.steps is not None else state["total_steps"]
+        self.eval_every = self.o.eval_every if self.o.eval_every is not None else state["eval_every"]
+
+    def save(self) -> None:
+        atomic_save({
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "eval_every": self.eval_every,
+            "elapsed_s": self.elapsed_s,
+            "best": self.best,
+            "model": trainable_state(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": _numpy_rng_state(),
+            "python_rng": random.getstate(),
+            "options": self.o.trajectory_key(),
+            "config": self.model.config.to_dict(),
+        }, self.out / STATE_FILE)
+
+    def log(self, record: dict) -> None:
+        with (self.out / LOG_FILE).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- data -------------------------------------------------------------------------------
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.o.seed, 1, epoch]).permutation(len(self.windows))}
+        return self._perms[epoch]
+
+    def batch_for(self, step: int) -> Batch:
+        """Everything random about step `step` comes from (seed, step): resumes replay it exactly."""
+        n, bs = len(self.windows), self.o.batch_size
+        picks = [self._permutation(p // n)[p % n] for p in range(step * bs, (step + 1) * bs)]
+        rng = np.random.default_rng([self.o.seed, 2, step])
+        chosen = []
+        for w in picks:
+            exs = self.windows[w]["examples"]
+            k = int(rng.integers(1, len(exs))) if len(exs) > 1 and rng.random() < self.o.qa_prob else 0
+            chosen.append(exs[k])
+        batch = self.examples.batch(self.features.batch([int(w) for w in picks]), chosen, self.o.qa_weight)
+        batch.windows = [int(w) for w in picks]
+        spec_augment_(batch.features, rng, self.o)
+        return batch
+
+    # -- loop -------------------------------------------------------------------------------
+
+    def train_step(self, batch: Batch) -> tuple[float, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.step, self.total_steps, self.o)
+        self.model.train()
+        loss = forward_loss(self.model, batch, self.o.bf16)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), self.o.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return float(loss.detach()), float(norm)
+
+    def _calibrate(self, seconds_per_step: float) -> None:
+        if self.total_steps is None:
+            self.total_steps = max(self.o.warmup_steps + 1, int(self.o.hours * 3600 * 0.97 / seconds_per_step))
+        if self.eval_every is None:
+            self.eval_every = max(1, round(self.o.eval_minutes * 60 / seconds_per_step)) if self.o.eval_minutes else 0
+        self.log({"event": "calibrated", "step": self.step, "seconds_per_step": round(seconds_per_step, 4),
+                  "total_steps": self.total_steps, "eval_every": self.eval_every})
+
+    def evaluate(self) -> dict | None:
+        if self.evaluator is None:
+            return None
+        t0 = time.perf_counter()
+        result = self.evaluator(self.model)
+        self.model.train()
+        self._evaluated_at = self.step
+        improved = self.best["wer"] is None or result["wer"] < self.best["wer"]
+        if improved:
+            self.best = {"wer": result["wer"], "step": self.step}
+            atomic_save({"step": self.step, "model": trainable_state(self.model), "eval": result,
+                         "config": self.model.config.to_dict()}, self.out / BEST_FILE)
+        self.log({"event": "eval", "step": self.step, **result, "best": self.best,
+                  "seconds": round(time.perf_counter() - t0, 1)})
+        return result
+
+    def run(self, max_steps: int | None = None) -> dict:
+        """Train until the schedule ends (or `max_steps` more steps); checkpoint on the way and at the end."""
+        handlers = self._install_signal_handlers()
+        try:
+            return self._run(max_steps)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    def _run(self, max_steps: int | None) -> dict:
+        o = self.o
+        stop_at = self.step + max_steps if max_steps is not None else None
+        last_ckpt = time.monotonic()
+        timing_start, timing_from = None, None
+        bar = tqdm(initial=self.step, total=self.total_steps, desc="train", unit="step", disable=not self.progress,
+                   smoothing=0.05)
+        run_from, window_loss = self.step, []
+        log_time, log_step = time.monotonic(), self.step
+        while (self.total_steps is None or self.step < self.total_steps) and (stop_at is None or self.step < stop_at):
+            t0 = time.monotonic()
+            loss, norm = self.train_step(self.batch_for(self.step))
+            self.elapsed_s += time.monotonic() - t0
+            window_loss.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            # calibration: time the steps after the first 3 of this run (the first ones are slow)
+            if self.total_steps is None or self.eval_every is None:
+                if self.step == run_from + 3:
+                    timing_start, timing_from = time.monotonic(), self.step
+                elif timing_start is not None and self.step >= max(o.calibrate_steps, timing_from + 5):
+                    self._calibrate((time.monotonic() - timing_start) / (self.step - timing_from))
+                    bar.total = self.total_steps
+                    bar.refresh()
+            if self.step % o.log_every == 0:
+                now = time.monotonic()
+                rate = (self.step - log_step) / max(1e-9, now - log_time)  # since the last log line, evals included
+                self.log({"step": self.step, "loss": round(float(np.mean(window_loss)), 4), "grad_norm": round(norm, 3),
+                          "lr": learning_rate(self.step - 1, self.total_steps, o), "steps_per_s": round(rate, 4),
+                          "elapsed_s": round(self.elapsed_s, 1)})
+                window_loss, log_time, log_step = [], now, self.step
+            if self.eval_every and self.step % self.eval_every == 0:
+                self.evaluate()
+                self.save()
+                last_ckpt = time.monotonic()
+            elif time.monotonic() - last_ckpt > o.checkpoint_minutes * 60:
+                self.save()
+                last_ckpt = time.monotonic()
+            if self._stop:
+                break
+        finished = self.total_steps is not None and self.step >= self.total_steps
+        if finished and self.evaluator is not None and self._evaluated_at != self.step:
+            self.evaluate()
+        self.save()
+        bar.close()
+        return {"step": self.step, "total_steps": self.total_steps, "finished": finished, "best": self.best,
+                "interrupted": self._stop}
+
+    def _install_signal_handlers(self) -> dict:
+        """SIGINT / SIGTERM finish the current step, checkpoint, and return (main thread only)."""
+        def stop(_sig, _frame):
+            self._stop = True
+
+        old = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old[sig] = signal.signal(sig, stop)
+        except ValueError:  # not the main thread
+            pass
+        return old
+
+
+def _numpy_rng_state() -> tuple:
+    """numpy's global RNG state with the key array as a tensor (so torch.load(weights_only=True) reads it)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)

@@ -1,0 +1,261 @@
+"""Exported bundles: the manifest, and checking a bundle before anything runs it.
+
+A bundle is a folder that `fastslm-export` writes and a torch-free backend loads:
+
+    manifest.json        what is in the bundle (schema below), sha256 of every file
+    config.json          the model's config (the same file as in the model folder)
+    tokenizer.json
+    audio_tower.onnx     mel (W, n_mels, 3000) -> speech tokens (W, Q, H)
+    llm.onnx             KV-cache decoder; + llm.onnx.data when the graph is over 2 GB
+    embed_tokens.npy     the token-embedding table (V, H) in the bundle's precision
+
+manifest.json:
+
+    format, format_version   "fastslm-bundle", BUNDLE_FORMAT_VERSION
+    target, runtime          e.g. "onnx-fp16" and the backend that loads it ("onnx")
+    precision                "fp32" | "fp16" (int8 / int4 later)
+    model                    {"name", "config_sha256"}: which model the bundle was made from
+    exporter                 {"fastslm", "torch", "onnx", "onnxscript", "onnxruntime", "python", "opset"}
+    graphs.<name>            {"file", "data_file" (external weights or null), "precision", "opset",
+                              "inputs" / "outputs": [{"name", "dtype", "shape"}] (str = symbolic dim),
+                              "dims": {symbol: {"min", "opt", "max"}}, "validation": {...}}
+    embeddings               {"file", "dtype", "shape"}
+    files                    {relative path: {"sha256", "bytes"}} for every file but the manifest
+
+Loading checks, in order: the manifest parses and has our format and version; every listed
+file exists with its size and (unless verify=False) its sha256; config.json describes a
+fastslm model whose sizes match the graphs' declared inputs and outputs. Each failure is one
+`ModelFileError` line that says what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .audio import WINDOW_FRAMES
+from .errors import ModelFileError
+
+MANIFEST_FILE = "manifest.json"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+BUNDLE_FORMAT = "fastslm-bundle"
+BUNDLE_FORMAT_VERSION = 1
+MODEL_FORMAT = "fastslm-model"  # config.json's format (models/fastslm.py writes it)
+
+AUDIO_TOWER = "audio_tower"
+LLM = "llm"
+
+_HASH_CHUNK = 1 << 22  # 4 MiB reads keep hashing a 9 GB bundle at disk speed with flat memory
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def kv_input_name(layer: int, kind: str) -> str:
+    return f"past_key_values.{layer}.{kind}"
+
+
+def kv_output_name(layer: int, kind: str) -> str:
+    return f"present.{layer}.{kind}"
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes the runtime needs, read from config.json without torch."""
+
+    name: str
+    n_mels: int
+    tokens_per_window: int
+    hidden_size: int
+    vocab_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], source: Path) -> "ModelDims":
+        if config.get("format") != MODEL_FORMAT:
+            raise ModelFileError(f"{source} is not a fastslm model config; re-export the bundle with `fastslm-export`")
+        try:
+            q = config["qwen3"]
+            return cls(
+                name=str(config.get("name", "fastslm")),
+                n_mels=int(config["whisper"]["n_mels"]),
+                tokens_per_window=int(config["hfq_former"]["n_queries"]),
+                hidden_size=int(q["hidden_size"]),
+                vocab_size=int(q["vocab_size"]),
+                num_layers=int(q["num_layers"]),
+                num_kv_heads=int(q["num_kv_heads"]),
+                head_dim=int(q["head_dim"]),
+                max_position_embeddings=int(q["max_position_embeddings"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"{source} lacks or garbles {exc}; re-export the bundle with `fastslm-export`") from None
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A checked bundle: where it is, its manifest, and the model sizes."""
+
+    path: Path
+    manifest: dict[str, Any]
+    dims: ModelDims
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]
+
+    @property
+    def model_name(self) -> str:
+        return self.dims.name
+
+    def graph(self, name: str) -> dict[str, Any]:
+        return self.manifest["graphs"][name]
+
+    def graph_path(self, name: str) -> Path:
+        return self.path / self.graph(name)["file"]
+
+    @property
+    def embeddings_path(self) -> Path:
+        return self.path / self.manifest["embeddings"]["file"]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / TOKENIZER_FILE
+
+
+def load_bundle(path: str | Path, runtime: str | None = None, verify: bool = True) -> Bundle:
+    """Read and check a bundle; `runtime` ("onnx") is the backend about to load it.
+
+    verify=False skips the sha256 pass (about 5 s for the real 9 GB fp16 bundle on a fast
+    disk); sizes are checked either way, which still catches truncated and swapped files.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    if runtime is not None and manifest.get("runtime") != runtime:
+        raise ModelFileError(
+            f"{path} is a {manifest.get('target')!r} bundle for the {manifest.get('runtime')!r} runtime, not {runtime!r}; "
+            f"use --backend {manifest.get('runtime')} or export a {runtime} bundle"
+        )
+    check_files(path, manifest, verify)
+    config_path = path / CONFIG_FILE
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{config_path} is not valid JSON ({exc}); re-export the bundle") from None
+    dims = ModelDims.from_config(config, config_path)
+    check_against_config(path, manifest, dims)
+    return Bundle(path, manifest, dims)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    file = path / MANIFEST_FILE
+    if not file.is_file():
+        raise ModelFileError(f"{path} has no {MANIFEST_FILE}: it is not an exported bundle; make one with `fastslm-export`")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{file} is not valid JSON ({exc}); re-export the bundle") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise ModelFileError(f"{file} is not a fastslm bundle manifest; re-export the bundle with `fastslm-export`")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > BUNDLE_FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path} is bundle format version {version}, newer than this fastslm reads ({BUNDLE_FORMAT_VERSION}); "
+            "upgrade fastslm or re-export the bundle with this version"
+        )
+    if version < BUNDLE_FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path} is bundle format version {version}, older than this fastslm reads ({BUNDLE_FORMAT_VERSION}); "
+            "re-export it with `fastslm-export`"
+        )
+    for key in ("runtime", "precision", "graphs", "embeddings", "files"):
+        if key not in manifest:
+            raise ModelFileError(f"{file} lacks {key!r}: the manifest is damaged; re-export the bundle")
+    return manifest
+
+
+def check_files(path: Path, manifest: dict[str, Any], verify: bool) -> None:
+    files = manifest["files"]
+    needed = [g["file"] for g in manifest["graphs"].values()]
+    needed += [g["data_file"] for g in manifest["graphs"].values() if g.get("data_file")]
+    needed += [manifest["embeddings"]["file"], CONFIG_FILE, TOKENIZER_FILE]
+    unlisted = [name for name in needed if name not in files]
+    if unlisted:
+        raise ModelFileError(
+            f"{path}/{MANIFEST_FILE} does not list {unlisted[0]}: the manifest is damaged; re-export the bundle"
+        )
+    for name, entry in files.items():
+        file = path / name
+        if not file.is_file():
+            raise ModelFileError(f"bundle file {file} is missing; copy the whole bundle again or re-export it")
+        if file.stat().st_size != entry["bytes"]:
+            raise ModelFileError(
+                f"bundle file {file} is {file.stat().st_size} bytes, the manifest says {entry['bytes']}: "
+                "it is truncated or from another bundle; copy the bundle again or re-export it"
+            )
+        if verify and sha256_file(file) != entry["sha256"]:
+            raise ModelFileError(
+                f"bundle file {file} was altered (sha256 differs from the manifest); copy the bundle again or re-export it"
+            )
+
+
+def expected_io(dims: ModelDims) -> dict[str, dict[str, tuple]]:
+    """Static sizes each graph's inputs/outputs must have for this config (None = any)."""
+    kv = (None, dims.num_kv_heads, None, dims.head_dim)
+    llm_in = {"inputs_embeds": (None, None, dims.hidden_size), "position_ids": (None, None), "logits_index": (None,)}
+    llm_out = {"logits": (None, None, dims.vocab_size)}
+    for i in range(dims.num_layers):
+        for kind in ("key", "value"):
+            llm_in[kv_input_name(i, kind)] = kv
+            llm_out[kv_output_name(i, kind)] = kv
+    return {
+        AUDIO_TOWER: {
+            "mel": (None, dims.n_mels, WINDOW_FRAMES),
+            "speech_tokens": (None, dims.tokens_per_window, dims.hidden_size),
+        },
+        LLM: {**llm_in, **llm_out},
+    }
+
+
+def check_against_config(path: Path, manifest: dict[str, Any], dims: ModelDims) -> None:
+    """The graphs' declared I/O must fit config.json: catches graphs or a config from another model."""
+    if manifest.get("model", {}).get("name", dims.name) != dims.name:
+        raise ModelFileError(
+            f"{path}: config.json is for model {dims.name!r}, the graphs for {manifest['model']['name']!r}; "
+            "the bundle mixes two models: re-export it"
+        )
+    for graph, io in expected_io(dims).items():
+        if graph not in manifest["graphs"]:
+            raise ModelFileError(f"{path} has no {graph} graph; re-export the bundle with `fastslm-export`")
+        g = manifest["graphs"][graph]
+        declared = {t["name"]: tuple(t["shape"]) for t in g["inputs"] + g["outputs"]}
+        for name, want in io.items():
+            got = declared.get(name)
+            ok = got is not None and len(got) == len(want) and all(w is None or w == d for w, d in zip(want, got))
+            if not ok:
+                raise ModelFileError(
+                    f"{path}: {graph} {name} is shaped {list(got) if got else 'absent'}, config.json needs "
+                    f"{['*' if w is None else w for w in want]}: the bundle mixes files from another model; re-export it"
+                )
+        if set(declared) != set(io):
+            extra = sorted(set(declared) - set(io))
+            raise ModelFileError(
+                f"{path}: {graph} has unexpected inputs/outputs {extra[:3]}: it comes from another model; re-export it"
+            )
+    emb = manifest["embeddings"]
+    if list(emb.get("shape", [])) != [dims.vocab_size, dims.hidden_size]:
+        raise ModelFileError(
+            f"{path}: the embedding table is shaped {emb.get('shape')}, config.json needs "
+            f"{[dims.vocab_size, dims.hidden_size]}: it comes from another model; re-export the bundle"
+        )

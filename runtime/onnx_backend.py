@@ -1,0 +1,199 @@
+"""ONNX Runtime backend: the runtime `Backend` protocol over an exported bundle, numpy in and out.
+
+Two sessions: the audio tower (run on batches of at most `max_windows_per_batch` windows, so
+memory stays bounded by the batch) and the KV-cache decoder (one graph for prefill and
+decode). The KV cache is a `KVCache` of numpy arrays in the dtype the graph declares for its
+`past_key_values.*` inputs (the bundle's precision), so each step feeds the previous step's
+`present.*` outputs back without a copy or cast.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from .bundle import AUDIO_TOWER, LLM, Bundle, kv_input_name, kv_output_name, load_bundle
+from .errors import ModelFileError, OptionError
+from .kv_cache import KVCache
+
+# Fastest first. TensorRT and CUDA come with onnxruntime-gpu (pip install 'fastslm[gpu]').
+PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
+                    "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}  # fmt: skip
+
+_NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+_MANIFEST_DTYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)"}
+
+
+def resolve_providers(requested: Sequence[str] | str | None = None) -> list[str]:
+    """The execution providers to use: the best available ones, or the user's list (aliases allowed)."""
+    available = ort.get_available_providers()
+    if requested is None:
+        return [p for p in PROVIDER_PREFERENCE if p in available]
+    if isinstance(requested, str):
+        requested = [p for p in requested.split(",") if p.strip()]
+    chosen = [PROVIDER_ALIASES.get(p.strip().lower(), p.strip()) for p in requested]
+    if not chosen:
+        raise OptionError("the provider list is empty: name at least one, e.g. CPUExecutionProvider")
+    for p in chosen:
+        if p not in available:
+            hint = " (install onnxruntime-gpu: pip install 'fastslm[gpu]')" if p in PROVIDER_PREFERENCE[:2] else ""
+            raise OptionError(f"execution provider {p} is not available here{hint}; available: {', '.join(available)}")
+    return chosen
+
+
+def session_options(precision: str, providers: Sequence[str], threads: int | None = None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if precision == "fp16" and providers[0] == "CPUExecutionProvider":
+        # onnxruntime 1.32 on CPU segfaults while creating sessions for fp16 graphs at
+        # ORT_ENABLE_ALL (measured, TOOLCHAIN.md); the EXTENDED fusions are safe and give the
+        # same numbers. A crash would take the user's whole process down, so never risk it.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    options.log_severity_level = 3  # ORT's warnings (unused initializers, ...) mean nothing to a user
+    return options
+
+
+def tensorrt_profile(graph: dict[str, Any]) -> dict[str, str]:
+    """TensorRT EP options that fix one optimization profile from the manifest's min/opt/max dims.
+
+    Without them the EP builds an engine for the first shapes it sees and rebuilds whenever a
+    new shape falls outside, i.e. at every decode step as the past grows.
+    """
+    def shapes(which: str) -> str:
+        parts = []
+        for t in graph["inputs"]:
+            dims = [str(graph["dims"][d][which]) if isinstance(d, str) else str(d) for d in t["shape"]]
+            parts.append(f"{t['name']}:{'x'.join(dims)}")
+        return ",".join(parts)
+
+    return {"trt_profile_min_shapes": shapes("min"), "trt_profile_opt_shapes": shapes("opt"),
+            "trt_profile_max_shapes": shapes("max")}  # fmt: skip
+
+
+def _trt_cache_dir(bundle: Bundle, graph: str) -> str:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastslm" / "tensorrt"
+    key = bundle.manifest["files"][bundle.graph(graph)["file"]]["sha256"][:16]
+    return str(base / key)
+
+
+class OnnxBackend:
+    name = "onnx"
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        providers: Sequence[str] | str | None = None,
+        max_windows_per_batch: int = 4,
+        threads: int | None = None,
+    ):
+        if not isinstance(max_windows_per_batch, int) or max_windows_per_batch < 1:
+            raise OptionError(f"max_windows_per_batch {max_windows_per_batch!r} is invalid: use a whole number >= 1")
+        self.bundle = bundle
+        dims = bundle.dims
+        self.n_mels = dims.n_mels
+        self.tokens_per_window = dims.tokens_per_window
+        self.hidden_size = dims.hidden_size
+        self.num_layers = dims.num_layers
+        self.max_context = dims.max_position_embeddings
+        self.max_windows_per_batch = max_windows_per_batch
+        self.providers = resolve_providers(providers)
+        self._audio = self._session(AUDIO_TOWER, threads)
+        self._llm = self._session(LLM, threads)
+        self._kv_dtype = _NUMPY_DTYPES[self._input_types(self._llm)[kv_input_name(0, "key")]]
+        kv_outputs = [kv_output_name(i, kind) for i in range(self.num_layers) for kind in ("key", "value")]
+        self._llm_outputs = ["logits", *kv_outputs]
+        try:
+            # Memory-mapped: the 0.8 GB fp16 table of the real model is paged in row by row as used.
+            self._embed = np.load(bundle.embeddings_path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise ModelFileError(f"cannot read {bundle.embeddings_path} ({exc}); re-export the bundle") from None
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, *, verify: bool = True, **options) -> "OnnxBackend":
+        return cls(load_bundle(path, runtime="onnx", verify=verify), **options)
+
+    # ---- sessions ------------------------------------------------------------------------
+
+    def _session(self, graph: str, threads: int | None) -> ort.InferenceSession:
+        path = self.bundle.graph_path(graph)
+        providers: list[Any] = list(self.providers)
+        if providers[0] == "TensorrtExecutionProvider":
+            options = tensorrt_profile(self.bundle.graph(graph))
+            options.update(trt_engine_cache_enable="True", trt_engine_cache_path=_trt_cache_dir(self.bundle, graph))
+            providers[0] = (providers[0], options)
+        try:
+            session = ort.InferenceSession(
+                str(path), session_options(self.bundle.precision, self.providers, threads), providers=providers
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types for unloadable graphs
+            reason = " ".join(str(exc).split())[:300]
+            raise ModelFileError(
+                f"onnxruntime {ort.__version__} cannot load {path} ({reason}); re-export the bundle with this version"
+            ) from None
+        self._check_io(graph, session)
+        return session
+
+    @staticmethod
+    def _input_types(session: ort.InferenceSession) -> dict[str, str]:
+        return {t.name: t.type for t in session.get_inputs()}
+
+    def _check_io(self, graph: str, session: ort.InferenceSession) -> None:
+        """The graph file must have the names and dtypes the manifest declares (a swapped file would not)."""
+        declared = self.bundle.graph(graph)
+        actual = {t.name: t.type for t in list(session.get_inputs()) + list(session.get_outputs())}
+        for t in declared["inputs"] + declared["outputs"]:
+            if actual.get(t["name"]) != _MANIFEST_DTYPES.get(t["dtype"]):
+                raise ModelFileError(
+                    f"{self.bundle.graph_path(graph)} has {t['name']} as {actual.get(t['name'], 'nothing')}, the manifest "
+                    f"says {t['dtype']}: the graph comes from another bundle; re-export it"
+                )
+
+    # ---- the Backend protocol -------------------------------------------------------------
+
+    def encode_windows(self, mel: np.ndarray) -> np.ndarray:
+        """mel (W, n_mels, 3000) -> speech tokens (W, tokens_per_window, hidden_size) float32."""
+        mel = np.ascontiguousarray(mel, dtype=np.float32)
+        batch = self.max_windows_per_batch
+        parts = [self._audio.run(["speech_tokens"], {"mel": mel[i : i + batch]})[0] for i in range(0, len(mel), batch)]
+        return np.concatenate(parts, axis=0).astype(np.float32, copy=False)
+
+    def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
+        return np.asarray(self._embed[np.asarray(ids, dtype=np.int64)], dtype=np.float32)  # (T, H)
+
+    def empty_cache(self) -> KVCache:
+        shape = (1, self.bundle.dims.num_kv_heads, 0, self.bundle.dims.head_dim)
+        def empty() -> list[np.ndarray]:
+            return [np.zeros(shape, self._kv_dtype) for _ in range(self.num_layers)]
+
+        return KVCache(empty(), empty())
+
+    def decode(self, embeds: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        logits, cache = self.run_llm(embeds, cache, np.array([len(embeds) - 1], dtype=np.int64))
+        return logits[-1], cache
+
+    def run_llm(
+        self, embeds: np.ndarray, cache: KVCache, logits_index: np.ndarray | None = None
+    ) -> tuple[np.ndarray, KVCache]:
+        """embeds (T, H) after `cache` -> logits (K, vocab) float32 at `logits_index` (default: all T) and the new cache."""
+        T = len(embeds)
+        past = cache.length
+        if logits_index is None:
+            logits_index = np.arange(T, dtype=np.int64)
+        feeds = {
+            "inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32)[None],  # (1, T, H)
+            "position_ids": np.arange(past, past + T, dtype=np.int64)[None],  # (1, T)
+            "logits_index": np.asarray(logits_index, dtype=np.int64),  # (K,)
+        }
+        for i in range(self.num_layers):
+            feeds[kv_input_name(i, "key")] = cache.keys[i]
+            feeds[kv_input_name(i, "value")] = cache.values[i]
+        logits, *present = self._llm.run(self._llm_outputs, feeds)
+        return logits[0], KVCache(present[0::2], present[1::2])

@@ -1,0 +1,268 @@
+"""The demo-model recipe on a tiny synthetic corpus: windows, feature shards, training, metrics."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from fastslm.models.demo import evaluate, features, train
+from fastslm.models.demo.features import FeatureStore, extract_features, file_sha256
+from fastslm.models.demo.windows import (
+    WindowOptions, build_windows, compose_windows, load_windows, read_corpus, window_audio,
+)
+from fastslm.models.fastslm import FastSLMConfig
+from fastslm.models.hfq_former import HFQFormerDims
+from fastslm.models.qwen3 import Qwen3Dims
+from fastslm.models.torch_backend import TorchBackend
+from fastslm.models.whisper_encoder import WhisperEncoder, WhisperEncoderDims
+from fastslm.runtime.audio import SAMPLE_RATE, WINDOW_SAMPLES
+from fastslm.runtime.generate import Pipeline, SpeechTokens
+from fastslm.runtime.prompt import resolve_task
+from fastslm.runtime.tokenizer import Tokenizer, train_bpe_tokenizer
+
+SENTENCES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Please call Stella and ask her to bring these things.",
+    "We met at the station at half past six.",
+    "Forty two people came to the market on Monday.",
+    "The river is quiet in the morning.",
+    "Is the library open on Friday evening?",
+    "My friends bought seven tickets for the train.",
+    "A simple answer is often the best one.",
+    "The captain read the letter twice.",
+    "Green apples are sold in the village.",
+    "Our teacher told us a long story.",
+    "Bright birds sing in the garden.",
+)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """train.jsonl + FLAC 'utterances' (tones with noise), 1.5-8 s long."""
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "audio" / "train").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, text in enumerate(SENTENCES):
+        seconds = 1.5 + 6.5 * i / (len(SENTENCES) - 1)
+        t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+        audio = 0.3 * np.sin(2 * np.pi * (200 + 40 * i) * t) + 0.02 * rng.standard_normal(t.size)
+        rel = f"audio/train/train-{i:06d}.flac"
+        sf.write(root / rel, audio.astype(np.float32), SAMPLE_RATE)
+        lines.append({"id": f"train-{i:06d}", "text": text, "voice": "test", "params": {}, "seconds": round(seconds, 2),
+                      "path": rel})
+    (root / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return root
+
+
+TINY_WHISPER = WhisperEncoderDims(n_mels=80, n_ctx=1500, width=32, n_heads=2, n_layers=1)
+
+
+def tiny_encoder() -> WhisperEncoder:
+    torch.manual_seed(0)
+    return WhisperEncoder(TINY_WHISPER).eval()
+
+
+def tiny_demo_config(vocab_size: int) -> FastSLMConfig:
+    return FastSLMConfig(
+        whisper=TINY_WHISPER,
+        hfq_former=HFQFormerDims(width=32, n_heads=2, n_frames=1500, stage_queries=(8, 8, 8), n_queries=5,
+                                 n_out_blocks=1, llm_dim=32),
+        qwen3=Qwen3Dims(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                        num_kv_heads=1, head_dim=16, rope_theta=10_000.0, max_position_embeddings=1024),
+    )
+
+
+@pytest.fixture(scope="module")
+def recipe(corpus, tmp_path_factory):
+    """windows.jsonl and feature shards (tiny random encoder) of the synthetic corpus."""
+    work = tmp_path_factory.mktemp("work")
+    utts = read_corpus(corpus / "train.jsonl")
+    windows = build_windows(utts, work / "windows.jsonl", WindowOptions(seed=0, passes=1.0))
+    stats = extract_features(windows, {u.id: u for u in utts}, tiny_encoder(), work / "features",
+                             file_sha256(work / "windows.jsonl"), shard_size=2, batch_size=2, progress=False)
+    assert stats.computed == len(windows)
+    tok = train_bpe_tokenizer(list(SENTENCES) * 3 + ["What is the first word?", "yes", "no"], vocab_size=300)
+    tok.save(str(work / "tokenizer.json"))
+    return {"work": work, "utts": utts, "windows": windows, "tokenizer": Tokenizer.from_file(work / "tokenizer.json")}
+
+
+# ---------------------------------------------------------------------------------------------
+# windows
+
+
+def test_windows_fit_in_30s_and_are_deterministic(corpus):
+    utts = read_corpus(corpus / "train.jsonl")
+    options = WindowOptions(seed=3, passes=4.0)
+    windows = compose_windows(utts, options)
+    assert windows == compose_windows(utts, options)
+    assert windows != compose_windows(utts, WindowOptions(seed=4, passes=4.0))
+    assert sum(len(w["utts"]) for w in windows) == 4 * len(utts)  # every utterance, once per pass
+    assert any(len(w["utts"]) == 1 for w in windows) and any(len(w["utts"]) >= 3 for w in windows)
+    by_id = {u.id: u for u in utts}
+    for w in windows[:12]:
+        audio = window_audio(w, by_id)
+        assert len(audio) <= WINDOW_SAMPLES and len(audio) <= w["samples"]
+        assert w["text"] == " ".join(by_id[u].text for u in w["utts"])
+        assert all(int(0.1 * SAMPLE_RATE) <= g <= int(0.8 * SAMPLE_RATE) for g in w["gaps"])
+    # the audio is the utterances with silent gaps between them
+    w = next(w for w in windows if len(w["utts"]) >= 2)
+    audio, first = window_audio(w, by_id), sf.read(by_id[w["utts"][0]].path, dtype="float32")[0]
+    np.testing.assert_array_equal(audio[: len(first)], first)
+    assert not audio[len(first) : len(first) + w["gaps"][0]].any()
+
+
+def test_window_examples_use_inference_prompts(recipe):
+    for w in recipe["windows"]:
+        asr = w["examples"][0]
+        assert (asr["task"], asr["instruction"]) == ("ASR", resolve_task(None)[1]) and asr["answer"] == w["text"]
+        for ex in w["examples"][1:]:
+            task, instruction = resolve_task(ex["instruction"])
+            assert (task.name, instruction) == (ex["task"], ex["instruction"])
+            assert ex["answer"] == evaluate.tasks.answer(ex["instruction"], w["text"])
+    assert load_windows(recipe["work"] / "windows.jsonl") == recipe["windows"]
+
+
+# ---------------------------------------------------------------------------------------------
+# features
+
+
+def test_feature_shards_resume_after_a_kill(recipe, tmp_path, monkeypatch):
+    utts = {u.id: u for u in recipe["utts"]}
+    windows, sha = recipe["windows"], file_sha256(recipe["work"] / "windows.jsonl")
+    calls = {"n": 0}
+    real = features._encode_batch
+
+    def dies_on_second_call(encoder, mel):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(encoder, mel)
+
+    monkeypatch.setattr(features, "_encode_batch", dies_on_second_call)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(windows, utts, tiny_encoder(), tmp_path, sha, shard_size=2, batch_size=2, progress=False)
+    monkeypatch.setattr(features, "_encode_batch", real)
+    assert (tmp_path / "shard_00000.npy").is_file() and not (tmp_path / "shard_00001.npy").is_file()
+    stats = extract_features(windows, utts, tiny_encoder(), tmp_path, sha, shard_size=2, batch_size=2, progress=False)
+    assert stats.skipped == 2 and stats.computed == len(windows) - 2
+    done = recipe["work"] / "features"
+    for shard in sorted(done.glob("shard_*.npy")):
+        assert (tmp_path / shard.name).read_bytes() == shard.read_bytes()
+    store = FeatureStore(tmp_path)
+    assert len(store) == len(windows) and store[len(windows) - 1].shape == (1500, 32)
+    # a different windows file is refused, not mixed in
+    with pytest.raises(features.RecipeError):
+        extract_features(windows, utts, tiny_encoder(), tmp_path, "other", shard_size=2, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def tiny_trainer(recipe, out: Path, **overrides) -> train.Trainer:
+    tok = recipe["tokenizer"]
+    config = tiny_demo_config(-(-tok.vocab_size // 64) * 64)
+    options = train.TrainOptions(**{"seed": 0, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "steps": 4,
+                                    "eval_minutes": 0, "eval_every": 0, "log_every": 2,
+                                    **overrides})
+    model = train.new_model(config, options.seed)
+    return train.Trainer(model, tok, recipe["windows"], FeatureStore(recipe["work"] / "features"), out, options,
+                         progress=False)
+
+
+def test_training_sequence_is_the_pipeline_prefill(recipe, tmp_path):
+    trainer = tiny_trainer(recipe, tmp_path)
+    model = trainer.model.eval()
+    feats = torch.from_numpy(np.asarray(trainer.features[0], dtype=np.float32))[None]
+    example = {"task": "SQQA", "instruction": "What is the first word?", "answer": "the"}
+    batch = trainer.examples.batch(feats.numpy(), [example], qa_weight=1.0)
+    seq, start, answer_at = trainer.examples.sequence(example)
+    with torch.no_grad():
+        speech = model.encoder.adapter(feats)
+        text = model.llm.embed(batch.ids)
+        q = model.config.tokens_per_window
+        embeds = torch.cat([text[:, :start], speech, text[:, start + q :]], dim=1)
+        logits = model.llm(inputs_embeds=embeds).logits[0, answer_at - 1].numpy()
+    pipe = Pipeline(TorchBackend(model), recipe["tokenizer"])
+    prefill = pipe.prefill(SpeechTokens(speech[0].numpy(), 1, 3.0), "What is the first word?")
+    assert prefill.prompt_tokens == answer_at
+    np.testing.assert_allclose(prefill.logits, logits, atol=1e-4)
+    # loss sits on the answer ids and <|im_end|> only
+    assert batch.targets[0, answer_at:].tolist() == seq[answer_at:]
+    assert (batch.targets[0, :answer_at] == -100).all() and seq[-1] == recipe["tokenizer"].token_id("<|im_end|>")
+
+
+def test_training_steps_reduce_the_loss(recipe, tmp_path):
+    trainer = tiny_trainer(recipe, tmp_path, augment_prob=0.0)
+    batch = trainer.batch_for(0)
+    with torch.no_grad():
+        before = float(train.forward_loss(trainer.model, batch))
+    for _ in range(3):
+        trainer.train_step(batch)
+    with torch.no_grad():
+        after = float(train.forward_loss(trainer.model, batch))
+    assert after < before - 0.1
+
+
+def test_checkpoint_resume_is_bit_identical(recipe, tmp_path):
+    straight = tiny_trainer(recipe, tmp_path / "a")
+    assert straight.run()["finished"]
+    first = tiny_trainer(recipe, tmp_path / "b")
+    assert not first.run(max_steps=2)["finished"]
+    resumed = tiny_trainer(recipe, tmp_path / "b")  # a fresh process would do exactly this
+    assert resumed.step == 2
+    assert resumed.run()["finished"]
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.optimizer.state_dict()["state"][0]["step"] == 4
+    log = [json.loads(x) for x in (tmp_path / "b" / train.LOG_FILE).read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4] and all(r["loss"] > 0 for r in log)
+
+
+def test_trainer_refuses_other_options_on_resume(recipe, tmp_path):
+    tiny_trainer(recipe, tmp_path).run(max_steps=1)
+    with pytest.raises(train.RecipeError):
+        tiny_trainer(recipe, tmp_path, lr=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+
+def test_wer_uses_whisper_normalisation():
+    assert evaluate.wer(["Forty-two apples, Mr. Smith!"], ["42 apples mister smith"]) == 0.0
+    assert evaluate.wer(["Hello, World."], ["hello world"]) == 0.0
+    assert evaluate.wer(["the cat sat down"], ["the cat sat"]) == 25.0
+    assert evaluate.wer(["one two", "three four"], ["one two", "three five six"]) == 50.0  # corpus-level
+    assert evaluate.answer_correct("13", " 13.") and evaluate.answer_correct("knowledge torture awareness",
+                                                                            "Knowledge, torture, awareness")
+    assert not evaluate.answer_correct("yes", "no")
+
+
+def test_qa_questions_are_seeded_by_utterance():
+    items = [evaluate.EvalItem("u1", "We met at the station.", Path("x")),
+             evaluate.EvalItem("u2", "Hello there.", Path("y"))]
+    qs = evaluate.questions_for_items(items)
+    assert qs == evaluate.questions_for_items(items) and len(qs) == 10
+    assert {evaluate.question_type(q) for _, q, _ in qs} == {"first", "last", "count", "summary", "contains"}
+    random.seed(1)  # the global RNG plays no part
+    assert qs == evaluate.questions_for_items(items)
+
+
+def test_schedule_is_sized_from_hours_and_kept_on_resume(recipe, tmp_path):
+    trainer = tiny_trainer(recipe, tmp_path, steps=None, hours=1e-4, warmup_steps=12, calibrate_steps=5,
+                           eval_every=None, eval_minutes=1.0)
+    result = trainer.run(max_steps=9)
+    assert result["total_steps"] == 13 and trainer.eval_every >= 1  # 0.36 s of steps: the warmup floor
+    resumed = tiny_trainer(recipe, tmp_path, steps=None, hours=1e-4, warmup_steps=12, calibrate_steps=5,
+                           eval_every=None, eval_minutes=1.0)
+    assert (resumed.step, resumed.total_steps, resumed.eval_every) == (9, 13, trainer.eval_every)
+    assert train.learning_rate(12, 13, resumed.o) == pytest.approx(resumed.o.lr)
+    assert train.learning_rate(13, 13, resumed.o) == pytest.approx(resumed.o.lr * resumed.o.min_lr_ratio)

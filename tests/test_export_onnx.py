@@ -1,0 +1,233 @@
+"""fastslm-export: the graph tables, the bundle it writes (layout, manifest, external data),
+and its refusals (existing --out, bad --model, unknown --target) without half bundles."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fastslm.export import bundle_writer
+from fastslm.export.bundle_writer import ExportOptions, export_bundle
+from fastslm.export.cli import app
+from fastslm.export.graphs import graph_specs
+from fastslm.export.onnx_export import ExportError
+from fastslm.export.targets import TARGETS, get_target
+from fastslm.models.fastslm import FastSLM
+from fastslm.models.tiny import build_tiny_model, tiny_config
+from fastslm.runtime.bundle import load_bundle, sha256_file
+from fastslm.runtime.errors import OptionError
+from fastslm.runtime.kv_cache import KVCache
+from fastslm.runtime.onnx_backend import OnnxBackend
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-export")
+    build_tiny_model(folder, seed=3)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def external_bundle(tiny_dir, tmp_path_factory):
+    """An fp32 bundle with every graph's weights forced into external data, written with --force
+    over a folder that already holds a stale file."""
+    out = tmp_path_factory.mktemp("bundles") / "tiny-ext"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older export")
+    report = export_bundle(
+        ExportOptions(model=tiny_dir, out=out, target="onnx", force=True, external_data_threshold=0, progress=False),
+        log=lambda line: None,
+    )
+    return out, report
+
+
+# ---- the tables ----------------------------------------------------------------------------
+
+
+def test_graph_tables_follow_the_conventions():
+    config = tiny_config()
+    audio, llm = graph_specs(config)
+    n = config.qwen3.num_layers
+    assert [t.name for t in audio.inputs] == ["mel"] and [t.name for t in audio.outputs] == ["speech_tokens"]
+    assert [t.name for t in llm.inputs][:3] == ["inputs_embeds", "position_ids", "logits_index"]
+    assert [t.name for t in llm.inputs][3:] == [f"past_key_values.{i}.{k}" for i in range(n) for k in ("key", "value")]
+    assert [t.name for t in llm.outputs] == ["logits"] + [f"present.{i}.{k}" for i in range(n) for k in ("key", "value")]
+    for spec in (audio, llm):
+        symbols = {d for t in spec.inputs for d in t.shape if isinstance(d, str)}
+        assert symbols == set(spec.dims) == set(spec.trace)
+        # torch.export specializes sizes 0 and 1, so every dynamic dim is traced at >= 2.
+        assert all(size >= 2 for size in spec.trace.values())
+        assert all(d.min <= d.opt <= d.max for d in spec.dims.values())
+        assert {"fp32", "fp16"} <= set(spec.tolerances)
+        for case in spec.cases:
+            assert set(case.sizes) == set(spec.dims)
+    assert llm.dims["past"].min == 0  # one graph serves prefill (no past) and decode
+    assert any(c.sizes["past"] == 0 for c in llm.cases) and any(c.sizes["seq"] == 1 for c in llm.cases)
+
+
+def test_target_registry():
+    assert {"onnx", "onnx-fp16"} <= set(TARGETS)
+    assert get_target("onnx").precision == "fp32" and get_target("onnx-fp16").precision == "fp16"
+    assert get_target("onnx-fp16").dtype == torch.float16
+    with pytest.raises(OptionError, match="unknown target 'trt-fp17'.*onnx-fp16"):
+        get_target("trt-fp17")
+
+
+# ---- the bundle ----------------------------------------------------------------------------
+
+
+def test_bundle_layout_and_manifest(external_bundle, tiny_dir):
+    out, report = external_bundle
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted([
+        "manifest.json", "config.json", "tokenizer.json", "embed_tokens.npy",
+        "audio_tower.onnx", "audio_tower.onnx.data", "llm.onnx", "llm.onnx.data",
+    ])  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest == report.manifest
+    assert (manifest["format"], manifest["format_version"]) == ("fastslm-bundle", 1)
+    assert (manifest["target"], manifest["runtime"], manifest["precision"]) == ("onnx", "onnx", "fp32")
+    assert manifest["model"] == {"name": "tiny-random", "config_sha256": sha256_file(tiny_dir / "config.json")}
+    import onnx
+    import onnxruntime
+
+    exporter = manifest["exporter"]
+    assert exporter["torch"] == torch.__version__ and exporter["onnx"] == onnx.__version__
+    assert exporter["onnxruntime"] == onnxruntime.__version__ and exporter["opset"] == 20
+    # Every file but the manifest is listed with its real size and sha256.
+    assert set(manifest["files"]) == set(files) - {"manifest.json"}
+    for name, entry in manifest["files"].items():
+        assert entry == {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
+    assert (out / "config.json").read_bytes() == (tiny_dir / "config.json").read_bytes()
+
+    config = FastSLM.from_pretrained(tiny_dir).config
+    audio, llm = manifest["graphs"]["audio_tower"], manifest["graphs"]["llm"]
+    assert audio["data_file"] == "audio_tower.onnx.data" and llm["data_file"] == "llm.onnx.data"
+    assert audio["inputs"] == [{"name": "mel", "dtype": "float32", "shape": ["windows", config.n_mels, 3000]}]
+    assert audio["outputs"][0]["shape"] == ["windows", config.tokens_per_window, config.qwen3.hidden_size]
+    io = {t["name"]: t for t in llm["inputs"] + llm["outputs"]}
+    assert io["inputs_embeds"]["shape"] == ["batch", "seq", config.qwen3.hidden_size]
+    assert io["position_ids"] == {"name": "position_ids", "dtype": "int64", "shape": ["batch", "seq"]}
+    assert io["logits_index"]["shape"] == ["keep"]
+    assert io["logits"]["shape"] == ["batch", "keep", config.qwen3.vocab_size]
+    kv = io["past_key_values.1.value"]["shape"]
+    assert kv == ["batch", config.qwen3.num_kv_heads, "past", config.qwen3.head_dim]
+    assert io["present.1.value"]["shape"][2] in ("seq + past", "past + seq")
+    assert llm["dims"]["past"]["min"] == 0
+    # The exporter's own check, recorded: every case within the fp32 tolerance.
+    for graph in (audio, llm):
+        assert graph["validation"]["tolerance"]["max_abs"] == TOL
+        for case in graph["validation"]["cases"].values():
+            assert all(o["max_abs_diff"] <= TOL for o in case.values()), case
+    table = np.load(out / "embed_tokens.npy")
+    assert table.dtype == np.float32
+    reference = FastSLM.from_pretrained(tiny_dir)
+    np.testing.assert_array_equal(table, reference.llm.model.embed_tokens.weight.detach().numpy())
+
+
+def test_external_data_bundle_matches_pytorch(external_bundle, tiny_dir):
+    out, _ = external_bundle
+    backend = OnnxBackend(load_bundle(out, runtime="onnx"), threads=1)
+    model = FastSLM.from_pretrained(tiny_dir)
+    rng = np.random.default_rng(0)
+    mel = rng.standard_normal((2, model.config.n_mels, 3000)).astype(np.float32) * 0.5
+    with torch.no_grad():
+        expected = model.encode_audio(torch.from_numpy(mel)).numpy()
+    assert np.abs(backend.encode_windows(mel) - expected).max() <= TOL
+    embeds = backend.embed_tokens(np.array([5, 17, 99, 3], dtype=np.int64))
+    logits, cache = backend.run_llm(embeds, backend.empty_cache())
+    with torch.no_grad():
+        ref = model.llm(inputs_embeds=torch.from_numpy(embeds)[None])
+    assert np.abs(logits - ref.logits[0].numpy()).max() <= TOL
+    assert isinstance(cache, KVCache) and cache.length == 4
+
+
+# ---- refusals, through the CLI ----------------------------------------------------------------
+
+runner = CliRunner()
+
+
+def one_error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert len(lines) == 1 and lines[0].startswith("fastslm-export: error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_unknown_target(tiny_dir, tmp_path):
+    line = one_error_line(runner.invoke(app, ["--model", str(tiny_dir), "--out", str(tmp_path / "b"), "--target", "onnx-int3"]))
+    assert "unknown target 'onnx-int3'" in line and "onnx-fp16" in line
+    assert not (tmp_path / "b").exists()
+
+
+def test_missing_model(tmp_path):
+    line = one_error_line(runner.invoke(app, ["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "b")]))
+    assert "does not exist" in line
+    assert not (tmp_path / "b").exists()
+
+
+def test_not_a_model_folder(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(b"\xff\xd8\xff")
+    line = one_error_line(runner.invoke(app, ["--model", str(folder), "--out", str(tmp_path / "b")]))
+    assert "not a fastslm model folder" in line
+
+
+def test_refuses_to_overwrite_without_force(tiny_dir, tmp_path):
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    line = one_error_line(runner.invoke(app, ["--model", str(tiny_dir), "--out", str(out)]))
+    assert "--force" in line
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_refuses_to_replace_the_model_folder(tiny_dir):
+    line = one_error_line(runner.invoke(app, ["--model", str(tiny_dir), "--out", str(tiny_dir), "--force"]))
+    assert "model folder itself" in line
+
+
+def test_errors_are_one_line_in_a_real_process(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "fastslm.export.cli", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "b")],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        f"fastslm-export: error: model folder {tmp_path / 'nope'} does not exist; pass a fastslm model folder (see `fastslm-convert`)"
+    ]
+
+
+@pytest.mark.parametrize("had_bundle", [False, True], ids=["new", "force-over-old"])
+def test_failed_export_leaves_no_half_bundle(tiny_dir, tmp_path, monkeypatch, had_bundle):
+    """The audio tower is exported and validated, then the LLM fails: nothing may appear at --out
+    (or the old bundle must survive a failed --force), and no staging folder may be left."""
+    out = tmp_path / "bundle"
+    if had_bundle:
+        out.mkdir()
+        (out / "manifest.json").write_text("{}")
+    real_export = bundle_writer.export_graph
+
+    def failing_export(spec, *args, **kwargs):
+        if spec.name == "llm":
+            raise ExportError("llm: simulated failure")
+        return real_export(spec, *args, **kwargs)
+
+    monkeypatch.setattr(bundle_writer, "export_graph", failing_export)
+    with pytest.raises(ExportError, match="simulated"):
+        export_bundle(ExportOptions(model=tiny_dir, out=out, force=had_bundle, progress=False), log=lambda line: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["bundle"] if had_bundle else [])
+    if had_bundle:
+        assert [p.name for p in out.iterdir()] == ["manifest.json"] and (out / "manifest.json").read_text() == "{}"

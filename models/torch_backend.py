@@ -26,6 +26,7 @@ class TorchBackend:
         self.tokens_per_window = config.tokens_per_window
         self.hidden_size = config.qwen3.hidden_size
         self.max_windows_per_batch = max_windows_per_batch
+        self.max_context = config.qwen3.max_position_embeddings
         self._dtype = next(model.parameters()).dtype
         if threads:
             torch.set_num_threads(threads)

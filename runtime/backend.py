@@ -21,6 +21,7 @@ class Backend(Protocol):
     tokens_per_window: int  # speech tokens per 30 s window
     hidden_size: int  # LLM width
     max_windows_per_batch: int  # audio-tower batch limit (memory / engine profile)
+    max_context: int  # LLM positions it can hold: prompt + speech tokens + answer
 
     def encode_windows(self, mel: np.ndarray) -> np.ndarray:
         """mel (W, n_mels, 3000) float32 -> speech tokens (W, tokens_per_window, hidden_size) float32."""

@@ -66,14 +66,6 @@ def run(
         fail("interrupted", 130)
 
 
-def backend_max_context(backend) -> int | None:
-    """The LLM's context length (max_position_embeddings), where the backend tells it."""
-    if getattr(backend, "max_context", None):
-        return int(backend.max_context)
-    config = getattr(getattr(backend, "model", None), "config", None)  # the PyTorch reference
-    return getattr(getattr(config, "qwen3", None), "max_position_embeddings", None)
-
-
 def check_fits_context(pipe, path: Path, prompt: str, language, max_new_tokens: int) -> None:
     """Fail before reading any samples when the recording cannot fit the LLM's context.
 
@@ -82,34 +74,12 @@ def check_fits_context(pipe, path: Path, prompt: str, language, max_new_tokens: 
     """
     import soundfile as sf
 
-    from .audio import SAMPLE_RATE, WINDOW_SECONDS, window_count
-    from .errors import OptionError
-    from .prompt import build_prompt, resolve_task
-
-    max_context = backend_max_context(pipe.backend)
     try:
         info = sf.info(str(path))
     except Exception:  # unreadable or missing: pipe.encode reports it with the proper one-line error
         return
-    if max_context is None or info.samplerate <= 0:
-        return
-    seconds = info.frames / info.samplerate
-    per_window = pipe.backend.tokens_per_window
-    speech = window_count(int(seconds * SAMPLE_RATE)) * per_window
-    task, instruction = resolve_task(prompt)
-    text = len(pipe.tokenizer.encode_prompt(build_prompt(task, instruction, language=language)))
-    if speech + text + max_new_tokens <= max_context:
-        return
-    room = (max_context - text - max_new_tokens) // per_window  # whole windows that still fit
-    if room < 1:
-        raise OptionError(
-            f"--max-new-tokens {max_new_tokens} leaves no room for audio in the model's {max_context}-token context; lower it"
-        )
-    length = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
-    raise AudioError(
-        f"{path} is {length}: {speech} speech tokens + {text} prompt + {max_new_tokens} answer tokens exceed the "
-        f"model's {max_context}-token context; split the audio into parts of at most {room * WINDOW_SECONDS / 60:.0f} min"
-    )
+    if info.samplerate > 0:
+        pipe.check_context(info.frames / info.samplerate, prompt, language, max_new_tokens, source=str(path))
 
 
 def answer_one(pipe, path: Path, prompt: str, sampling, language, json_output: bool, several: bool) -> None:

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import audio_to_windows, load_audio
+from .audio import SAMPLE_RATE, WINDOW_SECONDS, audio_to_windows, load_audio, window_count
 from .backend import Backend
+from .errors import AudioError, OptionError
 from .kv_cache import KVCache
 from .prompt import build_prompt, resolve_task
 from .sampling import Sampler, SamplingOptions
@@ -88,13 +89,39 @@ class Pipeline:
             if progress is not None:
                 progress(min(start + batch, len(windows)), len(windows))
         tokens = np.concatenate(parts, axis=0)  # (W, Q, H)
-        return SpeechTokens(tokens.reshape(-1, tokens.shape[-1]), len(windows), len(samples) / 16000.0)
+        return SpeechTokens(tokens.reshape(-1, tokens.shape[-1]), len(windows), len(samples) / SAMPLE_RATE)
+
+    # ---- the context budget ------------------------------------------------------------------
+
+    def prompt_ids(self, prompt: str | None, language: str | None = None):
+        task, instruction = resolve_task(prompt)
+        return self.tokenizer.encode_prompt(build_prompt(task, instruction, language=language))
+
+    def check_context(
+        self, seconds: float, prompt: str | None, language: str | None, max_new_tokens: int, source: str = "the audio"
+    ) -> None:
+        """Raise AudioError when `seconds` of audio + the prompt + the answer overflow the LLM's context."""
+        max_context = self.backend.max_context
+        per_window = self.backend.tokens_per_window
+        speech = window_count(int(round(seconds * SAMPLE_RATE))) * per_window
+        text = len(self.prompt_ids(prompt, language))
+        if speech + text + max_new_tokens <= max_context:
+            return
+        room = (max_context - text - max_new_tokens) // per_window  # whole windows that still fit
+        if room < 1:
+            raise OptionError(
+                f"max_new_tokens {max_new_tokens} leaves no room for audio in the model's {max_context}-token context; lower it"
+            )
+        length = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+        raise AudioError(
+            f"{source} is {length}: {speech} speech tokens + {text} prompt + {max_new_tokens} answer tokens exceed the "
+            f"model's {max_context}-token context; split the audio into parts of at most {room * WINDOW_SECONDS / 60:.0f} min"
+        )
 
     # ---- stage 2: LLM ---------------------------------------------------------------------
 
     def prefill(self, speech: SpeechTokens, prompt: str | None = None, language: str | None = None) -> Prefill:
-        task, instruction = resolve_task(prompt)
-        ids = self.tokenizer.encode_prompt(build_prompt(task, instruction, language=language))
+        ids = self.prompt_ids(prompt, language)
         embed = self.backend.embed_tokens
         embeds = np.concatenate(
             [embed(np.asarray(ids.left, dtype=np.int64)), speech.embeddings, embed(np.asarray(ids.right, dtype=np.int64))]
@@ -127,10 +154,12 @@ class Pipeline:
         language: str | None = None,
     ) -> Iterator[str]:
         """Yield the answer as text pieces while it is being decoded."""
+        sampling = sampling or SamplingOptions()
         speech = audio if isinstance(audio, SpeechTokens) else self.encode(audio, sample_rate)
+        self.check_context(speech.seconds, prompt, language, sampling.max_new_tokens)
         prefill = self.prefill(speech, prompt, language)
         decoder = StreamDecoder(self.tokenizer)
-        for token in self.decode_tokens(prefill, sampling or SamplingOptions()):
+        for token in self.decode_tokens(prefill, sampling):
             piece = decoder.add(token)
             if piece:
                 yield piece
@@ -149,11 +178,13 @@ class Pipeline:
         progress: ProgressCallback | None = None,
     ) -> GenerationResult:
         t0 = time.perf_counter()
+        sampling = sampling or SamplingOptions()
         speech = audio if isinstance(audio, SpeechTokens) else self.encode(audio, sample_rate, progress)
+        self.check_context(speech.seconds, prompt, language, sampling.max_new_tokens)
         t1 = time.perf_counter()
         prefill = self.prefill(speech, prompt, language)
         t2 = time.perf_counter()
-        ids = list(self.decode_tokens(prefill, sampling or SamplingOptions()))
+        ids = list(self.decode_tokens(prefill, sampling))
         t3 = time.perf_counter()
         return GenerationResult(
             text=self.tokenizer.decode(ids).strip(),

@@ -153,19 +153,23 @@ class Pipeline:
         sampling: SamplingOptions | None = None,
         language: str | None = None,
     ) -> Iterator[str]:
-        """Yield the answer as text pieces while it is being decoded."""
+        """Yield the answer as text pieces while it is being decoded (their join equals generate's text
+        up to trailing whitespace)."""
         sampling = sampling or SamplingOptions()
-        speech = audio if isinstance(audio, SpeechTokens) else self.encode(audio, sample_rate)
-        self.check_context(speech.seconds, prompt, language, sampling.max_new_tokens)
+        speech = self._speech(audio, sample_rate, prompt, language, sampling)
         prefill = self.prefill(speech, prompt, language)
         decoder = StreamDecoder(self.tokenizer)
+        started = False
         for token in self.decode_tokens(prefill, sampling):
             piece = decoder.add(token)
+            if not started:  # byte-level BPE words carry their leading space; the answer should not
+                piece = piece.lstrip()
+                started = bool(piece)
             if piece:
                 yield piece
         tail = decoder.flush()
-        if tail:
-            yield tail
+        if tail and (started or tail.strip()):
+            yield tail if started else tail.lstrip()
 
     def generate(
         self,
@@ -179,8 +183,7 @@ class Pipeline:
     ) -> GenerationResult:
         t0 = time.perf_counter()
         sampling = sampling or SamplingOptions()
-        speech = audio if isinstance(audio, SpeechTokens) else self.encode(audio, sample_rate, progress)
-        self.check_context(speech.seconds, prompt, language, sampling.max_new_tokens)
+        speech = self._speech(audio, sample_rate, prompt, language, sampling, progress)
         t1 = time.perf_counter()
         prefill = self.prefill(speech, prompt, language)
         t2 = time.perf_counter()
@@ -194,6 +197,12 @@ class Pipeline:
             audio_seconds=speech.seconds,
             timings={"audio_tower_s": t1 - t0, "prefill_s": t2 - t1, "decode_s": t3 - t2},
         )
+
+    def _speech(self, audio, sample_rate, prompt, language, sampling: SamplingOptions, progress=None) -> SpeechTokens:
+        """Encode (unless given speech tokens) and make sure prompt + speech + answer fit the context."""
+        speech = audio if isinstance(audio, SpeechTokens) else self.encode(audio, sample_rate, progress)
+        self.check_context(speech.seconds, prompt, language, sampling.max_new_tokens)
+        return speech
 
     def transcribe(self, audio: "str | Path | np.ndarray", sample_rate: int | None = None) -> str:
         return self.generate(audio, "transcribe", sample_rate=sample_rate).text

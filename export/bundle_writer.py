@@ -18,7 +18,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -48,6 +48,7 @@ class ExportOptions:
     progress: bool | None = None  # None: a progress bar on a terminal only
     trt: "BuildOptions | None" = None  # TensorRT builder options for trt-* targets
     trt_limits: dict = field(default_factory=dict)  # max_windows, max_context, prefill_chunk (None = default)
+    quantization: Any = None  # calibrated targets: fastslm.calibration.build.QuantOptions (None = defaults)
 
 
 @dataclass
@@ -75,7 +76,8 @@ def export_bundle(options: ExportOptions, log: Callable[[str], None] | None = No
         raise ModelFileError(f"{model_dir} has no {TOKENIZER_FILE}: pass a complete fastslm model folder")
 
     # load; export, post-process, check, validate per graph; tables; manifest
-    steps = 1 + len(GRAPHS) * (4 if target.post_process else 3) + 2 + (target.runtime == "tensorrt")
+    rewrites = target.post_process is not None or target.quantizer is not None
+    steps = 1 + len(GRAPHS) * (4 if rewrites else 3) + 2 + (target.runtime == "tensorrt") + (target.quantizer is not None)
     with tqdm(total=steps, desc="fastslm-export", unit="step", file=sys.stderr, disable=_disable(options.progress)) as bar:
         write = log or (lambda line: tqdm.write(line, file=sys.stderr))
 
@@ -86,6 +88,8 @@ def export_bundle(options: ExportOptions, log: Callable[[str], None] | None = No
         reference = FastSLM.from_pretrained(model_dir)  # fp32: what every graph is validated against
         same = target.dtype == reference.llm.lm_head.weight.dtype
         model = reference if same else copy.deepcopy(reference).to(target.dtype)  # the copy is what gets exported
+        # Calibrated targets: one quantizer per export rewrites the graphs and gates the result.
+        quantizer = target.quantizer(target, options.quantization, reference, model_dir, write) if target.quantizer else None
         bar.update()
 
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +99,7 @@ def export_bundle(options: ExportOptions, log: Callable[[str], None] | None = No
             graphs, diffs = {}, {}
             for spec in graph_specs(reference.config):
                 graphs[spec.name], diffs[spec.name] = _one_graph(
-                    spec, model, reference, stage, target, options, step, bar, write
+                    spec, model, reference, stage, target, options, step, bar, write, quantizer
                 )
             step("writing the embedding table")
             table = model.llm.model.embed_tokens.weight.detach().numpy().astype(target.float_dtype)
@@ -103,6 +107,12 @@ def export_bundle(options: ExportOptions, log: Callable[[str], None] | None = No
             shutil.copyfile(model_dir / CONFIG_FILE, stage / CONFIG_FILE)
             shutil.copyfile(model_dir / TOKENIZER_FILE, stage / TOKENIZER_FILE)
             bar.update()
+
+            quantization = None
+            if quantizer is not None:  # raises (nothing written) when a gate fails without an override
+                step("accuracy gates")
+                quantization = quantizer.gate(stage, graphs)
+                bar.update()
 
             if target.runtime == "tensorrt":
                 step("building TensorRT engines")
@@ -114,6 +124,8 @@ def export_bundle(options: ExportOptions, log: Callable[[str], None] | None = No
 
             step("writing the manifest")
             manifest = build_manifest(stage, target, reference.config.name, graphs, table, options.opset)
+            if quantization is not None:
+                manifest["quantization"] = quantization
             (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
             replace_folder(stage, out)
             bar.update()
@@ -125,21 +137,23 @@ def export_bundle(options: ExportOptions, log: Callable[[str], None] | None = No
 
 
 def _one_graph(spec: GraphSpec, model, reference, stage: Path, target: Target, options: ExportOptions,
-               step, bar, write) -> tuple[dict, list[OutputDiff]]:  # fmt: skip
+               step, bar, write, quantizer=None) -> tuple[dict, list[OutputDiff]]:  # fmt: skip
     path = stage / spec.file
     step(f"exporting {spec.name}")
     data_file = export_graph(spec, spec.wrap(model), path, dtype=target.dtype, opset=options.opset,
                              external_data_threshold=options.external_data_threshold)  # fmt: skip
     bar.update()
-    if target.post_process:
+    post_process = quantizer.post_process if quantizer else target.post_process
+    if post_process:
         step(f"{target.name}: post-processing {spec.name}")
-        target.post_process(path, spec, stage)
+        post_process(path, spec, stage)
         bar.update()
     step(f"checking {spec.name}")
     inputs, outputs = check_graph(spec, path, target.float_dtype)
     bar.update()
     step(f"validating {spec.name} against PyTorch")
-    diffs = validate_graph(spec, spec.wrap(reference), path, precision=target.precision, compute=target.float_dtype)
+    checked, precision = quantizer.validation(spec) if quantizer else (spec, target.precision)
+    diffs = validate_graph(checked, spec.wrap(reference), path, precision=precision, compute=target.float_dtype)
     bar.update()
     for name, worst in summarize(diffs).items():
         write(f"{spec.name}: {name:<14} max |ORT - PyTorch| {worst['max_abs_diff']:.2e} (outputs up to "
@@ -147,15 +161,15 @@ def _one_graph(spec: GraphSpec, model, reference, stage: Path, target: Target, o
     entry = {
         "file": spec.file,
         "data_file": data_file,
-        "precision": target.precision,
-        "opset": options.opset,
+        "precision": quantizer.graph_precision(spec.name) if quantizer else target.precision,
+        "opset": _opset(path, options.opset),
         "description": spec.description,
         "inputs": inputs,
         "outputs": outputs,
         "dims": {name: asdict(d) for name, d in spec.dims.items()},
         "validation": {
             "reference": "PyTorch fp32",
-            "tolerance": asdict(spec.tolerances[target.precision]),
+            "tolerance": asdict(checked.tolerances[precision]),
             "cases": {case.name: summarize([d for d in diffs if d.case == case.name]) for case in spec.cases},
         },
     }
@@ -214,6 +228,14 @@ def replace_folder(stage: Path, out: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _opset(path: Path, exported: int) -> int:
+    """The graph's default-domain opset: INT4 weights move a graph from 20 to 21."""
+    import onnx
+
+    opsets = onnx.load(str(path), load_external_data=False).opset_import
+    return max([o.version for o in opsets if o.domain in ("", "ai.onnx")] or [exported])
 
 
 def _umask() -> int:

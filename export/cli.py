@@ -7,7 +7,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..runtime.errors import FastSLMError
+from ..runtime.errors import FastSLMError, OptionError
+
+_Q = "INT8 / INT4 calibration and accuracy gates"
+# --flag -> parameter, for refusing calibration flags on targets that do not calibrate.
+_QUANT_FLAGS = {
+    "--calibration": "calibration", "--calibration-audio": "calibration_audio", "--range-method": "range_method",
+    "--percentile": "percentile", "--sensitivity-windows": "sensitivity_windows", "--target-cosine": "target_cosine",
+    "--keep-float": "keep_float", "--llm-bits": "llm_bits", "--block-size": "block_size",
+    "--llm-keep-float": "llm_keep_float", "--gate-windows": "gate_windows", "--wer-items": "wer_items",
+    "--eval-corpus": "eval_corpus", "--override-gates": "override_gates",
+}  # fmt: skip
+_DEFAULTS = {"range_method": "percentile", "percentile": 99.99, "sensitivity_windows": 4, "target_cosine": 0.999,
+             "block_size": 32, "gate_windows": 16, "wer_items": 50}  # fmt: skip
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -16,7 +28,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def export(
     model: Annotated[Path, typer.Option(help="fastslm model folder (config.json, model.safetensors, tokenizer.json).")],
     out: Annotated[Path, typer.Option(help="Bundle folder to write.")],
-    target: Annotated[str, typer.Option(help="onnx, onnx-fp16 or trt-fp16.")] = "onnx",
+    target: Annotated[str, typer.Option(help="onnx, onnx-fp16, trt-fp16, or calibrated: onnx-int8, onnx-int4, trt-int8.")] = "onnx",
     force: Annotated[bool, typer.Option(help="Replace a non-empty --out (only once the new bundle is complete).")] = False,
     trt_flavour: Annotated[str, typer.Option(help="auto, tensorrt (JetPack / datacenter) or tensorrt_rtx.")] = "auto",
     trt_max_windows: Annotated[Optional[int], typer.Option(help="Audio-tower engine batch limit [default: fitted to the GPU].")] = None,
@@ -28,6 +40,20 @@ def export(
     trt_timing_cache: Annotated[Optional[Path], typer.Option(help="Timing cache file to reuse and update.")] = None,
     trt_compute_capability: Annotated[Optional[list[str]], typer.Option(help="TensorRT for RTX targets, e.g. 8.6 (repeatable; 'current').")] = None,
     trt_weight_streaming: Annotated[bool, typer.Option(help="Allow streaming weights under a device-memory budget.")] = False,
+    calibration: Annotated[Optional[Path], typer.Option(help="INT8/INT4: a fastslm-calibrate folder (windows + ranges) (default: collect the default audio now).", rich_help_panel=_Q)] = None,
+    calibration_audio: Annotated[Optional[list[Path]], typer.Option(help="INT8/INT4 without --calibration: recordings (files or folders) to calibrate on (repeatable).", rich_help_panel=_Q)] = None,
+    range_method: Annotated[str, typer.Option(help="Activation ranges: minmax, percentile or entropy.", rich_help_panel=_Q)] = "percentile",
+    percentile: Annotated[float, typer.Option(help="Percentile of |x| for --range-method percentile.", rich_help_panel=_Q)] = 99.99,
+    sensitivity_windows: Annotated[int, typer.Option(help="Windows for the per-layer INT8 sensitivity pass (0: skip it).", rich_help_panel=_Q)] = 4,
+    target_cosine: Annotated[float, typer.Option(help="Keep the most sensitive audio-tower layers float until its speech tokens reach this cosine.", rich_help_panel=_Q)] = 0.999,
+    keep_float: Annotated[Optional[list[str]], typer.Option(help="Audio-tower layer (module path) that stays float (repeatable).", rich_help_panel=_Q)] = None,
+    llm_bits: Annotated[Optional[int], typer.Option(help="trt-int8: LLM weights in 8 or 4 bits (default 8).", rich_help_panel=_Q)] = None,
+    block_size: Annotated[int, typer.Option(help="INT4 weights: block length along the input dimension.", rich_help_panel=_Q)] = 32,
+    llm_keep_float: Annotated[Optional[list[str]], typer.Option(help="LLM layer (e.g. llm.lm_head) that keeps float weights (repeatable).", rich_help_panel=_Q)] = None,
+    gate_windows: Annotated[int, typer.Option(help="Calibration windows the cosine and top-1 gates run on.", rich_help_panel=_Q)] = 16,
+    wer_items: Annotated[int, typer.Option(help="Utterances of the demo eval subset for the WER gate (0: off).", rich_help_panel=_Q)] = 50,
+    eval_corpus: Annotated[Optional[Path], typer.Option(help="Folder with eval_seen.jsonl for the WER gate (default work/corpus).", rich_help_panel=_Q)] = None,
+    override_gates: Annotated[bool, typer.Option(help="Write the bundle even when it misses an accuracy gate.", rich_help_panel=_Q)] = False,
 ) -> None:
     try:
         # Heavy imports (torch, onnx) only after typer has parsed the arguments, so --help is instant.
@@ -49,8 +75,38 @@ def export(
                 weight_streaming=trt_weight_streaming,
             )
             trt_limits = {"max_windows": trt_max_windows, "max_context": trt_max_context, "prefill_chunk": trt_prefill_chunk}
+        quantization = None
+        if chosen.quantizer is not None:
+            from ..calibration.build import QuantOptions
+
+            quantization = QuantOptions(
+                calibration=calibration,
+                audio=tuple(calibration_audio) if calibration_audio else None,
+                method=range_method,
+                percentile=percentile,
+                sensitivity_windows=sensitivity_windows,
+                target_cosine=target_cosine,
+                keep_float=tuple(keep_float or ()),
+                llm_bits=llm_bits,
+                block_size=block_size,
+                llm_keep_float=tuple(llm_keep_float or ()),
+                gate_windows=gate_windows,
+                wer_items=wer_items,
+                eval_corpus=eval_corpus,
+                override_gates=override_gates,
+            )
+        else:
+            values = {"calibration": calibration, "calibration_audio": calibration_audio, "range_method": range_method,
+                      "percentile": percentile, "sensitivity_windows": sensitivity_windows,
+                      "target_cosine": target_cosine, "keep_float": keep_float, "llm_bits": llm_bits,
+                      "block_size": block_size, "llm_keep_float": llm_keep_float, "gate_windows": gate_windows,
+                      "wer_items": wer_items, "eval_corpus": eval_corpus, "override_gates": override_gates}  # fmt: skip
+            given = [flag for flag, name in _QUANT_FLAGS.items() if values[name] not in (None, False, _DEFAULTS.get(name))]
+            if given:
+                raise OptionError(f"{given[0]} applies to the calibrated targets (onnx-int8, onnx-int4, trt-int8), not {target}")
         export_bundle(
-            ExportOptions(model=model, out=out, target=target, force=force, trt=trt_options, trt_limits=trt_limits)
+            ExportOptions(model=model, out=out, target=target, force=force, trt=trt_options, trt_limits=trt_limits,
+                          quantization=quantization)
         )
     except FastSLMError as exc:
         typer.echo(f"fastslm-export: error: {exc}", err=True)

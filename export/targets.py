@@ -1,16 +1,18 @@
 """What `fastslm-export --target` can make: one registry entry per target.
 
 A target names the runtime that loads the bundle, the precision of its graphs and how the
-PyTorch model is prepared before export. TensorRT engines (trt-fp16, trt-int8) and the
-calibrated onnx-int8 / onnx-int4 targets add entries here with a `post_process` step that
-rewrites the exported fp32/fp16 ONNX graphs (quantize, build an engine) before validation.
+PyTorch model is prepared before export. A `post_process` step rewrites the exported fp32/fp16
+ONNX graphs before validation. The calibrated targets (onnx-int8, onnx-int4, trt-int8) name a
+`quantizer` instead: made once per export from the options and the fp32 model
+(`fastslm.calibration.build.Quantizer`), it quantizes each graph, sets its validation tolerance
+and holds the finished bundle to its accuracy gates (docs/QUANTIZATION.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -27,11 +29,19 @@ class Target:
     description: str
     # (graph file, spec, staging folder) -> None: rewrites the exported graph in place.
     post_process: Callable[[Path, GraphSpec, Path], None] | None = None
+    # (target, quantization options or None, fp32 FastSLM, model folder, log) -> a per-export quantizer.
+    quantizer: Callable[..., Any] | None = None
 
     @property
     def float_dtype(self) -> str:
         """The numpy/manifest name of the compute float type (KV cache, embedding table)."""
         return {torch.float32: "float32", torch.float16: "float16"}[self.dtype]
+
+
+def _quantizer(*args: Any, **kwargs: Any) -> Any:
+    from ..calibration.build import make_quantizer  # onnx, onnxruntime and the calibration code only when used
+
+    return make_quantizer(*args, **kwargs)
 
 
 TARGETS: dict[str, Target] = {
@@ -47,6 +57,16 @@ TARGETS: dict[str, Target] = {
         # The fp16 ONNX graphs plus TensorRT engines built from them (export/tensorrt_build.py);
         # the graphs stay in the bundle so engines can be rebuilt on the deploying device.
         Target("trt-fp16", "tensorrt", "fp16", torch.float16, "TensorRT engines, fp16 weights and activations"),
+        # Calibrated explicit quantization (Q/DQ in the graphs); the graphs' float parts stay fp32 for
+        # ONNX Runtime on CPUs (fp16 arithmetic is slow or missing there) and fp16 for TensorRT.
+        Target("onnx-int8", "onnx", "int8", torch.float32,
+               "ONNX Runtime: INT8 audio tower (calibrated Q/DQ), INT8 weight-only LLM", quantizer=_quantizer),
+        Target("onnx-int4", "onnx", "int4", torch.float32,
+               "ONNX Runtime: INT8 audio tower (calibrated Q/DQ), INT4 block-quantized weight-only LLM",
+               quantizer=_quantizer),
+        Target("trt-int8", "tensorrt", "int8", torch.float16,
+               "TensorRT engines: INT8 audio tower (calibrated Q/DQ), INT8 (or INT4) weight-only LLM, fp16 elsewhere",
+               quantizer=_quantizer),
     )
 }
 

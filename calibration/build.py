@@ -1,0 +1,246 @@
+"""The calibrated export targets: what `fastslm-export --target onnx-int8|onnx-int4|trt-int8` does
+on top of a plain export.
+
+    target      audio tower                         LLM weights                     float graphs
+    onnx-int8   INT8 Q/DQ, calibrated (static)      INT8 per channel (weight-only)  fp32
+    onnx-int4   INT8 Q/DQ, calibrated (static)      INT4 blocks of 32 (weight-only) fp32
+    trt-int8    INT8 Q/DQ, calibrated (static)      INT8 (--llm-bits 4: INT4)       fp16 (+ TensorRT engines)
+
+Per export (`Quantizer`, made by the target for `bundle_writer`):
+
+1. audio tower: calibration windows (a `fastslm-calibrate` folder, or the default audio
+   collected now) -> activation ranges (reused from the folder when they were measured on the
+   same weights) -> per-layer sensitivity (PyTorch, simulated INT8) -> the most sensitive layers
+   stay float until the tower reaches `target_cosine` -> Q/DQ graph (qdq.insert_int8_qdq)
+2. LLM: weight-only Q/DQ (qdq.insert_weight_only); the KV cache and the I/O stay float
+3. after both graphs and the embedding table are in the staging folder: the accuracy gates
+   (gates.run_gates) against the fp32 PyTorch model, printed as a table; a miss stops the
+   export before anything is written unless `override_gates`. The manifest's "quantization"
+   section records the method, ranges, float layers, sensitivity and the gate table.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..runtime.bundle import AUDIO_TOWER, LLM, Bundle, ModelDims
+from ..runtime.errors import OptionError
+from .data import DEFAULT_MAX_WINDOWS, CalibrationSet, collect
+from .gates import GateThresholds, eval_items, run_gates
+from .qdq import find_layers, insert_int8_qdq, insert_weight_only, load_graph, save_graph
+from .ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS, RANGES_FILE, Ranges, collect_ranges, weights_fingerprint
+
+# What each calibrated target does to the two graphs: (audio tower INT8?, LLM weight bits).
+PLANS = {"onnx-int8": (True, 8), "onnx-int4": (True, 4), "trt-int8": (True, 8)}
+LLM_BITS_CHOICE = ("trt-int8",)  # targets whose LLM bits --llm-bits may change
+
+# The exporter's own validation (random inputs, every case of the graph table) is a sanity check
+# here; the real accuracy is what the gates measure on speech. Measured on the tiny model:
+# INT8 audio tower ~0.999, INT8 LLM weights >= 0.9999, INT4 >= 0.99 (random inputs leave the
+# calibrated ranges, which real audio does not).
+VALIDATION_MIN_COSINE = {AUDIO_TOWER: 0.98, (LLM, 8): 0.99, (LLM, 4): 0.9}
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    calibration: Path | None = None  # a fastslm-calibrate folder; None: collect `audio` now
+    audio: tuple[Path, ...] | None = None  # recordings (files / folders) when there is no folder; None: the default set
+    max_windows: int = DEFAULT_MAX_WINDOWS
+    method: str = DEFAULT_METHOD  # activation ranges: minmax, percentile or entropy
+    percentile: float = DEFAULT_PERCENTILE
+    sensitivity_windows: int = 4  # 0: no sensitivity pass (only keep_float stays float)
+    target_cosine: float = 0.999  # the sensitivity pass keeps layers float until the tower reaches this
+    max_float_layers: int | None = None  # None: at most a quarter of the layers
+    keep_float: tuple[str, ...] = ()  # audio-tower layers that stay float regardless
+    llm_bits: int | None = None  # None: the target's
+    block_size: int = 32  # INT4 block along K
+    llm_keep_float: tuple[str, ...] = ()  # LLM layers (e.g. llm.lm_head) that keep float weights
+    thresholds: GateThresholds = field(default_factory=GateThresholds)
+    override_gates: bool = False
+    gate_windows: int = 16
+    eval_corpus: Path | None = None  # folder of eval_seen.jsonl; None: work/corpus (FASTSLM_CORPUS)
+    wer_items: int = 50
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise OptionError(f"--range-method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise OptionError(f"--percentile must be in (50, 100], got {self.percentile}")
+        if self.llm_bits not in (None, 8, 4):
+            raise OptionError(f"--llm-bits must be 8 or 4, got {self.llm_bits}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise OptionError(f"--block-size must be a power of two >= 16, got {self.block_size}")
+        if not 0.0 < self.target_cosine <= 1.0:
+            raise OptionError(f"--target-cosine must be in (0, 1], got {self.target_cosine}")
+        for name in ("sensitivity_windows", "gate_windows", "wer_items"):
+            if getattr(self, name) < 0:
+                raise OptionError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+
+
+class Quantizer:
+    """One calibrated export: rewrites each graph, sets its validation, runs the gates."""
+
+    def __init__(self, target: Any, options: QuantOptions | None, reference: Any, model_dir: Path,
+                 log: Callable[[str], None] = print):  # fmt: skip
+        self.target, self.options, self.reference = target, options or QuantOptions(), reference
+        self.model_dir, self.log = Path(model_dir), log
+        audio, bits = PLANS[target.name]
+        if self.options.llm_bits is not None and self.options.llm_bits != bits and target.name not in LLM_BITS_CHOICE:
+            raise OptionError(f"--llm-bits is fixed by --target {target.name} (INT{bits}); choose the other target instead")
+        self.audio_int8, self.llm_bits = audio, self.options.llm_bits or bits
+        self.fp16 = target.float_dtype == "float16"
+        self.records: dict[str, dict] = {}
+        self._calibration: CalibrationSet | None = None
+
+    # ---- what bundle_writer asks ------------------------------------------------------------
+
+    def graph_precision(self, graph: str) -> str:
+        if graph == AUDIO_TOWER:
+            return "int8" if self.audio_int8 else self.target.precision
+        return f"int{self.llm_bits}"
+
+    def validation(self, spec: Any) -> tuple[Any, str]:
+        """(spec with this graph's tolerance, precision key for validate_graph).
+
+        For fp16 graphs the key stays "fp16": it also picks ONNX Runtime's session options, and
+        fp16 graphs must not be opened at ORT_ENABLE_ALL on the CPU.
+        """
+        from ..export.graphs import Tolerance
+
+        cosine = VALIDATION_MIN_COSINE[spec.name if spec.name == AUDIO_TOWER else (LLM, self.llm_bits)]
+        key = "fp16" if self.fp16 else self.graph_precision(spec.name)
+        return replace(spec, tolerances={**spec.tolerances, key: Tolerance(min_cosine=cosine)}), key
+
+    def post_process(self, path: Path, spec: Any, stage: Path) -> None:
+        if spec.name == AUDIO_TOWER and self.audio_int8:
+            self._audio_tower(path, spec)
+        elif spec.name == LLM and self.llm_bits:
+            self._llm(path)
+
+    def gate(self, stage: Path, graphs: dict) -> dict:
+        """Run the accuracy gates on the finished graphs in `stage`; returns the manifest's "quantization"."""
+        from ..export.bundle_writer import EMBEDDINGS_FILE
+        from ..models.torch_backend import TorchBackend
+        from ..runtime.onnx_backend import OnnxBackend
+        from ..runtime.tokenizer import Tokenizer
+
+        o = self.options
+        config = json.loads((stage / "config.json").read_text())
+        dims = ModelDims.from_config(config, stage / "config.json")
+        # The staging folder has no manifest yet: a Bundle over what is there. fp16 graphs open with
+        # the fp16 session options (ORT_ENABLE_EXTENDED), as a bundle of that precision would.
+        manifest = {"graphs": graphs, "precision": "fp16" if self.fp16 else self.target.precision,
+                    "embeddings": {"file": EMBEDDINGS_FILE}, "files": {}}  # fmt: skip
+        candidate = OnnxBackend(Bundle(stage, manifest, dims), providers=["CPUExecutionProvider"])
+        reference = TorchBackend(self.reference)
+        tokenizer = Tokenizer.from_file(stage / "tokenizer.json")
+        items, why = eval_items(o.eval_corpus, o.wer_items)
+        report = run_gates(
+            reference, candidate, tokenizer,
+            title=f"accuracy gates: {self.target.name} vs FP32 ({dims.name})",
+            windows=self.calibration().subset(max(1, o.gate_windows)),
+            audio_quantized=self.audio_int8, llm_bits=self.llm_bits, thresholds=o.thresholds,
+            items=items, no_wer_reason=why, model_name=dims.name, log=self.log,
+        )  # fmt: skip
+        self.log(report.table())
+        report.enforce(o.override_gates)
+        if report.failed:
+            self.log("fastslm-export: the gates above failed and --override-gates was given: writing the bundle anyway")
+        return {**self.records, "gates": report.to_dict(), "gates_overridden": bool(report.failed)}
+
+    # ---- the graphs -------------------------------------------------------------------------
+
+    def calibration(self) -> CalibrationSet:
+        if self._calibration is None:
+            o, config = self.options, self.reference.config
+            if o.calibration is not None:
+                data = CalibrationSet.load(o.calibration)
+                self.log(f"calibration: {len(data.windows)} windows from {o.calibration}")
+            else:
+                data = collect(list(o.audio) if o.audio is not None else None, config.n_mels,
+                               max_windows=o.max_windows, progress=o.progress, model={"name": config.name})  # fmt: skip
+                self.log(f"calibration: {len(data.windows)} windows from {len(data.sources)} recordings "
+                         "(not saved; fastslm-calibrate saves them for repeatable builds)")  # fmt: skip
+            data.check_model(config.n_mels, config.name, str(o.calibration or "the calibration audio"))
+            self._calibration = data
+        return self._calibration
+
+    def _ranges(self, graph: Any, data: CalibrationSet) -> Ranges:
+        o = self.options
+        fingerprint = weights_fingerprint(graph)
+        if o.calibration is not None:
+            saved = Ranges.load(Path(o.calibration) / RANGES_FILE)
+            if saved is not None and saved.fingerprint == fingerprint and saved.windows_sha256 == data.sha256:
+                self.log(f"calibration: activation ranges from {Path(o.calibration) / RANGES_FILE}")
+                return replace(saved, percentile=o.percentile)
+            self.log(f"calibration: the ranges in {o.calibration} were measured on other weights; measuring them again")
+        return collect_ranges(graph, data.windows, windows_sha256=data.sha256, percentile=o.percentile, progress=o.progress)
+
+    def _audio_tower(self, path: Path, spec: Any) -> None:
+        from .sensitivity import measure
+
+        o = self.options
+        data = self.calibration()
+        graph = load_graph(path)
+        layers = [layer.key for layer in find_layers(graph)]
+        unknown = [k for k in o.keep_float if k not in layers]
+        if unknown:
+            raise OptionError(f"--keep-float {unknown[0]!r} is not an audio-tower layer; e.g. {', '.join(layers[:3])}")
+        ranges = self._ranges(graph, data)
+        amax = ranges.amax(o.method)
+        keep, sensitivity = list(o.keep_float), None
+        if o.sensitivity_windows:
+            result = measure(spec.wrap(self.reference), amax, data.subset(o.sensitivity_windows),
+                             target_cosine=o.target_cosine, max_float=o.max_float_layers, forced_float=o.keep_float,
+                             progress=o.progress)  # fmt: skip
+            keep, sensitivity = result.keep_float, result.to_dict()
+            worst = ", ".join(f"{s.key} {s.cosine:.5f}" for s in result.layers[:3])
+            self.log(f"audio_tower: INT8 sensitivity on {result.windows} windows: most sensitive {worst}; all INT8 "
+                     f"{result.cosine_all_int8:.5f}; {len(keep)} layer(s) kept float -> {result.cosine_chosen:.5f}")  # fmt: skip
+        graph, int8 = insert_int8_qdq(graph, amax, set(keep))
+        save_graph(graph, path)
+        self.log(f"audio_tower: {len(int8)} of {len(layers)} layers INT8 ({o.method} ranges), {len(keep)} float")
+        self.records[AUDIO_TOWER] = {
+            "precision": "int8",
+            "scheme": "Q/DQ: int8 symmetric activations (per tensor) and weights (per output channel); float biases",
+            "method": o.method,
+            "percentile": o.percentile if o.method == "percentile" else None,
+            "calibration": {"folder": str(o.calibration) if o.calibration else None, "windows": len(data.windows),
+                            "sha256": data.sha256, "recordings": len(data.sources)},  # fmt: skip
+            "layers_int8": len(int8),
+            "keep_float": keep,
+            "amax": {k: round(v, 6) for k, v in amax.items()},
+            "sensitivity": sensitivity,
+            "weights_fingerprint": ranges.fingerprint,
+        }
+
+    def _llm(self, path: Path) -> None:
+        o = self.options
+        graph = load_graph(path)
+        layers = [layer.key for layer in find_layers(graph)]
+        unknown = [k for k in o.llm_keep_float if k not in layers]
+        if unknown:
+            raise OptionError(f"--llm-keep-float {unknown[0]!r} is not an LLM layer; e.g. {', '.join(layers[-3:])}")
+        graph, quantized = insert_weight_only(graph, self.llm_bits, o.block_size, set(o.llm_keep_float))
+        save_graph(graph, path)
+        scheme = "per output channel" if self.llm_bits == 8 else f"blocks of {o.block_size} along K"
+        self.log(f"llm: {len(quantized)} of {len(layers)} weight matrices INT{self.llm_bits} ({scheme}), weight-only")
+        self.records[LLM] = {
+            "precision": f"int{self.llm_bits}",
+            "scheme": f"weight-only DequantizeLinear, int{self.llm_bits} symmetric, {scheme}; float activations and KV cache",
+            "block_size": o.block_size if self.llm_bits == 4 else None,
+            "layers_quantized": len(quantized),
+            "keep_float": list(o.llm_keep_float),
+        }
+
+
+def make_quantizer(target: Any, options: QuantOptions | None, reference: Any, model_dir: Path,
+                   log: Callable[[str], None] = print) -> Quantizer:  # fmt: skip
+    return Quantizer(target, options, reference, model_dir, log)
+

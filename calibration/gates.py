@@ -1,0 +1,295 @@
+"""Accuracy gates: a quantized bundle against its FP32 model, as a printed table.
+
+    speech-token cosine   audio tower on calibration windows, candidate vs FP32 (mean; min shown)
+    LLM top-1 agreement   the FP32 LLM decodes greedily from an ASR prompt over FP32 speech tokens;
+                          the candidate LLM is fed the same tokens (teacher forcing) and must pick
+                          the same next token: matches / positions
+    WER delta             greedy transcripts of the demo eval subset (Whisper normalisation), each
+                          quantized stage alone (the other in FP32) and the whole bundle, minus the
+                          FP32 WER, in points
+
+Both sides are `Backend`s (runtime.backend), so the FP32 side can be the PyTorch reference or an
+fp32 bundle and the candidate any quantized bundle. The WER gate needs eval audio with
+transcripts and a model that transcribes: it is skipped, with the reason in the table, for the
+tiny random test model, when no eval audio is found, or when the FP32 WER itself is above
+MAX_REFERENCE_WER (a delta on noise means nothing).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..runtime.errors import FastSLMError
+
+MAX_REFERENCE_WER = 50.0  # percent: above it the FP32 model does not transcribe and a WER delta is noise
+TINY_MODEL_NAMES = ("tiny-random",)
+
+
+class GateError(FastSLMError):
+    """A quantized build missed an accuracy gate (and the user did not override it)."""
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    speech_cosine: float = 0.99  # mean cosine of the speech tokens
+    top1_int8: float = 0.95  # LLM top-1 agreement, INT8 weights
+    top1_int4: float = 0.85  # LLM top-1 agreement, INT4 weights
+    wer_audio_int8: float = 0.5  # points of WER the INT8 audio tower may add
+    wer_llm_int8: float = 0.5
+    wer_llm_int4: float = 2.0
+
+    def top1(self, bits: int) -> float:
+        return self.top1_int8 if bits == 8 else self.top1_int4
+
+    def wer_llm(self, bits: int) -> float:
+        return self.wer_llm_int8 if bits == 8 else self.wer_llm_int4
+
+
+@dataclass
+class GateRow:
+    gate: str
+    measured: str
+    limit: str
+    passed: bool | None  # None: skipped (see note)
+    value: float | None = None
+    note: str = ""
+
+    @property
+    def result(self) -> str:
+        return {True: "pass", False: "FAIL", None: "skipped"}[self.passed]
+
+
+@dataclass
+class GateReport:
+    title: str
+    rows: list[GateRow] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[GateRow]:
+        return [r for r in self.rows if r.passed is False]
+
+    def table(self) -> str:
+        head = ("gate", "measured", "limit", "result")
+        body = [(r.gate, r.measured if r.passed is not None else r.note, r.limit, r.result) for r in self.rows]
+        widths = [max(len(row[i]) for row in [head, *body]) for i in range(4)]
+        lines = [self.title, "  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()]
+        lines.append("  ".join("-" * w for w in widths))
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in body]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"title": self.title, "rows": [asdict(r) for r in self.rows], "passed": not self.failed}
+
+    def enforce(self, override: bool, override_flag: str = "--override-gates") -> None:
+        """Raise GateError naming every failed gate, unless `override`."""
+        if not self.failed or override:
+            return
+        what = "; ".join(f"{r.gate}: {r.measured} (limit {r.limit})" for r in self.failed)
+        raise GateError(f"accuracy gate failed: {what}; nothing was written (pass {override_flag} to write it anyway)")
+
+
+class MixedBackend:
+    """The audio tower of one backend and the LLM of another: attributes each stage's error alone."""
+
+    def __init__(self, audio: Any, llm: Any):
+        self.audio, self.llm = audio, llm
+        self.name = f"{getattr(audio, 'name', 'audio')}+{getattr(llm, 'name', 'llm')}"
+        self.n_mels, self.tokens_per_window = audio.n_mels, audio.tokens_per_window
+        self.max_windows_per_batch = audio.max_windows_per_batch
+        self.hidden_size, self.max_context = llm.hidden_size, llm.max_context
+
+    def encode_windows(self, mel: np.ndarray) -> np.ndarray:
+        return self.audio.encode_windows(mel)
+
+    def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
+        return self.llm.embed_tokens(ids)
+
+    def empty_cache(self):
+        return self.llm.empty_cache()
+
+    def decode(self, embeds: np.ndarray, cache):
+        return self.llm.decode(embeds, cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# The measurements
+
+
+def window_cosines(reference: Any, candidate: Any, windows: np.ndarray) -> np.ndarray:
+    """Cosine of the flattened speech tokens of each window."""
+    out = []
+    for w in windows:
+        a = reference.encode_windows(w[None]).astype(np.float64).ravel()
+        b = candidate.encode_windows(w[None]).astype(np.float64).ravel()
+        den = np.linalg.norm(a) * np.linalg.norm(b)
+        out.append(float(a @ b / den) if den > 0 else float(np.array_equal(a, b)))
+    return np.asarray(out)
+
+
+def top1_agreement(reference: Any, candidate: Any, tokenizer: Any, speech: Sequence[np.ndarray],
+                   max_tokens: int = 32) -> tuple[int, int]:  # fmt: skip
+    """(matching positions, positions): the candidate LLM's argmax vs the FP32 LLM's greedy choice.
+
+    `speech` holds one (tokens_per_window, hidden) array per prompt, from the FP32 audio tower,
+    so only the LLMs differ. The candidate follows the FP32 choices (teacher forcing).
+    """
+    from ..runtime.generate import Pipeline
+
+    ids = Pipeline(reference, tokenizer).prompt_ids("transcribe")
+    left, right = np.asarray(ids.left, np.int64), np.asarray(ids.right, np.int64)
+    stop = set(tokenizer.eos_ids)
+    matches = positions = 0
+    for tokens in speech:
+        caches, logits = [], []
+        for backend in (reference, candidate):
+            embeds = np.concatenate([backend.embed_tokens(left), tokens, backend.embed_tokens(right)])
+            lg, cache = backend.decode(embeds, backend.empty_cache())
+            logits.append(lg)
+            caches.append(cache)
+        for _ in range(max_tokens):
+            choice = int(np.argmax(logits[0]))
+            matches += int(np.argmax(logits[1]) == choice)
+            positions += 1
+            if choice in stop:
+                break
+            for i, backend in enumerate((reference, candidate)):
+                logits[i], caches[i] = backend.decode(backend.embed_tokens(np.array([choice], np.int64)), caches[i])
+    return matches, positions
+
+
+@dataclass(frozen=True)
+class WerItem:
+    id: str
+    text: str
+    audio: Path
+
+
+def eval_items(corpus: Path | None, limit: int) -> tuple[list[WerItem], str]:
+    """The WER subset: the first `limit` eval_seen utterances and jfk.flac; ([], why) when there is none."""
+    from .data import default_corpus, shared_data
+
+    if limit <= 0:
+        return [], "WER gate off (--wer-items 0)"
+    corpus = Path(corpus) if corpus is not None else default_corpus()
+    items: list[WerItem] = []
+    jsonl = corpus / "eval_seen.jsonl"
+    if jsonl.is_file():
+        from ..models.demo.windows import read_corpus
+
+        items += [WerItem(u.id, u.text, Path(u.path)) for u in read_corpus(jsonl)[: max(limit - 1, 1)]]
+        items = [it for it in items if it.audio.is_file()]
+    jfk = shared_data() / "jfk.flac"
+    if jfk.is_file():
+        from ..models.demo.evaluate import JFK_TRANSCRIPT
+
+        items.append(WerItem("jfk", JFK_TRANSCRIPT, jfk))
+    if not items:
+        return [], f"no eval audio ({jsonl} and jfk.flac are missing)"
+    return items[:limit], ""
+
+
+def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
+    from ..models.demo.evaluate import wer
+
+    return wer(references, hypotheses)
+
+
+def transcripts(pipe: Any, speech: list, max_new_tokens: int = 128) -> list[str]:
+    from ..runtime.sampling import SamplingOptions
+
+    greedy = SamplingOptions(temperature=0.0, max_new_tokens=max_new_tokens)
+    return [pipe.generate(s, "transcribe", sampling=greedy).text for s in speech]
+
+
+# ---------------------------------------------------------------------------------------------
+# The gates
+
+
+def run_gates(
+    reference: Any,
+    candidate: Any,
+    tokenizer: Any,
+    *,
+    title: str,
+    windows: np.ndarray,
+    audio_quantized: bool,
+    llm_bits: int | None,
+    thresholds: GateThresholds = GateThresholds(),
+    items: list[WerItem] | None = None,
+    no_wer_reason: str = "",
+    model_name: str = "",
+    top1_prompts: int = 8,
+    top1_tokens: int = 32,
+    log: Callable[[str], None] = lambda line: None,
+) -> GateReport:
+    """Every gate that applies: the audio tower's if it is quantized, the LLM's if its weights are."""
+    report = GateReport(title)
+    t = thresholds
+    if audio_quantized:
+        log("gates: speech-token cosine")
+        cos = window_cosines(reference, candidate, windows)
+        mean = float(cos.mean())
+        report.rows.append(GateRow(f"speech-token cosine ({len(cos)} windows)", f"{mean:.5f} (min {cos.min():.5f})",
+                                   f">= {t.speech_cosine}", mean >= t.speech_cosine, mean))  # fmt: skip
+    if llm_bits:
+        log("gates: LLM top-1 agreement")
+        chosen = windows[np.linspace(0, len(windows) - 1, min(top1_prompts, len(windows))).astype(int)]
+        speech = list(reference.encode_windows(chosen))
+        matches, positions = top1_agreement(reference, candidate, tokenizer, speech, top1_tokens)
+        rate = matches / max(positions, 1)
+        limit = t.top1(llm_bits)
+        report.rows.append(GateRow(f"LLM top-1 agreement, INT{llm_bits} weights ({len(speech)} prompts)",
+                                   f"{100 * rate:.1f}% of {positions} positions", f">= {100 * limit:g}%",
+                                   rate >= limit, rate))  # fmt: skip
+    report.rows += wer_rows(reference, candidate, tokenizer, audio_quantized, llm_bits, t, items or [],
+                            no_wer_reason, model_name, log)  # fmt: skip
+    return report
+
+
+def wer_rows(reference, candidate, tokenizer, audio_quantized: bool, llm_bits: int | None, t: GateThresholds,
+             items: list[WerItem], no_wer_reason: str, model_name: str, log) -> list[GateRow]:  # fmt: skip
+    from ..runtime.generate import Pipeline
+
+    stages = []  # (label, backend, limit, reads the candidate's speech tokens)
+    if audio_quantized:
+        stages.append(("WER, INT8 audio tower + FP32 LLM", MixedBackend(candidate, reference), t.wer_audio_int8, True))
+    if llm_bits:
+        stages.append((f"WER, FP32 audio tower + INT{llm_bits} LLM", MixedBackend(reference, candidate),
+                       t.wer_llm(llm_bits), False))  # fmt: skip
+    if len(stages) == 2:
+        stages.append(("WER, whole bundle", candidate, stages[0][2] + stages[1][2], True))
+
+    def skipped(reason: str) -> list[GateRow]:
+        return [GateRow(label, "", f"<= +{limit:g} pt", None, note=f"skipped: {reason}") for label, _, limit, _ in stages]
+
+    if model_name in TINY_MODEL_NAMES:
+        return skipped(f"{model_name} model (random weights do not transcribe)")
+    if not items:
+        return skipped(no_wer_reason or "no eval audio")
+    try:
+        import jiwer  # noqa: F401
+        import whisper_normalizer  # noqa: F401
+    except ImportError:
+        return skipped("needs jiwer and whisper-normalizer (pip install jiwer whisper-normalizer)")
+    refs = [it.text for it in items]
+    log(f"gates: FP32 transcripts of {len(items)} utterances")
+    ref_pipe, cand_pipe = Pipeline(reference, tokenizer), Pipeline(candidate, tokenizer)
+    ref_speech = [ref_pipe.encode(str(it.audio)) for it in items]
+    base = word_error_rate(refs, transcripts(ref_pipe, ref_speech))
+    if not math.isfinite(base) or base > MAX_REFERENCE_WER:
+        return skipped(f"FP32 WER {base:.1f}% on {len(items)} utterances: the model does not transcribe yet")
+    cand_speech = [cand_pipe.encode(str(it.audio)) for it in items] if audio_quantized else ref_speech
+    rows = []
+    for label, backend, limit, quantized_audio in stages:
+        log(f"gates: {label}")
+        speech = cand_speech if quantized_audio else ref_speech
+        got = word_error_rate(refs, transcripts(Pipeline(backend, tokenizer), speech))
+        delta = got - base
+        rows.append(GateRow(f"{label} ({len(items)} utt.)", f"{got:.2f}% vs {base:.2f}% ({delta:+.2f} pt)",
+                            f"<= +{limit:g} pt", delta <= limit + 1e-9, delta))  # fmt: skip
+    return rows

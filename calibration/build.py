@@ -39,6 +39,44 @@ from .ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS, RANGES_FILE, Ra
 PLANS = {"onnx-int8": (True, 8), "onnx-int4": (True, 4), "trt-int8": (True, 8)}
 LLM_BITS_CHOICE = ("trt-int8",)  # targets whose LLM bits --llm-bits may change
 
+# ONNX Runtime 1.32 fuses DequantizeLinear -> MatMul into MatMulNBits, which on the CPU computes
+# with int8 activations (accuracy level 4) by default; for fp16 activations that path returns
+# zeros. trt-int8's fp16 graphs are for TensorRT, but they are checked here with ONNX Runtime on
+# the CPU: with fp32 accumulation (level 1). fp32 graphs keep the default, as the runtime runs them.
+MATMULNBITS_ACCURACY_FP16 = "1"
+
+
+def check_session(path: Path, fp16: bool):
+    """A CPU ONNX Runtime session for checking a quantized graph (see MATMULNBITS_ACCURACY_FP16)."""
+    import onnxruntime as ort
+
+    from ..runtime.onnx_backend import session_options
+
+    providers = ["CPUExecutionProvider"]
+    options = session_options("fp16" if fp16 else "fp32", providers)
+    if fp16:
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", MATMULNBITS_ACCURACY_FP16)
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def _check_backend_class():
+    from ..runtime.onnx_backend import OnnxBackend
+
+    class CheckBackend(OnnxBackend):
+        """OnnxBackend over the staging folder, its sessions from `check_session`."""
+
+        def _session(self, graph: str, threads: int | None):
+            session = check_session(self.bundle.graph_path(graph), self.bundle.precision == "fp16")
+            self._check_io(graph, session)
+            return session
+
+    return CheckBackend
+
+
+def CheckBackend(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - a class made on first use (onnxruntime is heavy)
+    return _check_backend_class()(*args, **kwargs)
+
+
 # The exporter's own validation (random inputs, every case of the graph table) is a sanity check
 # here; the real accuracy is what the gates measure on speech. Measured on the tiny model:
 # INT8 audio tower ~0.999, INT8 LLM weights >= 0.9999, INT4 >= 0.99 (random inputs leave the
@@ -105,17 +143,38 @@ class Quantizer:
             return "int8" if self.audio_int8 else self.target.precision
         return f"int{self.llm_bits}"
 
-    def validation(self, spec: Any) -> tuple[Any, str]:
-        """(spec with this graph's tolerance, precision key for validate_graph).
+    def validate(self, spec: Any, reference: Any, path: Path) -> tuple[Any, list]:
+        """The exporter's validation (ORT vs PyTorch fp32 on the graph table's random cases) of a quantized graph.
 
-        For fp16 graphs the key stays "fp16": it also picks ONNX Runtime's session options, and
-        fp16 graphs must not be opened at ORT_ENABLE_ALL on the CPU.
+        As `onnx_export.validate_graph`, with this graph's tolerance and `check_session`'s settings.
+        Returns (tolerance, diffs); raises ExportError past the tolerance.
         """
+        import torch
+
         from ..export.graphs import Tolerance
+        from ..export.onnx_export import ExportError, OutputDiff, compare, passes, sample_inputs
 
         cosine = VALIDATION_MIN_COSINE[spec.name if spec.name == AUDIO_TOWER else (LLM, self.llm_bits)]
-        key = "fp16" if self.fp16 else self.graph_precision(spec.name)
-        return replace(spec, tolerances={**spec.tolerances, key: Tolerance(min_cosine=cosine)}), key
+        tolerance = Tolerance(min_cosine=cosine)
+        session = check_session(path, self.fp16)
+        names = [t.name for t in spec.outputs]
+        diffs = []
+        for seed, case in enumerate(spec.cases):
+            feeds = sample_inputs(spec, case.sizes, case.position_offset, self.target.float_dtype, seed=seed + 1)
+            with torch.no_grad():
+                expected = reference.eval()(*[torch.from_numpy(x.astype(np.float32) if x.dtype == np.float16 else x)
+                                              for x in feeds])  # fmt: skip
+            expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
+            got = session.run(names, {t.name: x for t, x in zip(spec.inputs, feeds)})
+            diffs += [OutputDiff(case.name, n, *compare(e.float().numpy(), g)) for n, e, g in zip(names, expected, got)]
+        failed = [d for d in diffs if not passes(d, tolerance)]
+        if failed:
+            d = failed[0]
+            raise ExportError(
+                f"{spec.name} ({self.graph_precision(spec.name)}) differs from PyTorch on {d.case!r} {d.output}: "
+                f"cosine {d.cosine:.5f}, allowed >= {cosine}; the quantized graph is broken: nothing was written"
+            )
+        return tolerance, diffs
 
     def post_process(self, path: Path, spec: Any, stage: Path) -> None:
         if spec.name == AUDIO_TOWER and self.audio_int8:
@@ -127,7 +186,6 @@ class Quantizer:
         """Run the accuracy gates on the finished graphs in `stage`; returns the manifest's "quantization"."""
         from ..export.bundle_writer import EMBEDDINGS_FILE
         from ..models.torch_backend import TorchBackend
-        from ..runtime.onnx_backend import OnnxBackend
         from ..runtime.tokenizer import Tokenizer
 
         o = self.options
@@ -137,7 +195,7 @@ class Quantizer:
         # the fp16 session options (ORT_ENABLE_EXTENDED), as a bundle of that precision would.
         manifest = {"graphs": graphs, "precision": "fp16" if self.fp16 else self.target.precision,
                     "embeddings": {"file": EMBEDDINGS_FILE}, "files": {}}  # fmt: skip
-        candidate = OnnxBackend(Bundle(stage, manifest, dims), providers=["CPUExecutionProvider"])
+        candidate = CheckBackend(Bundle(stage, manifest, dims), providers=["CPUExecutionProvider"])
         reference = TorchBackend(self.reference)
         tokenizer = Tokenizer.from_file(stage / "tokenizer.json")
         items, why = eval_items(o.eval_corpus, o.wer_items)

@@ -12,8 +12,11 @@ from .tokenizer import Tokenizer
 
 BACKENDS = ("auto", "torch", "onnx", "tensorrt")
 
-# The shipped English demo model (see models/demo/); found relative to the installed package.
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "demo" / "shipped"
+# The shipped English demo model (see models/demo/), found relative to the installed package:
+# its model folder (for the PyTorch reference and re-export) and its ONNX bundle, the default.
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "models" / "demo" / "shipped"
+DEFAULT_MODEL_FOLDER = SHIPPED_DIR / "model"
+DEFAULT_MODEL_DIR = SHIPPED_DIR / "onnx"
 DEFAULT_MODEL_NOTE = "the default is a small English demo model; pass --model for a real FastSLM"
 
 

@@ -33,7 +33,7 @@ from fastslm.runtime.bundle import sha256_file
 from fastslm.runtime.cli import app as run_app
 from fastslm.runtime.errors import OptionError
 from fastslm.runtime.generate import Pipeline
-from fastslm.runtime.loading import DEFAULT_MODEL_DIR, load_pipeline
+from fastslm.runtime.loading import DEFAULT_MODEL_FOLDER, load_pipeline
 from fastslm.runtime.prompt import Task, build_prompt
 from fastslm.runtime.onnx_backend import OnnxBackend, resolve_providers, session_options, tensorrt_profile
 from fastslm.runtime.sampling import SamplingOptions
@@ -71,16 +71,16 @@ def build_varied_tiny(folder: Path) -> Path:
 
 
 # The model folders every parity test runs on. The shipped demo model joins by itself once
-# models/demo/shipped exists (until then listing it would only add a skip per test).
+# models/demo/shipped/model exists (until then listing it would only add a skip per test).
 MODEL_FOLDERS = [pytest.param("tiny", id="tiny")]
-if DEFAULT_MODEL_DIR.is_dir():
+if DEFAULT_MODEL_FOLDER.is_dir():
     MODEL_FOLDERS.append(pytest.param("demo", id="demo", marks=pytest.mark.slow))
 
 
 @pytest.fixture(scope="module", params=MODEL_FOLDERS)
 def model_dir(request, tmp_path_factory) -> Path:
     if request.param == "demo":
-        return DEFAULT_MODEL_DIR
+        return DEFAULT_MODEL_FOLDER
     return build_varied_tiny(tmp_path_factory.mktemp("tiny-varied"))
 
 

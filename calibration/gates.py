@@ -27,6 +27,7 @@ import numpy as np
 from ..runtime.errors import FastSLMError
 
 MAX_REFERENCE_WER = 50.0  # percent: above it the FP32 model does not transcribe and a WER delta is noise
+PROBE_ITEMS, PROBE_MAX_WER = 5, 90.0  # checked first, so an untrained model costs 5 transcripts, not 50
 TINY_MODEL_NAMES = ("tiny-random",)
 
 
@@ -199,15 +200,37 @@ def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
     return wer(references, hypotheses)
 
 
-def transcripts(pipe: Any, speech: list, max_new_tokens: int = 128) -> list[str]:
+# (audio-tower backend, LLM backend, items) -> greedy transcripts: the seam the WER gate runs through.
+Transcriber = Callable[[Any, Any, list[WerItem]], list[str]]
+
+
+def pipeline_transcriber(tokenizer: Any, max_new_tokens: int = 96) -> Transcriber:
+    """Transcribe through `runtime.generate.Pipeline`; speech tokens are encoded once per audio backend."""
+    from ..runtime.generate import Pipeline
     from ..runtime.sampling import SamplingOptions
 
     greedy = SamplingOptions(temperature=0.0, max_new_tokens=max_new_tokens)
-    return [pipe.generate(s, "transcribe", sampling=greedy).text for s in speech]
+    speech: dict[tuple[int, str], Any] = {}  # (audio backend, item id) -> its SpeechTokens
+
+    def tokens(audio: Any, item: WerItem) -> Any:
+        key = (id(audio), item.id)
+        if key not in speech:
+            speech[key] = Pipeline(audio, tokenizer).encode(str(item.audio))
+        return speech[key]
+
+    def transcribe(audio: Any, llm: Any, items: list[WerItem]) -> list[str]:
+        pipe = Pipeline(audio if audio is llm else MixedBackend(audio, llm), tokenizer)
+        return [pipe.generate(tokens(audio, it), "transcribe", sampling=greedy).text for it in items]
+
+    return transcribe
 
 
 # ---------------------------------------------------------------------------------------------
 # The gates
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def run_gates(
@@ -225,6 +248,7 @@ def run_gates(
     model_name: str = "",
     top1_prompts: int = 8,
     top1_tokens: int = 32,
+    transcriber: Transcriber | None = None,
     log: Callable[[str], None] = lambda line: None,
 ) -> GateReport:
     """Every gate that applies: the audio tower's if it is quantized, the LLM's if its weights are."""
@@ -234,7 +258,7 @@ def run_gates(
         log("gates: speech-token cosine")
         cos = window_cosines(reference, candidate, windows)
         mean = float(cos.mean())
-        report.rows.append(GateRow(f"speech-token cosine ({len(cos)} windows)", f"{mean:.5f} (min {cos.min():.5f})",
+        report.rows.append(GateRow(f"speech-token cosine ({_count(len(cos), 'window')})", f"{mean:.5f} (min {cos.min():.5f})",
                                    f">= {t.speech_cosine}", mean >= t.speech_cosine, mean))  # fmt: skip
     if llm_bits:
         log("gates: LLM top-1 agreement")
@@ -243,29 +267,28 @@ def run_gates(
         matches, positions = top1_agreement(reference, candidate, tokenizer, speech, top1_tokens)
         rate = matches / max(positions, 1)
         limit = t.top1(llm_bits)
-        report.rows.append(GateRow(f"LLM top-1 agreement, INT{llm_bits} weights ({len(speech)} prompts)",
+        report.rows.append(GateRow(f"LLM top-1 agreement, INT{llm_bits} weights ({_count(len(speech), 'prompt')})",
                                    f"{100 * rate:.1f}% of {positions} positions", f">= {100 * limit:g}%",
                                    rate >= limit, rate))  # fmt: skip
-    report.rows += wer_rows(reference, candidate, tokenizer, audio_quantized, llm_bits, t, items or [],
-                            no_wer_reason, model_name, log)  # fmt: skip
+    report.rows += wer_rows(reference, candidate, audio_quantized, llm_bits, t, items or [], no_wer_reason, model_name,
+                            transcriber or pipeline_transcriber(tokenizer), log)  # fmt: skip
     return report
 
 
-def wer_rows(reference, candidate, tokenizer, audio_quantized: bool, llm_bits: int | None, t: GateThresholds,
-             items: list[WerItem], no_wer_reason: str, model_name: str, log) -> list[GateRow]:  # fmt: skip
-    from ..runtime.generate import Pipeline
-
-    stages = []  # (label, backend, limit, reads the candidate's speech tokens)
+def wer_rows(reference: Any, candidate: Any, audio_quantized: bool, llm_bits: int | None, t: GateThresholds,
+             items: list[WerItem], no_wer_reason: str, model_name: str, transcribe: Transcriber,
+             log: Callable[[str], None] = lambda line: None) -> list[GateRow]:  # fmt: skip
+    """WER of each quantized stage alone and of the whole candidate, against the FP32 WER."""
+    stages = []  # (label, audio backend, LLM backend, limit)
     if audio_quantized:
-        stages.append(("WER, INT8 audio tower + FP32 LLM", MixedBackend(candidate, reference), t.wer_audio_int8, True))
+        stages.append(("WER, INT8 audio tower + FP32 LLM", candidate, reference, t.wer_audio_int8))
     if llm_bits:
-        stages.append((f"WER, FP32 audio tower + INT{llm_bits} LLM", MixedBackend(reference, candidate),
-                       t.wer_llm(llm_bits), False))  # fmt: skip
+        stages.append((f"WER, FP32 audio tower + INT{llm_bits} LLM", reference, candidate, t.wer_llm(llm_bits)))
     if len(stages) == 2:
-        stages.append(("WER, whole bundle", candidate, stages[0][2] + stages[1][2], True))
+        stages.append(("WER, whole bundle", candidate, candidate, stages[0][3] + stages[1][3]))
 
     def skipped(reason: str) -> list[GateRow]:
-        return [GateRow(label, "", f"<= +{limit:g} pt", None, note=f"skipped: {reason}") for label, _, limit, _ in stages]
+        return [GateRow(label, "", f"<= +{limit:g} pt", None, note=f"skipped: {reason}") for label, _, _, limit in stages]
 
     if model_name in TINY_MODEL_NAMES:
         return skipped(f"{model_name} model (random weights do not transcribe)")
@@ -277,18 +300,20 @@ def wer_rows(reference, candidate, tokenizer, audio_quantized: bool, llm_bits: i
     except ImportError:
         return skipped("needs jiwer and whisper-normalizer (pip install jiwer whisper-normalizer)")
     refs = [it.text for it in items]
+    # A model that does not transcribe (an untrained one) shows it on a few utterances already.
+    probe = items[:PROBE_ITEMS]
+    log(f"gates: FP32 transcripts of {len(probe)} utterances")
+    probe_wer = word_error_rate(refs[: len(probe)], transcribe(reference, reference, probe))
+    if len(items) > len(probe) and math.isfinite(probe_wer) and probe_wer > PROBE_MAX_WER:
+        return skipped(f"FP32 WER {probe_wer:.0f}% on the first {len(probe)} utterances: the model does not transcribe yet")
     log(f"gates: FP32 transcripts of {len(items)} utterances")
-    ref_pipe, cand_pipe = Pipeline(reference, tokenizer), Pipeline(candidate, tokenizer)
-    ref_speech = [ref_pipe.encode(str(it.audio)) for it in items]
-    base = word_error_rate(refs, transcripts(ref_pipe, ref_speech))
+    base = word_error_rate(refs, transcribe(reference, reference, items))
     if not math.isfinite(base) or base > MAX_REFERENCE_WER:
         return skipped(f"FP32 WER {base:.1f}% on {len(items)} utterances: the model does not transcribe yet")
-    cand_speech = [cand_pipe.encode(str(it.audio)) for it in items] if audio_quantized else ref_speech
     rows = []
-    for label, backend, limit, quantized_audio in stages:
+    for label, audio, llm, limit in stages:
         log(f"gates: {label}")
-        speech = cand_speech if quantized_audio else ref_speech
-        got = word_error_rate(refs, transcripts(Pipeline(backend, tokenizer), speech))
+        got = word_error_rate(refs, transcribe(audio, llm, items))
         delta = got - base
         rows.append(GateRow(f"{label} ({len(items)} utt.)", f"{got:.2f}% vs {base:.2f}% ({delta:+.2f} pt)",
                             f"<= +{limit:g} pt", delta <= limit + 1e-9, delta))  # fmt: skip

@@ -45,6 +45,7 @@ class Layer:
 
     key: str  # the PyTorch module path, e.g. tower.whisper.blocks.0.attn.query
     node: str  # ONNX node name
+    index: int  # position in graph.node (names may be empty or repeated in hand-made graphs)
     op: str
     activation: str  # the input tensor that is not a constant
     weight: str  # the weight initializer
@@ -68,7 +69,7 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
     """Conv / MatMul / Gemm nodes with a constant float weight, in graph order, each with a unique key."""
     inits = {i.name: i for i in model.graph.initializer}
     layers, seen = [], {}
-    for node in model.graph.node:
+    for index, node in enumerate(model.graph.node):
         if node.op_type not in QUANTIZABLE_OPS or len(node.input) < 2:
             continue
         x, w = node.input[0], node.input[1]
@@ -90,7 +91,7 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
         seen[key] = seen.get(key, 0) + 1
         if seen[key] > 1:  # two weight GEMMs in one module (rare): keep keys unique
             key = f"{key}#{seen[key] - 1}"
-        layers.append(Layer(key, node.name, node.op_type, x, w, axis))
+        layers.append(Layer(key, node.name, index, node.op_type, x, w, axis))
     return layers
 
 
@@ -151,10 +152,10 @@ class _Rewriter:
         self.names = set(self.inits) | {x for n in self.graph.node for x in (*n.input, *n.output)}
         self.names |= {v.name for v in (*self.graph.input, *self.graph.output, *self.graph.value_info)}
         self.weights: dict[tuple[str, int], str] = {}  # (weight, bits) -> its dequantized tensor (tied weights once)
-        self.before: dict[str, list[onnx.NodeProto]] = {}  # node name -> nodes to emit right before it
+        self.before: dict[int, list[onnx.NodeProto]] = {}  # node index -> nodes to emit right before it
         self.head: list[onnx.NodeProto] = []  # weight DQ nodes (constant inputs): at the top
         self.new_inits: list[TensorProto] = []
-        self.renamed: dict[tuple[str, int], str] = {}  # (node name, input index) -> new input
+        self.renamed: dict[tuple[int, int], str] = {}  # (node index, input index) -> new input
 
     def unique(self, base: str) -> str:
         name, n = base, 1
@@ -173,11 +174,11 @@ class _Rewriter:
 
     def finish(self, opset: int | None = None) -> onnx.ModelProto:
         nodes = list(self.head)
-        for node in self.graph.node:
-            nodes.extend(self.before.get(node.name, ()))
-            for i, name in enumerate(node.input):
-                if (node.name, i) in self.renamed:
-                    node.input[i] = self.renamed[(node.name, i)]
+        for index, node in enumerate(self.graph.node):
+            nodes.extend(self.before.get(index, ()))
+            for i in range(len(node.input)):
+                if (index, i) in self.renamed:
+                    node.input[i] = self.renamed[(index, i)]
             nodes.append(node)
         used = {name for n in nodes for name in n.input}
         kept = [t for t in self.graph.initializer if t.name in used]
@@ -188,7 +189,11 @@ class _Rewriter:
         if opset is not None:
             for imp in self.model.opset_import:
                 if imp.domain in ("", "ai.onnx") and imp.version < opset:
+                    if imp.version < opset - 1:  # 20 -> 21 only widens types; older graphs changed ops since
+                        raise ValueError(f"INT4 weights need opset {opset}; this graph is opset {imp.version}: export it "
+                                         f"with opset >= {opset - 1}")  # fmt: skip
                     imp.version = opset
+            self.model.ir_version = max(self.model.ir_version, 10)  # opset 21 and INT4 came with IR version 10
         return self.model
 
     def dequantized_weight(self, layer: Layer, bits: int, block_size: int | None) -> str:
@@ -242,12 +247,12 @@ def insert_int8_qdq(
         # Q -> DQ -> MatMul into an int8 kernel only where each node has a single consumer.
         s, z = scale_of[x]
         q, dq = rw.unique(f"{x}_quantized"), rw.unique(f"{x}_dequantized")
-        rw.before.setdefault(layer.node, []).extend([
+        rw.before.setdefault(layer.index, []).extend([
             helper.make_node("QuantizeLinear", [x, s, z], [q], name=f"{q}_node"),
             helper.make_node("DequantizeLinear", [q, s, z], [dq], name=f"{dq}_node"),
         ])  # fmt: skip
-        rw.renamed[(layer.node, 0)] = dq
-        rw.renamed[(layer.node, 1)] = rw.dequantized_weight(layer, 8, None)
+        rw.renamed[(layer.index, 0)] = dq
+        rw.renamed[(layer.index, 1)] = rw.dequantized_weight(layer, 8, None)
         quantized.append(layer.key)
     return rw.finish(), quantized
 
@@ -265,7 +270,7 @@ def insert_weight_only(
     for layer in find_layers(model):
         if layer.op == "Conv" or layer.key in keep_float:
             continue
-        rw.renamed[(layer.node, 1)] = rw.dequantized_weight(layer, bits, block_size)
+        rw.renamed[(layer.index, 1)] = rw.dequantized_weight(layer, bits, block_size)
         quantized.append(layer.key)
     return rw.finish(BLOCK_OPSET if bits == 4 else None), quantized
 

@@ -9,12 +9,17 @@ outputs). From the histograms:
     entropy      TensorRT's calibration: the clipping threshold whose 128-level quantized
                  histogram has the least KL divergence from the original one
 
+Exact zeros are left out of the histograms: symmetric INT8 represents them exactly at any
+scale, and the padding of a short recording's window (a 2 s utterance leaves 28 s of zero mel at
+the first convolution) would otherwise make percentile and entropy fit the padding, not the speech.
+
 Ranges are symmetric (one amax per layer: TensorRT's explicit INT8 wants zero points of 0) and
 keyed by layer (`qdq.Layer.key`, the PyTorch module path). `weights_fingerprint` ties them to
 the weights they were measured with: the same for the model's fp32 and fp16 graphs.
 
 ranges.json:  {"format": "fastslm-ranges", "format_version": 1, "fingerprint", "windows_sha256",
-               "percentile", "methods": {method: {layer key: amax}}, "histograms": {key: {"bins", "width"}}}
+               "percentile", "methods": {method: {layer key: amax}},
+               "histograms": {layer key: {"width", "amax", "counts"}}}   (exports recompute from these)
 """
 
 from __future__ import annotations
@@ -51,14 +56,13 @@ class AbsHistogram:
 
     def add(self, x: np.ndarray) -> None:
         a = np.abs(np.asarray(x, dtype=np.float32).ravel())
-        a = a[np.isfinite(a)]
+        # Exact zeros (the padding of the last window, mostly) are exact in symmetric INT8 at any
+        # scale: they say nothing about the range, and would swamp percentile and entropy.
+        a = a[np.isfinite(a) & (a > 0)]
         if not a.size:
             return
         top = float(a.max())
         self.amax = max(self.amax, top)
-        if top == 0.0:
-            self.counts[0] += a.size
-            return
         if self.width == 0.0:
             self.width = top / HIST_BINS * (1 + 1e-6)
         while top >= self.width * HIST_BINS:  # double the range: pairs of bins merge, the upper half is empty

@@ -1,6 +1,6 @@
 """Per-layer INT8 sensitivity of the audio tower, measured, and the layers to keep in float.
 
-The measurement runs the fp32 PyTorch model with INT8 simulated exactly as the Q/DQ graph
+The measurement runs the fp32 PyTorch model (on a GPU if there is one) with INT8 simulated exactly as the Q/DQ graph
 computes it (activation: symmetric per-tensor with the calibrated amax; weight: symmetric per
 output channel; round half to even, clip to [-127, 127]), one layer at a time, on a few
 calibration windows: sensitivity = 1 - cosine(speech tokens, fp32 speech tokens). PyTorch
@@ -70,7 +70,7 @@ def simulated_int8(wrapper: nn.Module, amax: dict[str, float], keys: set[str] | 
             module = modules.get(key)
             if not isinstance(module, (nn.Linear, nn.Conv1d)) or key not in amax:
                 continue
-            scale = torch.tensor(max(float(amax[key]), 1e-8) / INT8_MAX)
+            scale = torch.tensor(max(float(amax[key]), 1e-8) / INT8_MAX, device=module.weight.device)
             handles.append(module.register_forward_pre_hook(lambda _m, args, s=scale: (fake_quant(args[0], s), *args[1:])))
             saved.append((module, module.weight.data))
             module.weight.data = fake_quant(module.weight.data, _weight_scale(module.weight.data))
@@ -100,15 +100,27 @@ def measure(
     `wrapper` is the audio-tower graph module (`graphs.AudioTowerGraph` of the fp32 model), whose
     module paths are the layer keys; `forced_float` layers stay float whatever they measure.
     """
-    from tqdm import tqdm
-
     keys = [k for k, m in wrapper.named_modules() if k in amax and isinstance(m, (nn.Linear, nn.Conv1d))]
-    mel = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32))
+    # On a GPU when there is one: the pass runs the tower (layers + 2) times, ~230 layers for large-v3.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    home = next(wrapper.parameters()).device
+    mel = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(device)
 
     @torch.inference_mode()
     def run(int8: list[str]) -> np.ndarray:
         with simulated_int8(wrapper, amax, int8):
-            return wrapper.eval()(mel).float().numpy()
+            return wrapper.eval()(mel).float().cpu().numpy()
+
+    wrapper.to(device)
+    try:
+        return _rank_and_choose(run, keys, amax, target_cosine, max_float, forced_float, progress, len(windows))
+    finally:
+        wrapper.to(home)
+
+
+def _rank_and_choose(run, keys: list[str], amax: dict[str, float], target_cosine: float, max_float: int | None,
+                     forced_float: tuple[str, ...], progress: bool | None, windows: int) -> SensitivityResult:  # fmt: skip
+    from tqdm import tqdm
 
     reference = run([])
     layers = []
@@ -127,4 +139,4 @@ def measure(
             continue
         keep.append(s.key)
         chosen = _cosine(run([k for k in keys if k not in keep]), reference)
-    return SensitivityResult(layers, keep, all_int8, chosen, len(windows))
+    return SensitivityResult(layers, keep, all_int8, chosen, windows)

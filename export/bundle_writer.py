@@ -89,7 +89,7 @@ def export_bundle(options: ExportOptions, log: Callable[[str], None] | None = No
         same = target.dtype == reference.llm.lm_head.weight.dtype
         model = reference if same else copy.deepcopy(reference).to(target.dtype)  # the copy is what gets exported
         # Calibrated targets: one quantizer per export rewrites the graphs and gates the result.
-        quantizer = target.quantizer(target, options.quantization, reference, model_dir, write) if target.quantizer else None
+        quantizer = target.quantizer(target, options.quantization, reference, write) if target.quantizer else None
         bar.update()
 
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ class Target:
     description: str
     # (graph file, spec, staging folder) -> None: rewrites the exported graph in place.
     post_process: Callable[[Path, GraphSpec, Path], None] | None = None
-    # (target, quantization options or None, fp32 FastSLM, model folder, log) -> a per-export quantizer.
+    # (target, quantization options or None, fp32 FastSLM, log) -> the per-export quantizer.
     quantizer: Callable[..., Any] | None = None
 
     @property

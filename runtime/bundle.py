@@ -13,7 +13,7 @@ manifest.json:
 
     format, format_version   "fastslm-bundle", BUNDLE_FORMAT_VERSION
     target, runtime          e.g. "onnx-fp16" and the backend that loads it ("onnx")
-    precision                "fp32" | "fp16" (int8 / int4 later)
+    precision                "fp32" | "fp16" | "int8" | "int4" (per graph too: graphs.<name>.precision)
     model                    {"name", "config_sha256"}: which model the bundle was made from
     exporter                 {"fastslm", "torch", "onnx", "onnxscript", "onnxruntime", "python", "opset"}
     graphs.<name>            {"file", "data_file" (external weights or null), "precision", "opset",

@@ -129,9 +129,15 @@ class OnnxBackend:
             options = tensorrt_profile(self.bundle.graph(graph))
             options.update(trt_engine_cache_enable="True", trt_engine_cache_path=_trt_cache_dir(self.bundle, graph))
             providers[0] = (providers[0], options)
+        extra = {}
+        if self.bundle.graph(graph).get("precision", self.bundle.precision) == "int8":
+            # Common-subexpression elimination merges the QuantizeLinear nodes that feed several
+            # MatMuls, after which ORT's QDQ fusion no longer matches them: with it on, 23 of 45
+            # MatMuls of the demo audio tower run int8 kernels, without it 45 (1.20x -> 1.40x).
+            extra["disabled_optimizers"] = ["CommonSubexpressionElimination"]
         try:
             session = ort.InferenceSession(
-                str(path), session_options(self.bundle.precision, self.providers, threads), providers=providers
+                str(path), session_options(self.bundle.precision, self.providers, threads), providers=providers, **extra
             )
         except Exception as exc:  # onnxruntime raises its own exception types for unloadable graphs
             reason = " ".join(str(exc).split())[:300]

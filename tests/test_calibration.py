@@ -1,0 +1,421 @@
+"""Calibration building blocks without a model: Q/DQ rewriting, range methods, calibration data, gates.
+
+The exports of the tiny model through these pieces (and their gates) are test_calibration_export.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import soundfile as sf
+from onnx import TensorProto, helper, numpy_helper
+
+from fastslm.calibration.data import (
+    CALIBRATION_FILE, WINDOWS_FILE, CalibrationError, CalibrationSet, collect, find_audio, spread,
+)
+from fastslm.calibration.gates import (
+    GateError, GateReport, GateRow, GateThresholds, WerItem, run_gates, top1_agreement, wer_rows,
+)
+from fastslm.calibration.qdq import (
+    BLOCK_OPSET, find_layers, insert_int8_qdq, insert_weight_only, pack_int4, quantize_blocks, quantize_per_channel,
+)
+from fastslm.calibration.ranges import HIST_BINS, AbsHistogram, Ranges, entropy_threshold
+from fastslm.runtime.audio import SAMPLE_RATE, audio_to_windows, load_audio
+from fastslm.runtime.kv_cache import KVCache
+
+RNG = np.random.default_rng(0)
+
+
+def scope(node: onnx.NodeProto, module: str) -> onnx.NodeProto:
+    """The name-scope metadata torch.onnx writes: [..., module path, op name]."""
+    entry = node.metadata_props.add()
+    entry.key, entry.value = "pkg.torch.onnx.name_scopes", repr(["", module, node.name])
+    return node
+
+
+def small_graph(dtype=np.float32) -> onnx.ModelProto:
+    """x (n, 3, 16) -> Conv(bias) -> LN-ish -> q/k projections -> scores -> Softmax -> @ v -> out proj -> Gemm."""
+
+    def f(*shape: int) -> np.ndarray:  # fan-in scaled
+        return (RNG.standard_normal(shape) / np.sqrt(np.prod(shape[1:]) if len(shape) > 1 else 4)).astype(dtype)
+
+    onnx_type = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
+    inits = [numpy_helper.from_array(a, n) for n, a in {
+        "conv_w": f(8, 3, 3), "conv_b": f(8), "wq": f(16, 16), "wk": f(16, 16), "wv": f(16, 16), "wo": f(16, 16),
+        "gemm_w": f(4, 16), "gemm_b": f(4),
+    }.items()] + [numpy_helper.from_array(np.array([1], np.int64), "pool_axes")]  # fmt: skip
+    nodes = [
+        scope(helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], name="conv", pads=[1, 1]), "net.conv"),
+        helper.make_node("Transpose", ["c"], ["ct"], name="t", perm=[0, 2, 1]),  # (n, 16, 8) ... (n, T=16, C=8)
+        helper.make_node("Transpose", ["ct"], ["h"], name="t2", perm=[0, 2, 1]),  # (n, 8, 16): 8 tokens of width 16
+        scope(helper.make_node("MatMul", ["h", "wq"], ["q"], name="q_proj"), "net.attn.q"),
+        scope(helper.make_node("MatMul", ["h", "wk"], ["k"], name="k_proj"), "net.attn.k"),
+        scope(helper.make_node("MatMul", ["h", "wv"], ["v"], name="v_proj"), "net.attn.v"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+        scope(helper.make_node("MatMul", ["q", "kt"], ["s"], name="scores"), "net.attn"),
+        helper.make_node("Softmax", ["s"], ["p"], name="softmax", axis=-1),
+        scope(helper.make_node("MatMul", ["p", "v"], ["a"], name="mix"), "net.attn"),
+        scope(helper.make_node("MatMul", ["a", "wo"], ["o"], name="o_proj"), "net.attn.out"),
+        helper.make_node("ReduceMean", ["o", "pool_axes"], ["m"], name="pool", keepdims=0),
+        helper.make_node("Gemm", ["m", "gemm_w", "gemm_b"], ["y"], name="head", transB=1),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx_type, ["n", 3, 16])],
+                              [helper.make_tensor_value_info("y", onnx_type, ["n", 4])], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 9
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if x.dtype == np.float16:  # fp16 graphs crash onnxruntime 1.32 at ORT_ENABLE_ALL on the CPU
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def clone(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+# ---------------------------------------------------------------------------------------------
+# Q/DQ rewriting
+
+
+def test_layers_are_weight_gemms_named_by_module():
+    layers = find_layers(small_graph())
+    assert [(l.key, l.op, l.channel_axis) for l in layers] == [
+        ("net.conv", "Conv", 0), ("net.attn.q", "MatMul", 1), ("net.attn.k", "MatMul", 1), ("net.attn.v", "MatMul", 1),
+        ("net.attn.out", "MatMul", 1), ("head", "Gemm", 0),  # no name scope: the node name
+    ]  # fmt: skip
+    # Attention scores and probabilities x values are activation x activation: never layers.
+    assert not {"scores", "mix"} & {l.node for l in layers}
+
+
+def test_int8_qdq_follows_tensorrt_rules_and_stays_accurate():
+    model = small_graph()
+    x = RNG.standard_normal((2, 3, 16)).astype(np.float32)
+    amax = {l.key: 4.0 for l in find_layers(model)}
+    quantized, keys = insert_int8_qdq(clone(model), amax, keep_float={"net.attn.out"})
+    onnx.checker.check_model(quantized, full_check=True)
+    assert "net.attn.out" not in keys and len(keys) == 5
+    nodes = {n.name: n for n in quantized.graph.node}
+    produced = {o: n for n in quantized.graph.node for o in n.output}
+    inits = {i.name: i for i in quantized.graph.initializer}
+    for node in quantized.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            # Symmetric: zero points are int8 zeros (or absent); nothing is quantized to int32 (biases stay float).
+            if len(node.input) == 3:
+                zp = numpy_helper.to_array(inits[node.input[2]])
+                assert zp.dtype == np.int8 and not zp.any()
+            if node.input[0] in inits:
+                assert inits[node.input[0]].data_type == TensorProto.INT8
+        if node.op_type == "QuantizeLinear":
+            assert node.input[0] == "x" or produced[node.input[0]].op_type != "Softmax"  # Softmax outputs: never
+    assert nodes["conv"].input[2] == "conv_b" and nodes["head"].input[2] == "gemm_b"  # float biases
+    for name in ("conv", "q_proj", "k_proj", "v_proj", "head"):
+        assert [produced[i].op_type for i in nodes[name].input[:2]] == ["DequantizeLinear"] * 2
+    assert nodes["o_proj"].input[1] == "wo"  # kept float
+    assert nodes["mix"].input == ["p", "v"] and nodes["scores"].input == ["q", "kt"]
+    # q, k and v read one tensor: each gets its own Q/DQ pair (ONNX Runtime fuses single-consumer pairs only).
+    dq_inputs = [nodes[n].input[0] for n in ("q_proj", "k_proj", "v_proj")]
+    assert len(set(dq_inputs)) == 3
+    # Per output channel weight scales: Gemm transB=1 keeps channels on axis 0.
+    head_dq = produced[nodes["head"].input[1]]
+    assert [a.i for a in head_dq.attribute if a.name == "axis"] == [0]
+    assert numpy_helper.to_array(inits[head_dq.input[1]]).shape == (4,)
+    assert cosine(run(quantized, x), run(model, x)) > 0.999
+
+
+def test_int8_qdq_in_an_fp16_graph_uses_fp16_scales():
+    model = small_graph(np.float16)
+    quantized, keys = insert_int8_qdq(clone(model), {l.key: 4.0 for l in find_layers(model)})
+    scales = [i for i in quantized.graph.initializer if i.name.endswith("_scale")]
+    assert scales and {s.data_type for s in scales} == {TensorProto.FLOAT16}
+    x = RNG.standard_normal((2, 3, 16)).astype(np.float16)
+    assert cosine(run(quantized, x), run(model, x)) > 0.995
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weight_only_dequantizes_weights_and_onnxruntime_fuses_them(bits, tmp_path):
+    model = small_graph()
+    x = RNG.standard_normal((2, 3, 16)).astype(np.float32)
+    quantized, keys = insert_weight_only(clone(model), bits, block_size=16)
+    assert keys == ["net.attn.q", "net.attn.k", "net.attn.v", "net.attn.out", "head"]  # Conv stays float
+    onnx.checker.check_model(quantized, full_check=True)
+    dqs = [n for n in quantized.graph.node if n.op_type == "DequantizeLinear"]
+    inits = {i.name: i for i in quantized.graph.initializer}
+    assert len(dqs) == 5 and not any(n.op_type == "QuantizeLinear" for n in quantized.graph.node)  # float activations
+    attrs = {a.name: a.i for a in dqs[0].attribute}
+    if bits == 8:
+        assert inits[dqs[0].input[0]].data_type == TensorProto.INT8 and attrs == {"axis": 1}
+        assert quantized.opset_import[0].version == 20
+    else:
+        assert inits[dqs[0].input[0]].data_type == TensorProto.INT4 and attrs == {"axis": 0, "block_size": 16}
+        assert quantized.opset_import[0].version == BLOCK_OPSET
+    assert cosine(run(quantized, x), run(model, x)) > (0.999 if bits == 8 else 0.98)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(quantized.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    fused = [n for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert len(fused) == 4  # the MatMuls; the Gemm dequantizes once
+    kept, keys = insert_weight_only(clone(model), bits, block_size=16, keep_float={"head"})
+    assert "head" not in keys and next(n for n in kept.graph.node if n.name == "head").input[1] == "gemm_w"
+
+
+def test_int4_packing_and_blocks_match_onnx():
+    values = RNG.integers(-8, 8, size=(37, 5)).astype(np.int8)  # an odd count: the last byte is half used
+    tensor = helper.make_tensor("w", TensorProto.INT4, values.shape, pack_int4(values), raw=True)
+    np.testing.assert_array_equal(numpy_helper.to_array(tensor).astype(np.int8), values)
+    w = RNG.standard_normal((40, 3)).astype(np.float32)  # 40 rows: blocks of 16, 16 and a partial 8
+    q, scale = quantize_blocks(w, 16)
+    assert q.shape == (40, 3) and scale.shape == (3, 3) and q.min() >= -8 and q.max() <= 7
+    back = q.astype(np.float32) * np.repeat(scale, 16, axis=0)[:40]
+    assert np.abs(back - w).max() <= scale.max() / 2 + 1e-6
+    q8, s8 = quantize_per_channel(w, axis=1)
+    assert s8.shape == (3,) and np.abs(q8).max() == 127
+
+
+# ---------------------------------------------------------------------------------------------
+# Range methods
+
+
+def test_range_methods_on_a_known_distribution():
+    h = AbsHistogram()
+    x = RNG.standard_normal(400_000).astype(np.float32)
+    x[:10] = 40.0  # ten outliers
+    for part in np.array_split(x, 4):
+        h.add(part)
+    h.add(np.zeros(1_000_000, np.float32))  # padding: ignored
+    assert h.counts.sum() == len(x) and h.amax == pytest.approx(40.0)
+    assert h.threshold("minmax") == pytest.approx(40.0)
+    p = h.threshold("percentile", 99.9)
+    assert 3.1 < p < 3.5  # |N(0,1)| 99.9 % = 3.29, within a bin (40 / 2048 ~ 0.02)
+    e = h.threshold("entropy")
+    assert 2.0 < e < 10.0  # clips the outliers, keeps the bulk
+    with pytest.raises(CalibrationError, match="unknown range method 'max'"):
+        h.threshold("max")
+
+
+def test_histogram_widens_without_losing_counts():
+    h = AbsHistogram()
+    h.add(np.array([0.5, 1.0], np.float32))
+    width = h.width
+    h.add(np.array([100.0], np.float32))
+    assert h.width >= 100.0 / HIST_BINS and h.width / width == 2 ** round(np.log2(h.width / width))
+    assert h.counts.sum() == 3 and h.amax == 100.0
+
+
+def test_entropy_threshold_prefers_the_bulk():
+    counts = (1e6 * np.exp(-np.arange(HIST_BINS) / 40.0)).astype(np.int64)  # a Laplacian bulk (scale 40 bins)
+    counts[2000] = 1  # one outlier far out
+    assert 150 <= entropy_threshold(counts) <= 800
+    flat = np.zeros(HIST_BINS, np.int64)
+    flat[:100] = 5
+    assert entropy_threshold(flat) == 100  # nothing to clip: the top of the data
+
+
+def test_ranges_round_trip(tmp_path):
+    h = AbsHistogram()
+    h.add(RNG.standard_normal(10_000).astype(np.float32))
+    ranges = Ranges("f" * 64, "w" * 64, 99.9, {"a": h, "b": h})
+    ranges.save(tmp_path / "ranges.json")
+    back = Ranges.load(tmp_path / "ranges.json")
+    assert back.fingerprint == ranges.fingerprint and back.amax("percentile") == ranges.amax("percentile")
+    (tmp_path / "bad.json").write_text("{")
+    assert Ranges.load(tmp_path / "bad.json") is None and Ranges.load(tmp_path / "missing.json") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration data
+
+
+def test_windows_are_cut_as_at_run_time(jfk_path, tmp_path):
+    quiet = tmp_path / "quiet.wav"
+    sf.write(quiet, np.zeros(2 * SAMPLE_RATE, np.float32), SAMPLE_RATE)
+    data = collect([jfk_path, quiet], 80, progress=False, model={"name": "m"})
+    np.testing.assert_array_equal(data.windows, audio_to_windows(load_audio(jfk_path), 80))
+    assert [s["path"] for s in data.sources] == [str(jfk_path)]
+    assert data.skipped[0]["path"] == str(quiet) and "silent" in data.skipped[0]["reason"]
+    data.save(tmp_path / "calib")
+    back = CalibrationSet.load(tmp_path / "calib")
+    np.testing.assert_array_equal(back.windows, data.windows)
+    assert json.loads((tmp_path / "calib" / CALIBRATION_FILE).read_text())["sha256"] == data.sha256
+
+
+def test_max_windows_spreads_over_recordings(jfk_path, tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    jfk = load_audio(jfk_path)
+    for i in range(6):
+        sf.write(folder / f"{i}.wav", jfk * (0.2 + 0.1 * i), SAMPLE_RATE)
+    data = collect([folder], 80, max_windows=3, progress=False)
+    assert len(data.windows) == 3 and [Path(s["path"]).name for s in data.sources] == ["0.wav", "2.wav", "5.wav"]
+    assert spread(10, 4) == [0, 3, 6, 9] and spread(3, 5) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing", "calibration audio .*missing.wav does not exist"),
+    ("empty folder", "holds no audio files"),
+    ("silence", r"all 2 calibration recording\(s\) are silent"),
+    ("nothing", "no calibration audio was given"),
+])  # fmt: skip
+def test_bad_calibration_audio_is_one_clear_error(case, match, tmp_path):
+    paths = {"missing": [tmp_path / "missing.wav"], "empty folder": [tmp_path], "nothing": []}.get(case)
+    if case == "silence":
+        for name in ("a.wav", "b.flac"):
+            sf.write(tmp_path / name, RNG.standard_normal(SAMPLE_RATE).astype(np.float32) * 1e-4, SAMPLE_RATE)
+        paths = [tmp_path]
+    with pytest.raises(CalibrationError, match=match) as info:
+        collect(paths, 80, progress=False)
+    assert "\n" not in str(info.value)
+
+
+def test_calibration_folder_checks(jfk_path, tmp_path):
+    with pytest.raises(CalibrationError, match="is not a calibration folder"):
+        CalibrationSet.load(tmp_path)
+    data = collect([jfk_path], 80, progress=False, model={"name": "tiny"})
+    data.save(tmp_path / "c")
+    with pytest.raises(CalibrationError, match=r"holds 80-bin mel windows \(collected for 'tiny'\), this model takes 128"):
+        data.check_model(128, "big", "c")
+    np.save(tmp_path / "c" / WINDOWS_FILE, data.windows * 2)
+    with pytest.raises(CalibrationError, match="was altered"):
+        CalibrationSet.load(tmp_path / "c")
+    assert find_audio([jfk_path, jfk_path]) == [jfk_path]
+
+
+# ---------------------------------------------------------------------------------------------
+# Gates
+
+
+def test_gate_table_and_override():
+    report = GateReport("gates: x", [
+        GateRow("speech-token cosine (4 windows)", "0.99900 (min 0.99800)", ">= 0.99", True, 0.999),
+        GateRow("LLM top-1 agreement", "80.0% of 10 positions", ">= 85%", False, 0.8),
+        GateRow("WER", "", "<= +2 pt", None, note="skipped: no eval audio"),
+    ])  # fmt: skip
+    table = report.table()
+    assert table.splitlines()[0] == "gates: x"
+    assert re.search(r"LLM top-1 agreement +80.0% of 10 positions +>= 85% +FAIL", table)
+    assert re.search(r"WER +skipped: no eval audio +<= \+2 pt +skipped", table)
+    with pytest.raises(GateError, match=r"LLM top-1 agreement: 80.0% of 10 positions \(limit >= 85%\); nothing was "
+                                        r"written \(pass --override-gates"):  # fmt: skip
+        report.enforce(override=False)
+    report.enforce(override=True)
+    assert report.to_dict()["passed"] is False
+
+
+class FakeTokenizer:
+    eos_ids = (0,)
+
+    def encode_prompt(self, text):
+        from fastslm.runtime.prompt import PromptIds
+
+        return PromptIds(left=(1, 2), right=(3,))
+
+
+class FakeBackend:
+    """Speech tokens = mean of the mel times a constant; the LLM predicts (last id + shift) mod V."""
+
+    name, n_mels, tokens_per_window, hidden_size, max_windows_per_batch, max_context = "fake", 4, 2, 3, 1, 100
+
+    def __init__(self, noise=0.0, shift=1, vocab=7):
+        self.noise, self.shift, self.vocab = noise, shift, vocab
+
+    def encode_windows(self, mel):
+        base = mel.mean(axis=(1, 2))[:, None, None] * np.ones((1, 2, 3)) + np.arange(6).reshape(1, 2, 3)
+        return (base + self.noise * np.cos(np.arange(6)).reshape(1, 2, 3)).astype(np.float32)
+
+    def embed_tokens(self, ids):
+        return np.stack([np.full(3, float(i), np.float32) for i in ids])
+
+    def empty_cache(self):
+        return KVCache()
+
+    def decode(self, embeds, cache):
+        last = int(round(embeds[-1, 0])) if embeds[-1, 0] == embeds[-1, 1] else 4
+        logits = np.zeros(self.vocab, np.float32)
+        logits[(last + self.shift) % self.vocab] = 1.0
+        return logits, cache
+
+
+def test_top1_agreement_counts_teacher_forced_positions():
+    ref, same, other = FakeBackend(), FakeBackend(), FakeBackend(shift=2)
+    speech = [np.zeros((2, 3), np.float32)]
+    # The reference walks 3 -> 4 -> 5 -> 6 -> 0 (an end token): 4 positions, the last one the end.
+    assert top1_agreement(ref, same, FakeTokenizer(), speech, max_tokens=10) == (4, 4)
+    assert top1_agreement(ref, other, FakeTokenizer(), speech, max_tokens=10) == (0, 4)
+    assert top1_agreement(ref, same, FakeTokenizer(), speech, max_tokens=2) == (2, 2)
+
+
+def test_cosine_and_top1_gates_on_fake_backends():
+    windows = RNG.standard_normal((3, 4, 8)).astype(np.float32)
+    kwargs = dict(title="t", windows=windows, audio_quantized=True, llm_bits=4, model_name="tiny-random")
+    ok = run_gates(FakeBackend(), FakeBackend(noise=0.01), FakeTokenizer(), **kwargs)
+    assert [r.passed for r in ok.rows] == [True, True, None, None, None]
+    assert "tiny-random model" in ok.rows[2].note
+    bad = run_gates(FakeBackend(), FakeBackend(noise=30.0, shift=3), FakeTokenizer(), **kwargs)
+    assert [r.passed for r in bad.rows[:2]] == [False, False]
+
+
+@pytest.mark.parametrize("hyps, expect", [
+    # FP32 transcripts, then per (audio, LLM): the WER gate's three rows
+    ({"ref": ["a b c d", "e f g h"], "audio": ["a b c d", "e f g h"], "llm": ["a b c x", "e f g h"],
+      "both": ["a b c x", "e f g h"]}, [True, False, False]),
+    ({"ref": ["x y z w", "e f g h"]}, None),  # FP32 WER 50 %... still transcribes
+    ({"ref": ["x y z w", "x f g x"]}, "skipped"),  # FP32 WER 75 %: no WER gate
+])  # fmt: skip
+def test_wer_gate_with_a_fake_transcriber(hyps, expect):
+    pytest.importorskip("jiwer")
+    pytest.importorskip("whisper_normalizer")
+    ref, cand = FakeBackend(), FakeBackend(noise=1.0)
+    items = [WerItem("u1", "a b c d", Path("u1.wav")), WerItem("u2", "e f g h", Path("u2.wav"))]
+
+    def transcribe(audio, llm, got_items):
+        assert got_items == items
+        key = {(ref, ref): "ref", (cand, ref): "audio", (ref, cand): "llm", (cand, cand): "both"}[(audio, llm)]
+        return hyps.get(key, hyps["ref"])
+
+    t = GateThresholds(wer_audio_int8=0.5, wer_llm_int4=2.0)
+    rows = wer_rows(ref, cand, True, 4, t, items, "", "demo", transcribe)
+    assert [r.gate.split(" (")[0] for r in rows] == [
+        "WER, INT8 audio tower + FP32 LLM", "WER, FP32 audio tower + INT4 LLM", "WER, whole bundle"]
+    if expect == "skipped":
+        assert all(r.passed is None and "FP32 WER 75.0%" in r.note for r in rows)
+    elif expect is None:
+        assert all(r.passed for r in rows)  # identical transcripts: +0 pt
+    else:
+        assert [r.passed for r in rows] == expect
+        assert rows[1].value == pytest.approx(12.5) and rows[1].limit == "<= +2 pt" and rows[2].limit == "<= +2.5 pt"
+    no_items = wer_rows(ref, cand, True, 4, t, [], "no eval audio (x missing)", "demo", transcribe)
+    assert all(r.passed is None and r.note == "skipped: no eval audio (x missing)" for r in no_items)
+
+
+def test_wer_gate_gives_up_early_on_a_model_that_does_not_transcribe():
+    pytest.importorskip("jiwer")
+    pytest.importorskip("whisper_normalizer")
+    items = [WerItem(f"u{i}", "a b c d", Path(f"u{i}.wav")) for i in range(8)]
+    calls = []
+
+    def transcribe(audio, llm, got_items):
+        calls.append(len(got_items))
+        return ["x"] * len(got_items)
+
+    rows = wer_rows(FakeBackend(), FakeBackend(), False, 8, GateThresholds(), items, "", "demo", transcribe)
+    assert calls == [5] and len(rows) == 1
+    assert rows[0].passed is None and rows[0].note.startswith("skipped: FP32 WER 100% on the first 5 utterances")

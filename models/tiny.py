@@ -54,8 +54,16 @@ def tiny_config(n_mels: int = 80, vocab_size: int = TINY_VOCAB, llm_dim: int = 6
     )
 
 
-def build_tiny_model(folder: str | Path, seed: int = 0, config: FastSLMConfig | None = None) -> FastSLM:
-    """Write a tiny random model folder (config.json, model.safetensors, tokenizer.json)."""
+def build_tiny_model(
+    folder: str | Path, seed: int = 0, config: FastSLMConfig | None = None, varied_llm: bool = False
+) -> FastSLM:
+    """Write a tiny random model folder (config.json, model.safetensors, tokenizer.json).
+
+    With small random weights the LLM's residual stream is its input embedding, and with tied
+    embeddings greedy decoding repeats its last token forever: a weak parity check.
+    `varied_llm` gives the LLM unit-scale weights and smaller embeddings instead, so greedy
+    answers are several different tokens with clear (but not huge) margins.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = train_bpe_tokenizer(list(_SENTENCES) * 4, vocab_size=TINY_VOCAB)
@@ -67,6 +75,15 @@ def build_tiny_model(folder: str | Path, seed: int = 0, config: FastSLMConfig | 
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.02)
+        if varied_llm:
+            g = torch.Generator().manual_seed(seed)
+            for name, p in model.llm.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+                elif "embed_tokens" in name:
+                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
     tokenizer.save(str(folder / "tokenizer.json"))
     model.save_pretrained(folder)
     return model.eval()

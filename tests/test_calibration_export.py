@@ -17,7 +17,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import soundfile as sf
-import torch
 from typer.testing import CliRunner
 
 from fastslm.calibration.build import QuantOptions
@@ -38,18 +37,8 @@ runner = CliRunner()
 
 
 def decisive_tiny(folder: Path) -> Path:
-    """A tiny random model whose LLM has unit-scale weights: clear greedy choices (see test_onnx_runtime)."""
-    model = build_tiny_model(folder, seed=2)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, p in model.llm.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            elif "embed_tokens" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-    model.save_pretrained(folder)
+    """A tiny random model whose greedy answers vary (see build_tiny_model's varied_llm)."""
+    build_tiny_model(folder, seed=2, varied_llm=True)
     return folder
 
 

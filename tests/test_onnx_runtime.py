@@ -459,13 +459,11 @@ def bad_audio(folder: Path, jfk_path: Path, case: str) -> Path:
 @pytest.mark.parametrize("case", ["empty file", "not audio", "corrupt", "0 s", "nan", "missing", "10 h silence"])
 def test_cli_bad_audio(case, bundles, tmp_path, jfk_path):
     path = bad_audio(tmp_path, jfk_path, case)
-    started = time.perf_counter()
     result = run_cli("--model", str(bundles["fp32"]), str(path))
     line = one_error_line(result, path.name)
     if case == "10 h silence":
         # Refused from the header, before a sample is read: no 2 GB of samples, no 11 GB STFT.
         assert "10.0 h" in line and "context" in line and "split the audio" in line
-        assert time.perf_counter() - started < 20
     if case == "0 s":
         assert "no samples" in line
 

@@ -90,7 +90,7 @@ class QuantOptions:
     thresholds: GateThresholds = field(default_factory=GateThresholds)
     override_gates: bool = False
     gate_windows: int = 16
-    eval_corpus: Path | None = None  # folder of eval_seen.jsonl; None: work/corpus (FASTSLM_CORPUS)
+    eval_corpus: Path | None = None  # folder of eval_seen.jsonl; None: FASTSLM_CORPUS or the shipped eval subset
     wer_items: int = 50
     progress: bool | None = None
 

@@ -12,8 +12,8 @@ A calibration folder (what `fastslm-calibrate --out` writes):
     windows.npy        float32 (W, n_mels, 3000) log-mel windows
     ranges.json        activation ranges of the audio tower (see ranges.py)
 
-The default recordings are the demo model's evaluation audio (work/corpus/audio/eval_seen and
-eval_unseen) and ../shared/data/jfk.flac, whichever exist.
+The default recordings are ../shared/data/jfk.flac and the demo model's evaluation audio (the
+subset shipped in models/demo/eval_subset, or the corpus FASTSLM_CORPUS names).
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ class CalibrationError(FastSLMError):
 
 
 def default_corpus() -> Path:
-    return Path(os.environ.get("FASTSLM_CORPUS", REPO_ROOT / "work" / "corpus"))
+    """FASTSLM_CORPUS (e.g. the recipe's work/corpus), else the eval subset shipped with the package."""
+    return Path(os.environ.get("FASTSLM_CORPUS", REPO_ROOT / "models" / "demo" / "eval_subset"))
 
 
 def shared_data() -> Path:

@@ -52,7 +52,7 @@ def export(
     llm_keep_float: Annotated[Optional[list[str]], typer.Option(help="LLM layer (e.g. llm.lm_head) that keeps float weights (repeatable).", rich_help_panel=_Q)] = None,
     gate_windows: Annotated[int, typer.Option(help="Calibration windows the cosine and top-1 gates run on.", rich_help_panel=_Q)] = 16,
     wer_items: Annotated[int, typer.Option(help="Utterances of the demo eval subset for the WER gate (0: off).", rich_help_panel=_Q)] = 50,
-    eval_corpus: Annotated[Optional[Path], typer.Option(help="Folder with eval_seen.jsonl for the WER gate (default work/corpus).", rich_help_panel=_Q)] = None,
+    eval_corpus: Annotated[Optional[Path], typer.Option(help="Folder with eval_seen.jsonl for the WER gate [default: the shipped demo eval subset].", rich_help_panel=_Q)] = None,
     override_gates: Annotated[bool, typer.Option(help="Write the bundle even when it misses an accuracy gate.", rich_help_panel=_Q)] = False,
 ) -> None:
     try:

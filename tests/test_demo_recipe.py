@@ -174,7 +174,7 @@ def tiny_trainer(recipe, out: Path, **overrides) -> train.Trainer:
                                     **overrides})
     model = train.new_model(config, options.seed)
     return train.Trainer(model, tok, recipe["windows"], FeatureStore(recipe["work"] / "features"), out, options,
-                         progress=False)
+                         progress=False, utterances={u.id: u for u in recipe["utts"]})
 
 
 def test_training_sequence_is_the_pipeline_prefill(recipe, tmp_path):
@@ -203,11 +203,11 @@ def test_training_steps_reduce_the_loss(recipe, tmp_path):
     trainer = tiny_trainer(recipe, tmp_path, augment_prob=0.0)
     batch = trainer.batch_for(0)
     with torch.no_grad():
-        before = float(train.forward_loss(trainer.model, batch))
+        before = float(train.forward_loss(trainer.model, batch)[0])
     for _ in range(3):
         trainer.train_step(batch)
     with torch.no_grad():
-        after = float(train.forward_loss(trainer.model, batch))
+        after = float(train.forward_loss(trainer.model, batch)[0])
     assert after < before - 0.1
 
 
@@ -266,3 +266,72 @@ def test_schedule_is_sized_from_hours_and_kept_on_resume(recipe, tmp_path):
     assert (resumed.step, resumed.total_steps, resumed.eval_every) == (9, 13, trainer.eval_every)
     assert train.learning_rate(12, 13, resumed.o) == pytest.approx(resumed.o.lr)
     assert train.learning_rate(13, 13, resumed.o) == pytest.approx(resumed.o.lr * resumed.o.min_lr_ratio)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training scaffolding: time-local query init and the CTC term
+
+
+def compressor_attention(compressor, frames: torch.Tensor) -> torch.Tensor:
+    """(Q, T) attention of a Compressor, averaged over heads (its scoring, spelled out)."""
+    from fastslm.models.hfq_former import split_heads
+
+    q = compressor.q_ln(compressor.query) + compressor.q_pos_embeds
+    k = compressor.kv_ln(frames) + compressor.kv_pos_embeds
+    qh, kh = split_heads(q, compressor.n_heads), split_heads(k, compressor.n_heads)
+    return torch.softmax(qh @ kh.transpose(-1, -2) / qh.shape[-1] ** 0.5, dim=-1)[0].mean(0)
+
+
+def test_time_local_init_spreads_the_queries_over_the_window():
+    from fastslm.models.hfq_former import HFQFormer
+
+    dims = HFQFormerDims(width=384, n_heads=6, n_frames=1500, stage_queries=(80, 80, 80), n_queries=50, llm_dim=32)
+    frames = torch.randn(1, 1500, 384, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    adapter = HFQFormer(dims)
+    with torch.no_grad():
+        before = compressor_attention(adapter.compressor1, frames)
+        train.init_time_local_queries_(adapter)
+        after = compressor_attention(adapter.compressor1, frames)
+    centres = ((torch.arange(80) + 0.5) * 1500 / 80).long()
+    near = lambda a: float(np.mean([a[i, max(0, c - 30) : c + 30].sum() for i, c in enumerate(centres.tolist())]))  # noqa: E731
+    # random queries read the first frames (query i peaks at frame i); the init moves each to its slice
+    assert before.argmax(-1)[40:].float().mean() < 200 and near(before) < 0.1
+    assert (after.argmax(-1) - centres).abs().max() <= 20 and near(after) > 0.5
+
+
+def test_token_slots_follow_the_window_timeline(recipe):
+    """Tokens land in the slots of their utterance's span, in order, and the gap stays silent."""
+    from fastslm.models.demo.windows import Utterance
+
+    tok = recipe["tokenizer"]
+    utts = {"a": Utterance("a", "one two three four", 3.0, Path("a.flac")),
+            "b": Utterance("b", "five six", 1.2, Path("b.flac"))}
+    window = {"utts": ["a", "b"], "gaps": [int(2.4 * SAMPLE_RATE)], "samples": 0}
+    pairs = train.token_slots(window, utts, tok, n_slots=50)  # 0.6 s per slot
+    assert [i for _, i in pairs] == tok.encode("one two three four") + tok.encode("five six")
+    slots = [s for s, _ in pairs]
+    assert slots == sorted(slots) and slots[0] == 0 and max(slots[: len(tok.encode("one two three four"))]) == 4
+    b_slots = slots[len(tok.encode("one two three four")) :]
+    assert min(b_slots) >= 9 and max(b_slots) <= 10  # b spans 5.4 .. 6.6 s
+    targets, weights = train.slot_targets([pairs], 50, tok.vocab_size, silent_weight=0.2)
+    assert torch.allclose(targets.sum(-1), torch.ones(1, 50))
+    assert targets[0, 6, tok.vocab_size] == 1.0 and weights[0, 6] == 0.2 and weights[0, 0] == 1.0
+
+
+def test_slot_loss_trains_the_speech_tokens(recipe, tmp_path):
+    """The slot loss falls as the adapter, head and embeddings train on it (the LLM loss switched off)."""
+    trainer = tiny_trainer(recipe, tmp_path, augment_prob=0.0)
+    batch = trainer.batch_for(0)
+    adapter = trainer.model.encoder.adapter
+    params = [*adapter.parameters(), *trainer.slot_head.parameters(), trainer.model.llm.model.embed_tokens.weight]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    losses = []
+    for _ in range(20):
+        embeddings = trainer.model.llm.model.embed_tokens.weight
+        loss = train.slot_loss(trainer.slot_head, adapter(batch.features), embeddings, batch.slots, batch.slot_weights)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]

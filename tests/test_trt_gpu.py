@@ -191,15 +191,13 @@ def test_int8_audio_engine_wer_within_one_point(demo, tmp_path):
 
     if "trt-int8" not in TARGETS:
         pytest.skip("the trt-int8 target comes with the calibration work")
-    from fastslm.models.demo.evaluate import load_split, transcribe_all, wer
+    from fastslm.models.demo.evaluate import EVAL_SUBSET, load_split, transcribe_all, wer
     from fastslm.runtime.generate import Pipeline
     from fastslm.runtime.tokenizer import Tokenizer
     from fastslm.runtime.trt_backend import TrtBackend
 
-    corpus = Path(os.environ.get("FASTSLM_DEMO_CORPUS", Path(__file__).resolve().parents[1] / "work" / "corpus"))
+    corpus = Path(os.environ.get("FASTSLM_DEMO_CORPUS", EVAL_SUBSET))
     split = os.environ.get("FASTSLM_DEMO_EVAL_SPLIT", "eval_seen")
-    if not (corpus / f"{split}.jsonl").is_file():
-        pytest.skip(f"the demo eval corpus is not at {corpus} (set FASTSLM_DEMO_CORPUS)")
     int8 = export(demo["model"], tmp_path / "int8", "trt-int8")
     items = load_split(split, corpus, limit=40)
     tok = Tokenizer.from_file(demo["trt"] / "tokenizer.json")

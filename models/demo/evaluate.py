@@ -40,6 +40,8 @@ JFK_TRANSCRIPT = (
     "ask what you can do for your country."
 )
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# A fixed slice of the held-out sets, shipped with the package (see its README.md).
+EVAL_SUBSET = Path(__file__).resolve().parent / "eval_subset"
 
 
 def shared_data_dir() -> Path:
@@ -203,7 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", type=Path, help="model folder or exported bundle (default: the shipped demo model)")
     p.add_argument("--backend", default="auto", help="auto, torch or onnx")
     p.add_argument("--split", choices=SPLITS, default="eval_seen")
-    p.add_argument("--corpus", type=Path, default=Path("work/corpus"))
+    p.add_argument("--corpus", type=Path, default=EVAL_SUBSET,
+                   help="folder of eval_*.jsonl: the recipe's full held-out sets are in work/corpus "
+                        "[default: the shipped subset]")
     p.add_argument("--limit", type=int, help="only the first N utterances")
     p.add_argument("--show", type=int, default=0, help="print the first N references and outputs")
     p.add_argument("--faster-whisper", action="store_true", help="evaluate faster-whisper tiny.en instead")

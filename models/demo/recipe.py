@@ -237,7 +237,7 @@ def build_trainer(paths: Paths, corpus: Path, options, progress: bool = True):
     from .evaluate import load_split
     from .features import FeatureStore
     from .train import Trainer, new_model
-    from .windows import load_windows
+    from .windows import load_windows, read_corpus
 
     tokenizer = Tokenizer.from_file(paths.tokenizer)
     config = demo_config(tokenizer.vocab_size)
@@ -248,8 +248,9 @@ def build_trainer(paths: Paths, corpus: Path, options, progress: bool = True):
         paths.train.mkdir(parents=True, exist_ok=True)
         items = load_split("eval_seen", corpus)[-EVAL_SELECT:]
         evaluator = SelectionEvaluator(items, paths.tokenizer, paths.train / "eval_features.npz", whisper)
+    utterances = {u.id: u for u in read_corpus(corpus / "train.jsonl")} if options.align_weight else None
     return Trainer(model, tokenizer, load_windows(paths.windows), FeatureStore(paths.features), paths.train,
-                   options, evaluator=evaluator, progress=progress)
+                   options, evaluator=evaluator, progress=progress, utterances=utterances)
 
 
 def stage_train(paths: Paths, corpus: Path, options, max_steps: int | None, progress: bool) -> None:
@@ -354,6 +355,8 @@ def parse_args(argv: list[str] | None):
     g.add_argument("--warmup-steps", type=int, default=300)
     g.add_argument("--eval-minutes", type=float, default=20.0)
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the training step")
+    g.add_argument("--align-weight", type=float, default=1.0,
+                   help="weight of the training-only slot loss on the speech tokens (0: off)")
     g = p.add_argument_group("export / eval")
     g.add_argument("--out", type=Path, help="model folder to write / evaluate (default WORK/model)")
     g.add_argument("--dtype", choices=("float16", "float32"), default="float16")
@@ -376,7 +379,8 @@ def main(argv: list[str] | None = None) -> None:
     stages = STAGES if a.stage == "all" else (a.stage,)
     window_options = WindowOptions(seed=a.seed, passes=a.passes, single_fraction=a.single_fraction)
     train_options = TrainOptions(seed=a.seed, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps,
-                                 steps=a.steps, hours=a.hours, eval_minutes=a.eval_minutes, bf16=a.bf16)
+                                 steps=a.steps, hours=a.hours, eval_minutes=a.eval_minutes, bf16=a.bf16,
+                                 align_weight=a.align_weight)
     try:
         for stage in stages:
             t0 = time.perf_counter()

@@ -312,42 +312,48 @@ _TITLES = ["Mister", "Doctor", "Professor", "Senator", "Governor", "Judge", "Cap
 _CITIES = """Boston Chicago Denver Seattle Dallas Houston Atlanta Phoenix Portland Detroit Miami
 Memphis Austin Baltimore Philadelphia Pittsburgh Cleveland Nashville Richmond Sacramento London
 Paris Berlin Madrid Rome Tokyo Toronto Sydney Dublin Oslo Vienna Cairo Lisbon Chicago Ottawa""".split()
-_PLACES = """the library|the station|the airport|the market|the office|the hospital|the museum|the
+
+def _options(text: str) -> list[str]:
+    """'a|b c|d' -> ['a', 'b c', 'd']; a line break inside an option is a space, not a join."""
+    return [" ".join(option.split()) for option in text.split("|")]
+
+
+_PLACES = _options("""the library|the station|the airport|the market|the office|the hospital|the museum|the
 park|the school|the bank|the city hall|the post office|the bakery|the hotel|the stadium|the
 harbor|the bridge|the courthouse|the train station|the corner store|the town square|the
-capitol|the farm|the beach|the mountains|the lake""".replace("\n", " ").split("|")
-_OBJECTS = """book|letter|report|ticket|bicycle|umbrella|camera|laptop|map|key|coat|box of
+capitol|the farm|the beach|the mountains|the lake""")
+_OBJECTS = _options("""book|letter|report|ticket|bicycle|umbrella|camera|laptop|map|key|coat|box of
 apples|basket|lamp|chair|newspaper|package|phone|notebook|guitar|painting|clock|bag of
 rice|pair of shoes|blue jacket|red car|small table|glass of water|cup of coffee|loaf of
-bread""".replace("\n", " ").split("|")
-_PLURALS = """apples|books|chairs|tickets|students|houses|letters|boxes|trees|cars|people|
+bread""")
+_PLURALS = _options("""apples|books|chairs|tickets|students|houses|letters|boxes|trees|cars|people|
 volunteers|workers|children|teachers|miles|days|hours|minutes|years|votes|families|cities|
-bridges|schools|songs|questions|pages|horses|birds""".replace("\n", "").split("|")
-_VERBS_PAST = """found|bought|sold|lost|borrowed|returned|painted|fixed|opened|carried|
-delivered|ordered|wrapped|checked|cleaned|moved|signed|read|wrote|sent""".replace("\n", "").split("|")
-_ADJ = """quiet|busy|bright|cold|warm|long|short|difficult|simple|strong|fair|free|proud|
+bridges|schools|songs|questions|pages|horses|birds""")
+_VERBS_PAST = _options("""found|bought|sold|lost|borrowed|returned|painted|fixed|opened|carried|
+delivered|ordered|wrapped|checked|cleaned|moved|signed|read|wrote|sent""")
+_ADJ = _options("""quiet|busy|bright|cold|warm|long|short|difficult|simple|strong|fair|free|proud|
 honest|brave|careful|early|late|happy|tired|ready|open|safe|large|small|new|old|clear|
-important|beautiful""".replace("\n", "").split("|")
+important|beautiful""")
 _WEATHER = ["sunny", "cloudy", "windy", "rainy", "cold", "warm", "foggy", "clear", "humid", "snowy"]
 _COLORS = ["red", "blue", "green", "yellow", "black", "white", "gray", "brown", "orange", "purple"]
 _ANIMALS = ["dog", "cat", "horse", "bird", "fox", "rabbit", "cow", "sheep", "duck", "owl", "bear", "deer"]
 _FOODS = ["soup", "bread", "rice", "fish", "chicken", "salad", "pasta", "cheese", "apples", "eggs", "beans", "pie"]
 _JOBS = ["teacher", "doctor", "farmer", "lawyer", "nurse", "engineer", "pilot", "baker", "writer", "soldier", "student", "carpenter"]
-_CIVIC_NOUNS = """freedom|liberty|justice|peace|democracy|the nation|our country|the republic|
+_CIVIC_NOUNS = _options("""freedom|liberty|justice|peace|democracy|the nation|our country|the republic|
 the constitution|the people|our children|the future|the law|this land|our cities|the
 government|the economy|our schools|the world|history|our history|the truth|our
-freedom|our nation|the public""".replace("\n", "").split("|")
-_CIVIC_VERBS = """defend|protect|build|serve|honor|strengthen|renew|preserve|support|remember|
-rebuild|improve|respect|trust|question|unite|lead|guard""".replace("\n", "").split("|")
-_AUDIENCE = """my fellow citizens|my friends|ladies and gentlemen|my fellow workers|
+freedom|our nation|the public""")
+_CIVIC_VERBS = _options("""defend|protect|build|serve|honor|strengthen|renew|preserve|support|remember|
+rebuild|improve|respect|trust|question|unite|lead|guard""")
+_AUDIENCE = _options("""my fellow citizens|my friends|ladies and gentlemen|my fellow workers|
 neighbors|friends and neighbors|members of congress|citizens of this great nation|
-people of this city|my fellow countrymen""".replace("\n", "").split("|")
-_GROUPS = """the people|the voters|our leaders|the workers|the farmers|the students|young
+people of this city|my fellow countrymen""")
+_GROUPS = _options("""the people|the voters|our leaders|the workers|the farmers|the students|young
 people|our soldiers|the citizens|our neighbors|the families|the council|the senate|
-the committee|the press|the public""".replace("\n", " ").split("|")
-_TOPICS = """taxes|jobs|health care|education|housing|the budget|trade|energy|clean
+the committee|the press|the public""")
+_TOPICS = _options("""taxes|jobs|health care|education|housing|the budget|trade|energy|clean
 water|public safety|the roads|the schools|the environment|the economy|foreign policy|
-civil rights|veterans|small business|farming|space exploration""".replace("\n", " ").split("|")
+civil rights|veterans|small business|farming|space exploration""")
 
 
 def _name(rng: random.Random) -> str:

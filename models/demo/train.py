@@ -5,6 +5,20 @@ The Whisper encoder is frozen, so one training step starts from its stored outpu
     features (B, 1500, D) --adapter--> speech (B, 50, H)
     inputs_embeds = embed(left ids) + speech + embed(right ids) + embed(answer ids + <|im_end|>)
     loss = cross-entropy on the answer tokens and <|im_end|> only
+         + align_weight * slot loss(speech tokens, read through the decoder's embedding table)
+
+The slot loss is training-only scaffolding (its head is not part of the model). A decoder
+trained from scratch first learns the language prior, and the LLM loss alone gives the
+adapter almost no signal about what each speech token should hold, so transcripts stay
+fluent and unrelated to the audio (measured: 2,300 steps at ~100% WER; a CTC term on the
+speech tokens stayed on its blank plateau for 700 steps). But the recipe composed every
+window itself, so it knows when each utterance starts and ends; spreading an utterance's
+tokens over its span in proportion to their characters gives each of the 50 speech tokens
+(0.6 s of the window each) the text tokens spoken in its slot, approximately. The slot loss
+scores each speech token against the decoder's embedding table (see SlotHead) with those
+tokens as the target (uniform over the slot's tokens; "nothing" for silent slots,
+down-weighted): a dense target with no alignment to search for, which puts word identity
+into each speech token from the first steps.
 
 which is the sequence `fastslm.runtime.generate.Pipeline.prefill` builds at inference, plus the
 answer (prompt ids from `build_prompt` + `Tokenizer.encode_prompt`, positions 0..T-1). Samples
@@ -38,12 +52,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
+from ...runtime.audio import SAMPLE_RATE, WINDOW_SAMPLES
 from ...runtime.prompt import IM_END, Task, build_prompt
 from ...runtime.tokenizer import Tokenizer
 from ..fastslm import FastSLM, FastSLMConfig
+from ..hfq_former import HFQFormer
+from ..whisper_encoder import sinusoids
 from .features import FeatureStore
 from .windows import RecipeError
 
@@ -65,8 +82,8 @@ class TrainOptions:
     steps: int | None = None  # total schedule length; None: sized from `hours` after calibration
     hours: float = 2.5
     calibrate_steps: int = 20
-    qa_prob: float = 0.7  # a window with questions trains on one of them with this probability, else ASR
-    qa_weight: float = 4.0  # loss weight of a QA answer token relative to an ASR token
+    qa_prob: float = 0.5  # a window with questions trains on one of them with this probability, else ASR
+    qa_weight: float = 1.0  # loss weight of a QA answer token relative to an ASR token
     # feature-level SpecAugment (on the encoder output): per sample, with augment_prob
     augment_prob: float = 0.5
     time_masks: int = 2
@@ -78,6 +95,8 @@ class TrainOptions:
     max_new_tokens: int = 200
     bf16: bool = False  # autocast the step to bfloat16 (faster on AVX512-BF16 CPUs)
     log_every: int = 10
+    align_weight: float = 1.0  # slot loss weight; 0: the LLM loss only
+    silent_slot_weight: float = 0.2  # weight of a slot with no text in the slot loss
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -112,11 +131,63 @@ def init_llm_(model: FastSLM, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+def init_time_local_queries_(adapter: HFQFormer, sharpness: float = 2.0) -> None:
+    """Start every compressor query on its own stretch of the window.
+
+    A compressor scores query i against frame j with (LN(query_i) + pos_Q(i)) . (LN(x_j) + pos_N(j))
+    and has no projections to learn a remapping, so with random queries the pos_Q(i) . pos_N(j)
+    term dominates and query i attends to frame i: all 80 first-stage queries read the first
+    1.6 s of a 30 s window (measured on tiny.en features). Setting query_i = pos_N(c_i) - pos_Q(i),
+    with c_i the centre of the i-th equal slice, puts the attention peak at c_i instead. The
+    final compressor reads the stage tokens, whose first third is compressor1's time-ordered
+    tokens, so its slices are taken there.
+
+    `sharpness` scales LN_q's gain (and divides the pos_Q correction to match): at 1 a query
+    still spreads 70% of its attention over the whole window, so every speech token carries
+    the same average and nothing can be read from it; at 2, four of the six heads (the
+    high-frequency ones) keep ~90% of their mass within 0.6 s of the centre, and the two
+    lowest-frequency heads stay global.
+    """
+    d = adapter.dims
+    slices = [(c, q, f) for c, q, f in zip((adapter.compressor1, adapter.compressor2, adapter.compressor3),
+                                           d.stage_queries, d.stage_frames)]
+    slices.append((adapter.compressor, d.n_queries, d.stage_queries[0]))
+    with torch.no_grad():
+        for compressor, n_queries, span in slices:
+            n_ctx = compressor.kv_pos_embeds.shape[0]
+            centres = ((torch.arange(n_queries) + 0.5) * span / n_queries).long()
+            target = sinusoids(n_ctx, d.width)[centres] - sinusoids(n_queries, d.width) / sharpness
+            compressor.query.copy_(target.unsqueeze(0))
+            compressor.q_ln.weight.fill_(sharpness)
+
+
+def init_adapter_outputs_(adapter: HFQFormer) -> None:
+    """out_attn blocks start as the identity and speech tokens at the scale of text embeddings.
+
+    With default init the two out_attn blocks add a near-global average to every token (the
+    token-to-token cosine of the speech tokens rises from 0.65 to 0.83 on tiny.en features), and
+    llm_proj outputs RMS ~0.33 against 0.02 for the decoder's embeddings, so in the decoder's
+    residual stream the speech positions start out 16x louder than any text. Zeroed output
+    projections (trained from there) and a small llm_proj remove both.
+    """
+    with torch.no_grad():
+        for block in adapter.out_attn:
+            for attention in (block.attn, block.cross_attn):
+                attention.out_proj.weight.zero_()
+                attention.out_proj.bias.zero_()
+        g = torch.Generator().manual_seed(adapter.dims.width)
+        proj = adapter.llm_proj
+        proj.weight.copy_(torch.randn(proj.weight.shape, generator=g) * (0.05 / math.sqrt(proj.in_features)))
+        proj.bias.zero_()
+
+
 def new_model(config: FastSLMConfig, seed: int, whisper: torch.nn.Module | None = None) -> FastSLM:
     """A FastSLM with seeded random adapter/decoder and (if given) the pretrained, frozen encoder."""
     torch.manual_seed(seed)
     model = FastSLM(config)
     init_llm_(model, seed)
+    init_time_local_queries_(model.encoder.adapter)
+    init_adapter_outputs_(model.encoder.adapter)
     if whisper is not None:
         model.encoder.whisper.load_state_dict(whisper.state_dict())
     model.encoder.whisper.requires_grad_(False)
@@ -154,6 +225,8 @@ class Batch:
     speech_start: list[int]  # per sample: index of the first speech token
     targets: Tensor  # (B, T) int64: the token at that position where it carries loss, else -100
     weights: Tensor  # (B, T) float32 loss weights at the target positions
+    slots: Tensor | None = None  # (B, Q, V + 1) target distribution per speech token (V: nothing said)
+    slot_weights: Tensor | None = None  # (B, Q)
     windows: list[int] = field(default_factory=list)
 
 
@@ -211,8 +284,75 @@ def spec_augment_(features: Tensor, rng: np.random.Generator, o: TrainOptions) -
         features[b, :, start : start + width] = fill[start : start + width]
 
 
-def forward_loss(model: FastSLM, batch: Batch, bf16: bool = False) -> Tensor:
-    """The weighted mean cross-entropy over the answer tokens (see the module docstring)."""
+def token_slots(window: dict, utterances: dict, tokenizer: Tokenizer, n_slots: int,
+                margin_s: float = 0.1) -> list[tuple[int, int]]:
+    """(slot, token id) for each text token of a window, by where in time it was (probably) said.
+
+    An utterance's tokens are spread over its span (less `margin_s` of synthesis silence at
+    each end) in proportion to their lengths in characters; slot = time // (30 s / n_slots).
+    """
+    slot_s = WINDOW_SAMPLES / SAMPLE_RATE / n_slots
+    out, start = [], 0.0
+    for k, uid in enumerate(window["utts"]):
+        if k:
+            start += window["gaps"][k - 1] / SAMPLE_RATE
+        utt = utterances[uid]
+        ids = tokenizer.encode(utt.text.strip())
+        lengths = np.array([max(1, len(tokenizer.decode([i]))) for i in ids], dtype=np.float64)
+        centres = (np.cumsum(lengths) - lengths / 2) / lengths.sum()
+        span = max(utt.seconds - 2 * margin_s, 0.05)
+        for i, c in zip(ids, centres):
+            out.append((min(n_slots - 1, int((start + margin_s + c * span) / slot_s)), i))
+        start += utt.seconds
+    return out
+
+
+class SlotHead(nn.Module):
+    """Training-only: each speech token read through the decoder's own embedding table.
+
+    Logits are scaled cosines between a speech token (as the LLM receives it) and every row of
+    the tied embedding table, plus a learned "nothing said" row. Sharing the table makes the
+    slot loss pull each speech token towards the embeddings of the words spoken in its slot,
+    so the decoder receives something close to the text itself, and learning to copy from
+    context is the first thing a small decoder learns (measured here: a separate linear head
+    taught the adapter words, yet the decoder still ignored the audio after 700 steps).
+    """
+
+    def __init__(self, dim: int, vocab_size: int, seed: int):
+        super().__init__()
+        self.nothing = vocab_size
+        g = torch.Generator().manual_seed(seed)
+        self.silence = nn.Parameter(torch.randn(dim, generator=g) * 0.02)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+
+    def forward(self, speech: Tensor, embeddings: Tensor) -> Tensor:
+        table = F.normalize(torch.cat([embeddings, self.silence[None]]).float(), dim=-1)  # (V + 1, H)
+        cosines = F.normalize(speech.float(), dim=-1) @ table.T  # (B, Q, V + 1)
+        return (self.log_scale.exp() * cosines).log_softmax(-1)
+
+
+def slot_targets(slots: list[list[tuple[int, int]]], n_slots: int, vocab_size: int,
+                 silent_weight: float) -> tuple[Tensor, Tensor]:
+    """(B, Q, V + 1) target distributions and (B, Q) weights from token_slots of each sample."""
+    targets = torch.zeros(len(slots), n_slots, vocab_size + 1)
+    for b, pairs in enumerate(slots):
+        for slot, token in pairs:
+            targets[b, slot, token] += 1.0
+    said = targets.sum(-1) > 0
+    targets[~said, vocab_size] = 1.0
+    targets /= targets.sum(-1, keepdim=True)
+    return targets, torch.where(said, 1.0, silent_weight)
+
+
+def slot_loss(head: SlotHead, speech: Tensor, embeddings: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+    ce = -(targets * head(speech, embeddings)).sum(-1)  # (B, Q)
+    return (ce * weights).sum() / weights.sum()
+
+
+def forward_loss(model: FastSLM, batch: Batch, bf16: bool = False, slot_head: SlotHead | None = None,
+                 align_weight: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """(total, answer cross-entropy, slot loss): the weighted mean cross-entropy over the answer
+    tokens, plus `align_weight` times the slot loss (see the module docstring)."""
     q = model.config.tokens_per_window
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         speech = model.encoder.adapter(batch.features)  # (B, Q, H)
@@ -222,7 +362,11 @@ def forward_loss(model: FastSLM, batch: Batch, bf16: bool = False) -> Tensor:
         logits = model.llm(inputs_embeds=embeds).logits  # (B, T, V) float32
     ce = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), batch.targets[:, 1:], reduction="none")  # (B, T-1)
     w = batch.weights[:, 1:]
-    return (ce * w).sum() / w.sum()
+    answer = (ce * w).sum() / w.sum()
+    if slot_head is None or not align_weight or batch.slots is None:
+        return answer, answer.detach(), answer.new_zeros(())
+    aligned = slot_loss(slot_head, speech, model.llm.model.embed_tokens.weight, batch.slots, batch.slot_weights)
+    return answer + align_weight * aligned, answer.detach(), aligned.detach()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +384,7 @@ class Trainer:
         options: TrainOptions = TrainOptions(),
         evaluator=None,  # callable(model) -> dict with "wer" (and optionally "qa"); None: no evaluation
         progress: bool = True,
+        utterances: dict | None = None,  # id -> windows.Utterance; needed for the slot loss
     ):
         if len(windows) != len(features):
             raise RecipeError(f"{len(windows)} windows but {len(features)} feature rows: rerun the features stage")
@@ -250,8 +395,16 @@ class Trainer:
         self.examples = Examples(tokenizer, model.config.tokens_per_window)
         self.evaluator = evaluator
         self.progress = progress
-        decay = [p for p in trainable_parameters(model) if p.dim() >= 2]
-        no_decay = [p for p in trainable_parameters(model) if p.dim() < 2]
+        self.slot_head, self._slots = None, []
+        if options.align_weight:
+            if utterances is None:
+                raise RecipeError("the slot loss needs the corpus utterances (their texts and durations)")
+            q = model.config.tokens_per_window
+            self._slots = [token_slots(w, utterances, tokenizer, q) for w in windows]
+            self.slot_head = SlotHead(model.config.qwen3.hidden_size, model.config.qwen3.vocab_size, options.seed + 3)
+        params = trainable_parameters(model) + (list(self.slot_head.parameters()) if self.slot_head else [])
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": options.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=options.lr, betas=options.betas,
@@ -277,6 +430,8 @@ class Trainer:
             raise RecipeError(f"{path} was written with other options or model dims; pass the same ones, "
                               f"or delete {self.out} to train from scratch")
         load_trainable_state(self.model, state["model"])
+        if self.slot_head is not None:
+            self.slot_head.load_state_dict(state["slot_head"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         kind, keys, pos, has_gauss, gauss = state["numpy_rng"]
@@ -294,6 +449,7 @@ class Trainer:
             "elapsed_s": self.elapsed_s,
             "best": self.best,
             "model": trainable_state(self.model),
+            "slot_head": self.slot_head.state_dict() if self.slot_head is not None else {},
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "numpy_rng": _numpy_rng_state(),
@@ -324,23 +480,29 @@ class Trainer:
             k = int(rng.integers(1, len(exs))) if len(exs) > 1 and rng.random() < self.o.qa_prob else 0
             chosen.append(exs[k])
         batch = self.examples.batch(self.features.batch([int(w) for w in picks]), chosen, self.o.qa_weight)
+        if self.slot_head is not None:
+            batch.slots, batch.slot_weights = slot_targets(
+                [self._slots[w] for w in picks], self.model.config.tokens_per_window, self.slot_head.nothing,
+                self.o.silent_slot_weight)
         batch.windows = [int(w) for w in picks]
         spec_augment_(batch.features, rng, self.o)
         return batch
 
     # -- loop -------------------------------------------------------------------------------
 
-    def train_step(self, batch: Batch) -> tuple[float, float]:
+    def train_step(self, batch: Batch) -> tuple[float, float, float]:
+        """One optimizer step; returns (answer cross-entropy, slot loss, gradient norm)."""
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step, self.total_steps, self.o)
         self.model.train()
-        loss = forward_loss(self.model, batch, self.o.bf16)
+        loss, answer, aligned = forward_loss(self.model, batch, self.o.bf16, self.slot_head, self.o.align_weight)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), self.o.grad_clip)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.o.grad_clip)
         self.optimizer.step()
         self.step += 1
-        return float(loss.detach()), float(norm)
+        return float(answer), float(aligned), float(norm)
 
     def _calibrate(self, seconds_per_step: float) -> None:
         if self.total_steps is None:
@@ -382,13 +544,14 @@ class Trainer:
         timing_start, timing_from = None, None
         bar = tqdm(initial=self.step, total=self.total_steps, desc="train", unit="step", disable=not self.progress,
                    smoothing=0.05)
-        run_from, window_loss = self.step, []
+        run_from, window_loss, window_slot = self.step, [], []
         log_time, log_step = time.monotonic(), self.step
         while (self.total_steps is None or self.step < self.total_steps) and (stop_at is None or self.step < stop_at):
             t0 = time.monotonic()
-            loss, norm = self.train_step(self.batch_for(self.step))
+            loss, aligned, norm = self.train_step(self.batch_for(self.step))
             self.elapsed_s += time.monotonic() - t0
             window_loss.append(loss)
+            window_slot.append(aligned)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
             # calibration: time the steps after the first 3 of this run (the first ones are slow)
@@ -402,10 +565,11 @@ class Trainer:
             if self.step % o.log_every == 0:
                 now = time.monotonic()
                 rate = (self.step - log_step) / max(1e-9, now - log_time)  # since the last log line, evals included
-                self.log({"step": self.step, "loss": round(float(np.mean(window_loss)), 4), "grad_norm": round(norm, 3),
+                self.log({"step": self.step, "loss": round(float(np.mean(window_loss)), 4),
+                          "slot": round(float(np.mean(window_slot)), 4), "grad_norm": round(norm, 3),
                           "lr": learning_rate(self.step - 1, self.total_steps, o), "steps_per_s": round(rate, 4),
                           "elapsed_s": round(self.elapsed_s, 1)})
-                window_loss, log_time, log_step = [], now, self.step
+                window_loss, window_slot, log_time, log_step = [], [], now, self.step
             if self.eval_every and self.step % self.eval_every == 0:
                 self.evaluate()
                 self.save()

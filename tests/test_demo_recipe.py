@@ -174,7 +174,8 @@ def tiny_trainer(recipe, out: Path, **overrides) -> train.Trainer:
                                     **overrides})
     model = train.new_model(config, options.seed)
     return train.Trainer(model, tok, recipe["windows"], FeatureStore(recipe["work"] / "features"), out, options,
-                         progress=False, utterances={u.id: u for u in recipe["utts"]})
+                         progress=False, utterances={u.id: u for u in recipe["utts"]},
+                         reading_texts=[u.text for u in recipe["utts"]])
 
 
 def test_training_sequence_is_the_pipeline_prefill(recipe, tmp_path):
@@ -335,3 +336,46 @@ def test_slot_loss_trains_the_speech_tokens(recipe, tmp_path):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_reading_windows_fit_the_timeline():
+    texts = ["A short one.", "Another sentence that is a little longer than the first.", "Third."]
+    rng = np.random.default_rng(0)
+    singles = 0
+    for _ in range(200):
+        window, utts = train.reading_window(texts, rng)
+        total = sum(u.seconds for u in utts.values()) + sum(window["gaps"]) / SAMPLE_RATE
+        assert 0 < total <= 30.0 and len(window["gaps"]) == len(utts) - 1
+        assert window["text"] == " ".join(utts[i].text for i in window["utts"])
+        singles += len(utts) == 1
+    assert 30 <= singles <= 100  # single_fraction 0.3 (plus windows where nothing else fit)
+
+
+def test_pseudo_speech_is_the_direction_of_each_slots_embeddings():
+    emb = torch.randn(10, 8)
+    silence = torch.randn(8)
+    speech = train.pseudo_speech([[(0, 3), (0, 5), (2, 7)]], emb, silence, n_slots=4, norm=torch.tensor(2.0))
+    assert speech.shape == (1, 4, 8)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(speech[0, 0], emb[3] + emb[5], dim=0) > 0.9999 and cos(speech[0, 2], emb[7], dim=0) > 0.9999
+    assert cos(speech[0, 1], silence, dim=0) > 0.9999 and cos(speech[0, 3], silence, dim=0) > 0.9999
+    assert torch.allclose(speech.norm(dim=-1), torch.full((1, 4), 2.0))
+
+
+def test_reading_batches_train_and_keep_old_runs_resumable(recipe, tmp_path):
+    trainer = tiny_trainer(recipe, tmp_path, augment_prob=0.0, reading_batch=3)
+    batch, reading = trainer.batch_for(0), trainer.reading_for(0)
+    assert reading[0].features is None and len(reading[1]) == 3
+    again = trainer.reading_for(0)  # seeded by the step, like batch_for
+    assert torch.equal(again[0].ids, reading[0].ids) and again[1] == reading[1]
+    norm = torch.tensor(1.0)
+    with torch.no_grad():
+        before = float(train.reading_loss(trainer.model, reading[0], reading[1], trainer.slot_head.silence, norm))
+    for _ in range(3):
+        trainer.train_step(batch, reading)
+    with torch.no_grad():
+        after = float(train.reading_loss(trainer.model, reading[0], reading[1], trainer.slot_head.silence, norm))
+    assert after < before - 0.1
+    # a run started before reading batches existed has the same trajectory key as reading_batch=0
+    key = train.TrainOptions(reading_batch=0).trajectory_key()
+    assert "reading_batch" not in key and train.TrainOptions(reading_batch=2).trajectory_key()["reading_batch"] == 2

@@ -249,8 +249,18 @@ def build_trainer(paths: Paths, corpus: Path, options, progress: bool = True):
         items = load_split("eval_seen", corpus)[-EVAL_SELECT:]
         evaluator = SelectionEvaluator(items, paths.tokenizer, paths.train / "eval_features.npz", whisper)
     utterances = {u.id: u for u in read_corpus(corpus / "train.jsonl")} if options.align_weight else None
+    reading_texts = None
+    if options.reading_batch:
+        from .texts import load_sentences, normalize_key
+
+        # split_of keeps held-out sentences out; the check against the corpus's own eval texts
+        # also covers a corpus made by an older texts.py
+        heldout = {normalize_key(u.text) for split in ("eval_seen", "eval_unseen")
+                   for u in read_corpus(corpus / f"{split}.jsonl")}
+        reading_texts = [t for t in load_sentences(options.seed).train if normalize_key(t) not in heldout]
     return Trainer(model, tokenizer, load_windows(paths.windows), FeatureStore(paths.features), paths.train,
-                   options, evaluator=evaluator, progress=progress, utterances=utterances)
+                   options, evaluator=evaluator, progress=progress, utterances=utterances,
+                   reading_texts=reading_texts)
 
 
 def stage_train(paths: Paths, corpus: Path, options, max_steps: int | None, progress: bool) -> None:
@@ -357,6 +367,8 @@ def parse_args(argv: list[str] | None):
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the training step")
     g.add_argument("--align-weight", type=float, default=1.0,
                    help="weight of the training-only slot loss on the speech tokens (0: off)")
+    g.add_argument("--reading-batch", type=int, default=0,
+                   help="text-only ASR samples per step on pseudo speech tokens (0: off)")
     g = p.add_argument_group("export / eval")
     g.add_argument("--out", type=Path, help="model folder to write / evaluate (default WORK/model)")
     g.add_argument("--dtype", choices=("float16", "float32"), default="float16")
@@ -380,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     window_options = WindowOptions(seed=a.seed, passes=a.passes, single_fraction=a.single_fraction)
     train_options = TrainOptions(seed=a.seed, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps,
                                  steps=a.steps, hours=a.hours, eval_minutes=a.eval_minutes, bf16=a.bf16,
-                                 align_weight=a.align_weight)
+                                 align_weight=a.align_weight, reading_batch=a.reading_batch)
     try:
         for stage in stages:
             t0 = time.perf_counter()

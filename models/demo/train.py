@@ -97,6 +97,7 @@ class TrainOptions:
     log_every: int = 10
     align_weight: float = 1.0  # slot loss weight; 0: the LLM loss only
     silent_slot_weight: float = 0.2  # weight of a slot with no text in the slot loss
+    reading_batch: int = 0  # text-only ASR samples per step on pseudo speech tokens (see reading_loss)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -109,7 +110,14 @@ class TrainOptions:
         for k in ("steps", "hours", "calibrate_steps", "checkpoint_minutes", "eval_minutes", "eval_every",
                   "max_new_tokens", "log_every"):
             d.pop(k)
+        for k, off in _LATER_OPTIONS.items():  # absent from older checkpoints: only a change counts
+            if d[k] == off:
+                d.pop(k)
         return d
+
+
+# Options added after runs were started, with the value that leaves a run as it was.
+_LATER_OPTIONS = {"reading_batch": 0}
 
 
 def learning_rate(step: int, total: int | None, o: TrainOptions) -> float:
@@ -220,7 +228,7 @@ def atomic_save(obj, path: Path) -> None:
 
 @dataclass
 class Batch:
-    features: Tensor  # (B, frames, D) float32
+    features: Tensor | None  # (B, frames, D) float32; None for reading batches
     ids: Tensor  # (B, T) int64; speech positions hold 0
     speech_start: list[int]  # per sample: index of the first speech token
     targets: Tensor  # (B, T) int64: the token at that position where it carries loss, else -100
@@ -253,7 +261,8 @@ class Examples:
         prefix = list(left) + [0] * self.q + list(right)
         return prefix + answer, len(left), len(prefix)
 
-    def batch(self, features: np.ndarray, examples: list[dict], qa_weight: float) -> Batch:
+    def batch(self, features: np.ndarray | None, examples: list[dict], qa_weight: float) -> Batch:
+        """Token ids, targets and loss weights of `examples`, with their features (None: supplied later)."""
         seqs = [self.sequence(e) for e in examples]
         T = max(len(s) for s, _, _ in seqs)
         B = len(seqs)
@@ -264,7 +273,7 @@ class Examples:
             ids[b, : len(seq)] = torch.tensor(seq)
             targets[b, answer_at : len(seq)] = torch.tensor(seq[answer_at:])
             weights[b, answer_at : len(seq)] = 1.0 if ex["task"] == "ASR" else qa_weight
-        feats = torch.from_numpy(np.asarray(features, dtype=np.float32))
+        feats = torch.from_numpy(np.asarray(features, dtype=np.float32)) if features is not None else None
         return Batch(feats, ids, [s for _, s, _ in seqs], targets, weights)
 
 
@@ -349,24 +358,91 @@ def slot_loss(head: SlotHead, speech: Tensor, embeddings: Tensor, targets: Tenso
     return (ce * weights).sum() / weights.sum()
 
 
-def forward_loss(model: FastSLM, batch: Batch, bf16: bool = False, slot_head: SlotHead | None = None,
-                 align_weight: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-    """(total, answer cross-entropy, slot loss): the weighted mean cross-entropy over the answer
-    tokens, plus `align_weight` times the slot loss (see the module docstring)."""
+def answer_loss(model: FastSLM, speech: Tensor, batch: Batch) -> Tensor:
+    """Weighted mean cross-entropy of the answers, with `speech` spliced in at each sample's speech start."""
     q = model.config.tokens_per_window
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        speech = model.encoder.adapter(batch.features)  # (B, Q, H)
-        text = model.llm.embed(batch.ids)  # (B, T, H)
-        rows = [torch.cat([text[b, :s], speech[b], text[b, s + q :]]) for b, s in enumerate(batch.speech_start)]
-        embeds = torch.stack(rows)  # (B, T, H)
-        logits = model.llm(inputs_embeds=embeds).logits  # (B, T, V) float32
+    text = model.llm.embed(batch.ids)  # (B, T, H)
+    rows = [torch.cat([text[b, :s], speech[b].to(text.dtype), text[b, s + q :]]) for b, s in enumerate(batch.speech_start)]
+    logits = model.llm(inputs_embeds=torch.stack(rows)).logits  # (B, T, V) float32
     ce = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), batch.targets[:, 1:], reduction="none")  # (B, T-1)
     w = batch.weights[:, 1:]
-    answer = (ce * w).sum() / w.sum()
+    return (ce * w).sum() / w.sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading batches: the decoder learns to copy from slots on text alone
+
+
+def reading_window(texts: list[str], rng: np.random.Generator, single_fraction: float = 0.3,
+                   chars_per_s: tuple[float, float] = (12.0, 21.0)) -> tuple[dict, dict]:
+    """A made-up window of training sentences on a timeline: (window spec, id -> Utterance).
+
+    Durations come from a speaking rate drawn per window (the corpus spans 12-21 characters per
+    second, silences included); gaps and lengths follow the composition of the real windows.
+    """
+    from .windows import Utterance
+
+    rate = rng.uniform(*chars_per_s)
+    limit = WINDOW_SAMPLES / SAMPLE_RATE
+    utts, gaps, total = [], [], 0.0
+    target = 0.0 if rng.random() < single_fraction else rng.uniform(10.0, limit)
+    while True:
+        text = texts[int(rng.integers(len(texts)))]
+        seconds = len(text) / rate + 0.2
+        gap = rng.uniform(0.1, 0.8) if utts else 0.0
+        if utts and (total >= target or total + gap + seconds > limit):
+            break
+        if not utts and seconds > limit:
+            continue
+        if utts:
+            gaps.append(int(gap * SAMPLE_RATE))
+        utts.append(Utterance(f"r{len(utts)}", text, seconds, Path()))
+        total += gap + seconds
+        if target == 0.0:
+            break
+    window = {"utts": [u.id for u in utts], "gaps": gaps, "text": " ".join(u.text for u in utts)}
+    return window, {u.id: u for u in utts}
+
+
+def pseudo_speech(slots: list[list[tuple[int, int]]], embeddings: Tensor, silence: Tensor, n_slots: int,
+                  norm: Tensor) -> Tensor:
+    """(B, Q, H) speech tokens made from text: per slot the direction of the sum of its tokens'
+    embeddings (the slot head's "nothing said" row where the slot is empty), at length `norm`."""
+    rows = []
+    for pairs in slots:
+        sums = torch.zeros(n_slots, embeddings.shape[1], dtype=embeddings.dtype)
+        if pairs:
+            where = torch.tensor([s for s, _ in pairs])
+            sums = sums.index_add(0, where, embeddings[torch.tensor([i for _, i in pairs])])
+        said = torch.zeros(n_slots, dtype=torch.bool)
+        said[[s for s, _ in pairs]] = True
+        rows.append(torch.where(said[:, None], sums, silence[None].to(sums.dtype)))
+    return F.normalize(torch.stack(rows).float(), dim=-1) * norm
+
+
+def reading_loss(model: FastSLM, batch: Batch, slots: list[list[tuple[int, int]]], silence: Tensor,
+                 norm: Tensor, bf16: bool = False) -> Tensor:
+    """ASR cross-entropy on pseudo speech tokens: the slot loss pulls real speech tokens towards
+    the same directions, so what the decoder learns here (copying words out of slots, for far
+    more sentences than were synthesised) carries over to audio. Costs the decoder only."""
+    speech = pseudo_speech(slots, model.llm.model.embed_tokens.weight, silence, model.config.tokens_per_window, norm)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return answer_loss(model, speech, batch)
+
+
+def forward_loss(model: FastSLM, batch: Batch, bf16: bool = False, slot_head: SlotHead | None = None,
+                 align_weight: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(total, answer cross-entropy, slot loss, mean speech-token norm): the weighted mean
+    cross-entropy over the answer tokens, plus `align_weight` times the slot loss (see the
+    module docstring)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        speech = model.encoder.adapter(batch.features)  # (B, Q, H)
+        answer = answer_loss(model, speech, batch)
+    norm = speech.detach().float().norm(dim=-1).mean()
     if slot_head is None or not align_weight or batch.slots is None:
-        return answer, answer.detach(), answer.new_zeros(())
+        return answer, answer.detach(), answer.new_zeros(()), norm
     aligned = slot_loss(slot_head, speech, model.llm.model.embed_tokens.weight, batch.slots, batch.slot_weights)
-    return answer + align_weight * aligned, answer.detach(), aligned.detach()
+    return answer + align_weight * aligned, answer.detach(), aligned.detach(), norm
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,6 +461,7 @@ class Trainer:
         evaluator=None,  # callable(model) -> dict with "wer" (and optionally "qa"); None: no evaluation
         progress: bool = True,
         utterances: dict | None = None,  # id -> windows.Utterance; needed for the slot loss
+        reading_texts: list[str] | None = None,  # training sentences for reading batches
     ):
         if len(windows) != len(features):
             raise RecipeError(f"{len(windows)} windows but {len(features)} feature rows: rerun the features stage")
@@ -402,6 +479,9 @@ class Trainer:
             q = model.config.tokens_per_window
             self._slots = [token_slots(w, utterances, tokenizer, q) for w in windows]
             self.slot_head = SlotHead(model.config.qwen3.hidden_size, model.config.qwen3.vocab_size, options.seed + 3)
+        self.reading_texts = reading_texts or []
+        if options.reading_batch and (self.slot_head is None or not self.reading_texts):
+            raise RecipeError("reading batches need the slot loss (align_weight > 0) and training sentences")
         params = trainable_parameters(model) + (list(self.slot_head.parameters()) if self.slot_head else [])
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
@@ -488,14 +568,29 @@ class Trainer:
         spec_augment_(batch.features, rng, self.o)
         return batch
 
+    def reading_for(self, step: int) -> tuple[Batch, list[list[tuple[int, int]]]] | None:
+        """The text-only samples of step `step` (seeded by it, like batch_for), or None."""
+        if not self.o.reading_batch:
+            return None
+        rng = np.random.default_rng([self.o.seed, 4, step])
+        q = self.model.config.tokens_per_window
+        examples, slots = [], []
+        for _ in range(self.o.reading_batch):
+            window, utts = reading_window(self.reading_texts, rng)
+            examples.append({"task": "ASR", "instruction": Task.ASR.default_instruction, "answer": window["text"]})
+            slots.append(token_slots(window, utts, self.examples.tok, q))
+        return self.examples.batch(None, examples, 1.0), slots
+
     # -- loop -------------------------------------------------------------------------------
 
-    def train_step(self, batch: Batch) -> tuple[float, float, float]:
+    def train_step(self, batch: Batch, reading: tuple[Batch, list] | None = None) -> tuple[float, float, float]:
         """One optimizer step; returns (answer cross-entropy, slot loss, gradient norm)."""
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step, self.total_steps, self.o)
         self.model.train()
-        loss, answer, aligned = forward_loss(self.model, batch, self.o.bf16, self.slot_head, self.o.align_weight)
+        loss, answer, aligned, norm = forward_loss(self.model, batch, self.o.bf16, self.slot_head, self.o.align_weight)
+        if reading is not None:
+            loss = loss + reading_loss(self.model, reading[0], reading[1], self.slot_head.silence, norm, self.o.bf16)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -548,7 +643,7 @@ class Trainer:
         log_time, log_step = time.monotonic(), self.step
         while (self.total_steps is None or self.step < self.total_steps) and (stop_at is None or self.step < stop_at):
             t0 = time.monotonic()
-            loss, aligned, norm = self.train_step(self.batch_for(self.step))
+            loss, aligned, norm = self.train_step(self.batch_for(self.step), self.reading_for(self.step))
             self.elapsed_s += time.monotonic() - t0
             window_loss.append(loss)
             window_slot.append(aligned)

@@ -48,7 +48,9 @@ class CalibrationError(FastSLMError):
 
 def default_corpus() -> Path:
     """FASTSLM_CORPUS (e.g. the recipe's work/corpus), else the eval subset shipped with the package."""
-    return Path(os.environ.get("FASTSLM_CORPUS", REPO_ROOT / "models" / "demo" / "eval_subset"))
+    from ..runtime.loading import DEMO_EVAL_SUBSET
+
+    return Path(os.environ.get("FASTSLM_CORPUS", DEMO_EVAL_SUBSET))
 
 
 def shared_data() -> Path:

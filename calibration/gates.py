@@ -303,11 +303,13 @@ def wer_rows(reference: Any, candidate: Any, audio_quantized: bool, llm_bits: in
     # A model that does not transcribe (an untrained one) shows it on a few utterances already.
     probe = items[:PROBE_ITEMS]
     log(f"gates: FP32 transcripts of {len(probe)} utterances")
-    probe_wer = word_error_rate(refs[: len(probe)], transcribe(reference, reference, probe))
+    probe_hyps = transcribe(reference, reference, probe)
+    probe_wer = word_error_rate(refs[: len(probe)], probe_hyps)
     if len(items) > len(probe) and math.isfinite(probe_wer) and probe_wer > PROBE_MAX_WER:
         return skipped(f"FP32 WER {probe_wer:.0f}% on the first {len(probe)} utterances: the model does not transcribe yet")
     log(f"gates: FP32 transcripts of {len(items)} utterances")
-    base = word_error_rate(refs, transcribe(reference, reference, items))
+    rest = items[len(probe) :]  # the probe's transcripts are the first of the FP32 ones
+    base = word_error_rate(refs, probe_hyps + (transcribe(reference, reference, rest) if rest else []))
     if not math.isfinite(base) or base > MAX_REFERENCE_WER:
         return skipped(f"FP32 WER {base:.1f}% on {len(items)} utterances: the model does not transcribe yet")
     rows = []

@@ -19,3 +19,15 @@ def jfk_path() -> Path:
     if not path.exists():
         pytest.fail(f"test audio {path} is missing: set FASTSLM_SHARED_DATA to the folder holding jfk.flac")
     return path
+
+
+def have_tensorrt() -> bool:
+    """Whether TensorRT (for RTX) imports here: the engine-building tests run on the CPU with it."""
+    from fastslm.runtime.errors import FastSLMError
+    from fastslm.runtime.trt_compat import import_tensorrt
+
+    try:
+        import_tensorrt()
+        return True
+    except FastSLMError:
+        return False

@@ -28,9 +28,10 @@ from fastslm.export.bundle_writer import ExportOptions, export_bundle
 from fastslm.export.cli import app as export_app
 from fastslm.models.tiny import build_tiny_model
 from fastslm.runtime.audio import SAMPLE_RATE, audio_to_windows, load_audio
-from fastslm.runtime.errors import FastSLMError
 from fastslm.runtime.loading import DEFAULT_MODEL_FOLDER
 from fastslm.runtime.onnx_backend import OnnxBackend
+
+from .conftest import have_tensorrt
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -231,17 +232,7 @@ def test_calibrate_cli_errors(int8, tiny, recordings, tmp_path):
 # trt-int8: the same Q/DQ graphs (fp16 around them) build with TensorRT for RTX on the CPU
 
 
-def _have_trt() -> bool:
-    try:
-        from fastslm.runtime.trt_compat import import_tensorrt
-
-        import_tensorrt()
-        return True
-    except FastSLMError:
-        return False
-
-
-@pytest.mark.skipif(not _have_trt(), reason="TensorRT is not installed (pip install 'fastslm[trt]')")
+@pytest.mark.skipif(not have_tensorrt(), reason="TensorRT is not installed (pip install 'fastslm[trt]')")
 @pytest.mark.parametrize("llm_bits", [8, 4])
 def test_trt_int8_engines_build_from_the_qdq_graphs(tiny, calib, tmp_path, llm_bits):
     out = tmp_path / "trt"

@@ -36,15 +36,9 @@ from fastslm.runtime.trt_compat import (
     parse_cc,
 )
 
-def _have_trt() -> bool:
-    try:
-        import_tensorrt()
-        return True
-    except FastSLMError:
-        return False
+from .conftest import have_tensorrt
 
-
-HAVE_TRT = _have_trt()
+HAVE_TRT = have_tensorrt()
 needs_trt = pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installed (pip install 'fastslm[trt]')")
 
 # The declared I/O of the tiny model's graphs, as the bundle manifest writes them.

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ...runtime.errors import FastSLMError
+from ...runtime.loading import DEMO_EVAL_SUBSET as EVAL_SUBSET  # the shipped slice of the held-out sets
 from ...runtime.sampling import SamplingOptions
 from . import tasks
 
@@ -40,8 +41,6 @@ JFK_TRANSCRIPT = (
     "ask what you can do for your country."
 )
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# A fixed slice of the held-out sets, shipped with the package (see its README.md).
-EVAL_SUBSET = Path(__file__).resolve().parent / "eval_subset"
 
 
 def shared_data_dir() -> Path:

@@ -157,8 +157,7 @@ def init_time_local_queries_(adapter: HFQFormer, sharpness: float = 2.0) -> None
     lowest-frequency heads stay global.
     """
     d = adapter.dims
-    slices = [(c, q, f) for c, q, f in zip((adapter.compressor1, adapter.compressor2, adapter.compressor3),
-                                           d.stage_queries, d.stage_frames)]
+    slices = list(zip((adapter.compressor1, adapter.compressor2, adapter.compressor3), d.stage_queries, d.stage_frames))
     slices.append((adapter.compressor, d.n_queries, d.stage_queries[0]))
     with torch.no_grad():
         for compressor, n_queries, span in slices:

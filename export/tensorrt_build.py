@@ -39,6 +39,8 @@ from ..runtime.trt_compat import (
     import_tensorrt,
     make_logger,
     parse_cc,
+    rtx_runs_on,
+    rtx_unsupported_message,
 )
 from .trt_profiles import Profile, ProfilePlan, audio_window_bytes, plan_profiles
 
@@ -390,6 +392,8 @@ def device_record(flavour: str, options: BuildOptions) -> dict[str, Any]:
         if current:
             if device is None:
                 raise OptionError("--trt-compute-capability current needs a visible CUDA GPU; name the targets instead")
+            if not rtx_runs_on(device.cc):
+                raise OptionError(rtx_unsupported_message(device))
             targets.append(device.compute_capability)
         return {
             "aot": True,

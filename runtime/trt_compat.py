@@ -37,6 +37,23 @@ ENGINE_FORMAT_VERSION = 1
 # TensorRT for RTX engines built without explicit targets run on these (its documentation:
 # Ampere, Ada and Blackwell RTX; Turing, 7.5, only when named as a target).
 RTX_MIN_DEFAULT_CC = (8, 0)
+# Where TensorRT for RTX's runtime runs at all. Measured 2026-11-25 with 1.7.1.116 on an H200 (9.0):
+# deserializing refuses with "Supported compute capabilities: 8.0 8.6 8.9 12.0 12.1 >12.0", for engines
+# built with default targets and with CURRENT alike; its builder still writes a CURRENT engine there.
+# So datacenter Hopper (9.0), datacenter Blackwell (10.x) and Jetson (8.7, 11.0) need full TensorRT.
+RTX_RUNTIME_CCS = frozenset({(7, 5), (8, 0), (8, 6), (8, 9), (12, 0), (12, 1)})
+
+
+def rtx_runs_on(cc: tuple[int, int]) -> bool:
+    return cc in RTX_RUNTIME_CCS or cc > (12, 0)
+
+
+def rtx_unsupported_message(device: "DeviceFacts") -> str:
+    return (
+        f"TensorRT for RTX does not run on {device.name} (compute capability {device.compute_capability}; it runs on "
+        "RTX-class GPUs: 7.5, 8.0, 8.6, 8.9, 12.x); on this GPU use full TensorRT (--trt-flavour tensorrt, "
+        "from NVIDIA or JetPack) or the ONNX Runtime backend"
+    )
 
 
 class TensorRTMissingError(OptionError):
@@ -172,6 +189,8 @@ def check_engine_manifest(manifest: dict[str, Any], env: TrtEnvironment, where: 
         return  # nothing to compare; running needs a GPU and says so itself
     here = env.device.cc
     targets = device.get("target_compute_capabilities")
+    if env.flavour == "tensorrt_rtx" and not rtx_runs_on(here):
+        raise EngineMismatchError(f"{where}: {rtx_unsupported_message(env.device)}")
     if device.get("aot"):
         if targets == "default" or not targets:
             if here < RTX_MIN_DEFAULT_CC:

@@ -179,6 +179,34 @@ def test_same_cc_other_gpu_only_warns():
         check_engine_manifest(m, env("8.6", "tensorrt", "10.3.0", "NVIDIA RTX 3090"))
 
 
+@pytest.mark.parametrize("cc, name", [("9.0", "NVIDIA H200"), ("8.7", "Orin"), ("10.0", "NVIDIA B200")])
+def test_rtx_engines_refuse_gpus_its_runtime_does_not_run_on(cc, name):
+    """Measured on an H200: TensorRT for RTX 1.7 refuses to deserialize any engine on compute capability 9.0."""
+    from fastslm.runtime.trt_compat import rtx_runs_on
+
+    with pytest.raises(EngineMismatchError) as exc_info:
+        check_engine_manifest(manifest(), env(cc, name=name), where="bundle/")
+    text = str(exc_info.value)
+    assert f"TensorRT for RTX does not run on {name} (compute capability {cc}" in text and "full TensorRT" in text
+    assert "\n" not in text
+    assert not rtx_runs_on(parse_cc(cc))
+    assert rtx_runs_on((8, 9)) and rtx_runs_on((12, 1)) and rtx_runs_on((12, 2)) and rtx_runs_on((7, 5))
+    # full TensorRT engines built on that GPU are fine
+    full = manifest(aot=False, gpu_name=name, compute_capability=cc) | {"tensorrt": {"flavour": "tensorrt", "version": "10.3.0"}}
+    check_engine_manifest(full, env(cc, "tensorrt", "10.3.0", name))
+
+
+def test_rtx_build_for_current_gpu_refuses_an_unsupported_gpu(monkeypatch):
+    import fastslm.export.tensorrt_build as tb
+
+    monkeypatch.setattr(tb, "current_device", lambda index=0: DeviceFacts("NVIDIA H200", "9.0", 141 << 30))
+    with pytest.raises(OptionError, match="TensorRT for RTX does not run on NVIDIA H200 .*full TensorRT"):
+        tb.device_record("tensorrt_rtx", tb.BuildOptions(compute_capabilities=("current",)))
+    monkeypatch.setattr(tb, "current_device", lambda index=0: DeviceFacts("NVIDIA RTX 4090", "8.9", 24 << 30))
+    record = tb.device_record("tensorrt_rtx", tb.BuildOptions(compute_capabilities=("current",)))
+    assert record["target_compute_capabilities"] == ["8.9"] and record["gpu_name"] == "NVIDIA RTX 4090"
+
+
 def test_compute_capability_spellings():
     assert parse_cc("8.9") == parse_cc("sm89") == parse_cc("89") == (8, 9)
     assert parse_cc("12.0") == parse_cc("SM120") == (12, 0)

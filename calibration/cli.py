@@ -18,7 +18,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..runtime.errors import FastSLMError, OptionError
+from ..runtime.errors import OptionError, reported_in_one_line
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -78,7 +78,7 @@ def calibrate(
     force: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bars (default: on a terminal).")] = None,
 ) -> None:
-    try:
+    with reported_in_one_line("fastslm-calibrate", "interrupted; nothing was written"):
         from .data import collect
         from .ranges import METHODS, RANGES_FILE, collect_ranges
 
@@ -117,12 +117,6 @@ def calibrate(
             typer.echo(f"  {key}: " + ", ".join(f"{m} {amax[m][key]:.3g}" for m in METHODS), err=True)
         if len(keys) > 3:
             typer.echo(f"  ... ({len(keys) - 3} more)", err=True)
-    except FastSLMError as exc:
-        typer.echo(f"fastslm-calibrate: error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        typer.echo("fastslm-calibrate: error: interrupted; nothing was written", err=True)
-        raise typer.Exit(130) from None
 
 
 def main() -> None:

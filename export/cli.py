@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..runtime.errors import FastSLMError, OptionError
+from ..runtime.errors import OptionError, reported_in_one_line
 
 _Q = "INT8 / INT4 calibration and accuracy gates"
 # --flag -> parameter, for refusing calibration flags on targets that do not calibrate.
@@ -55,7 +55,7 @@ def export(
     eval_corpus: Annotated[Optional[Path], typer.Option(help="Folder with eval_seen.jsonl for the WER gate [default: the shipped demo eval subset].", rich_help_panel=_Q)] = None,
     override_gates: Annotated[bool, typer.Option(help="Write the bundle even when it misses an accuracy gate.", rich_help_panel=_Q)] = False,
 ) -> None:
-    try:
+    with reported_in_one_line("fastslm-export", "interrupted; nothing was written"):
         # Heavy imports (torch, onnx) only after typer has parsed the arguments, so --help is instant.
         from .bundle_writer import ExportOptions, export_bundle
         from .targets import get_target
@@ -108,12 +108,6 @@ def export(
             ExportOptions(model=model, out=out, target=target, force=force, trt=trt_options, trt_limits=trt_limits,
                           quantization=quantization)
         )
-    except FastSLMError as exc:
-        typer.echo(f"fastslm-export: error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        typer.echo("fastslm-export: error: interrupted; nothing was written", err=True)
-        raise typer.Exit(130) from None
 
 
 def main() -> None:

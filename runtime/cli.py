@@ -9,14 +9,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import AudioError, FastSLMError
+from .errors import AudioError, reported_in_one_line
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-
-
-def fail(message: str, code: int = 2) -> None:
-    typer.echo(f"fastslm-run: error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 @app.command()
@@ -36,7 +31,7 @@ def run(
         help="onnx backend: execution providers in order, e.g. CUDAExecutionProvider,CPUExecutionProvider "
         "[default: the best available].")] = None,
 ) -> None:
-    try:
+    with reported_in_one_line("fastslm-run"):
         from .generate import Pipeline
         from .loading import DEFAULT_MODEL_NOTE
         from .sampling import SamplingOptions
@@ -60,10 +55,6 @@ def run(
                 failed += 1
         if failed:
             raise typer.Exit(2)
-    except FastSLMError as exc:
-        fail(str(exc), exc.exit_code)
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
 
 
 def check_fits_context(pipe, path: Path, prompt: str, language, max_new_tokens: int) -> None:

@@ -8,6 +8,9 @@ caught, so a real bug still shows its traceback.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class FastSLMError(Exception):
     """An error the user can fix; its message is a single actionable line."""
@@ -25,3 +28,19 @@ class ModelFileError(FastSLMError):
 
 class OptionError(FastSLMError):
     """A command-line or API option is out of range or inconsistent."""
+
+
+@contextmanager
+def reported_in_one_line(tool: str, interrupted: str = "interrupted") -> Iterator[None]:
+    """For a command's body: a FastSLMError becomes `tool: error: message` on stderr and its exit
+    code, Ctrl-C becomes `interrupted` and 130; anything else keeps its traceback (a real bug)."""
+    import typer
+
+    try:
+        yield
+    except FastSLMError as exc:
+        typer.echo(f"{tool}: error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo(f"{tool}: error: {interrupted}", err=True)
+        raise typer.Exit(130) from None

@@ -12,6 +12,7 @@ import pytest
 import soundfile as sf
 
 from fastslm.models.tiny import build_tiny_model
+from fastslm.runtime.errors import OptionError
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +76,22 @@ def test_bad_options_give_one_error_line(tiny_dir, jfk_path, args, message):
     result = run_cli(*base, *args, str(jfk_path))
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("raised, code, line", [
+    (OptionError("--top-p must be in (0, 1]"), 2, "fastslm-x: error: --top-p must be in (0, 1]"),
+    (KeyboardInterrupt(), 130, "fastslm-x: error: interrupted; nothing was written"),
+])
+def test_every_cli_reports_user_errors_and_ctrl_c_in_one_line(raised, code, line, capsys):
+    import typer
+
+    from fastslm.runtime.errors import reported_in_one_line
+
+    with pytest.raises(typer.Exit) as exc_info:
+        with reported_in_one_line("fastslm-x", "interrupted; nothing was written"):
+            raise raised
+    assert exc_info.value.exit_code == code
+    assert capsys.readouterr().err == line + "\n"
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        with reported_in_one_line("fastslm-x"):
+            1 / 0

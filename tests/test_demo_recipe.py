@@ -379,3 +379,23 @@ def test_reading_batches_train_and_keep_old_runs_resumable(recipe, tmp_path):
     # a run started before reading batches existed has the same trajectory key as reading_batch=0
     key = train.TrainOptions(reading_batch=0).trajectory_key()
     assert "reading_batch" not in key and train.TrainOptions(reading_batch=2).trajectory_key()["reading_batch"] == 2
+
+
+def test_speech_tokens_per_window_is_a_recipe_dimension(tmp_path, monkeypatch):
+    import fastslm.models.demo.recipe as recipe
+    from fastslm.models.demo.recipe import SPEECH_TOKENS, Paths, demo_config, trained_model
+
+    assert demo_config(2048).hfq_former.n_queries == SPEECH_TOKENS == 50
+    dims = demo_config(2048, 150).hfq_former
+    assert (dims.n_queries, dims.stage_queries) == (150, (150, 150, 150))
+    # a checkpoint says its own dims: export and eval rebuild the model from them
+    config = demo_config(2048, 150)
+    model = train.new_model(config, 0)
+    paths = Paths(tmp_path)
+    paths.train.mkdir(parents=True)
+    torch.save({"step": 3, "model": train.trainable_state(model), "config": config.to_dict()},
+               paths.train / train.BEST_FILE)
+    monkeypatch.setattr(recipe, "load_tiny_en", lambda: WhisperEncoder(config.whisper))
+    loaded, _, step = trained_model(paths)
+    assert step == 3 and loaded.config.tokens_per_window == 150
+    torch.testing.assert_close(loaded.encoder.adapter.compressor.query, model.encoder.adapter.compressor.query)

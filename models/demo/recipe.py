@@ -39,6 +39,7 @@ from .windows import RecipeError, WindowOptions
 
 STAGES = ("tokenizer", "windows", "features", "train", "export-folder", "eval")
 DEFAULT_VOCAB = 2000  # learned BPE tokens (256 bytes + merges); the added tokens come on top
+SPEECH_TOKENS = 50  # per 30 s window, as in FastSLM
 MODEL_NAME = "fastslm-demo-en"
 MODEL_DESCRIPTION = (
     "Small English demo FastSLM: Whisper tiny.en encoder (frozen) + HFQ-Former + a 4-layer Qwen3-style "
@@ -62,7 +63,7 @@ def load_tiny_en():
     return WhisperEncoder.from_pretrained(tiny_en_dir())
 
 
-def demo_config(vocab_size: int):
+def demo_config(vocab_size: int, speech_tokens: int = SPEECH_TOKENS):
     from ..fastslm import FastSLMConfig
     from ..hfq_former import HFQFormerDims
     from ..qwen3 import Qwen3Dims
@@ -71,8 +72,8 @@ def demo_config(vocab_size: int):
     rows = -(-vocab_size // 64) * 64  # embedding rows: the tokenizer's ids, rounded up
     return FastSLMConfig(
         whisper=WhisperEncoderDims(n_mels=80, n_ctx=1500, width=384, n_heads=6, n_layers=4),
-        hfq_former=HFQFormerDims(width=384, n_heads=6, n_frames=1500, stage_queries=(80, 80, 80), n_queries=50,
-                                 n_out_blocks=2, llm_dim=256),
+        hfq_former=HFQFormerDims(width=384, n_heads=6, n_frames=1500, stage_queries=(max(80, speech_tokens),) * 3,
+                                 n_queries=speech_tokens, n_out_blocks=2, llm_dim=256),
         qwen3=Qwen3Dims(vocab_size=rows, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
                         num_kv_heads=2, head_dim=64, rope_theta=10_000.0, rms_norm_eps=1e-6,
                         tie_word_embeddings=True, max_position_embeddings=8192),
@@ -232,7 +233,7 @@ class SelectionEvaluator:
         return result
 
 
-def build_trainer(paths: Paths, corpus: Path, options, progress: bool = True):
+def build_trainer(paths: Paths, corpus: Path, options, progress: bool = True, speech_tokens: int = SPEECH_TOKENS):
     from ...runtime.tokenizer import Tokenizer
     from .evaluate import load_split
     from .features import FeatureStore
@@ -240,7 +241,7 @@ def build_trainer(paths: Paths, corpus: Path, options, progress: bool = True):
     from .windows import load_windows, read_corpus
 
     tokenizer = Tokenizer.from_file(paths.tokenizer)
-    config = demo_config(tokenizer.vocab_size)
+    config = demo_config(tokenizer.vocab_size, speech_tokens)
     whisper = load_tiny_en()
     model = new_model(config, options.seed, whisper)
     evaluator = None
@@ -263,8 +264,9 @@ def build_trainer(paths: Paths, corpus: Path, options, progress: bool = True):
                    reading_texts=reading_texts)
 
 
-def stage_train(paths: Paths, corpus: Path, options, max_steps: int | None, progress: bool) -> None:
-    trainer = build_trainer(paths, corpus, options, progress)
+def stage_train(paths: Paths, corpus: Path, options, max_steps: int | None, progress: bool,
+                speech_tokens: int = SPEECH_TOKENS) -> None:
+    trainer = build_trainer(paths, corpus, options, progress, speech_tokens)
     if trainer.total_steps is not None and trainer.step >= trainer.total_steps:
         print(f"train: finished ({trainer.step} steps, best WER {trainer.best['wer']} at step {trainer.best['step']})")
         return
@@ -288,8 +290,12 @@ def trained_model(paths: Paths, which: str = "best"):
         source = paths.train / STATE_FILE
     if not source.is_file():
         raise RecipeError(f"{paths.train} holds no checkpoint: run the train stage first")
+    from ..fastslm import FastSLMConfig
+
     ckpt = torch.load(source, weights_only=True)
-    model = new_model(demo_config(Tokenizer.from_file(paths.tokenizer).vocab_size), 0, load_tiny_en())
+    config = FastSLMConfig.from_dict(ckpt["config"]) if "config" in ckpt else demo_config(
+        Tokenizer.from_file(paths.tokenizer).vocab_size)
+    model = new_model(config, 0, load_tiny_en())
     load_trainable_state(model, ckpt["model"])
     return model.eval(), source, ckpt["step"]
 
@@ -361,6 +367,8 @@ def parse_args(argv: list[str] | None):
     g.add_argument("--steps", type=int, help="total steps (instead of sizing from --hours)")
     g.add_argument("--max-steps", type=int, help="stop this run after N steps (resume later)")
     g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--speech-tokens", type=int, default=SPEECH_TOKENS,
+                   help="speech tokens per 30 s window (FastSLM: 50; more make each token's job easier)")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--warmup-steps", type=int, default=300)
     g.add_argument("--eval-minutes", type=float, default=20.0)
@@ -403,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
             elif stage == "features":
                 stage_features(paths, a.corpus, a.shard_size, a.encode_batch, not a.no_progress)
             elif stage == "train":
-                stage_train(paths, a.corpus, train_options, a.max_steps, not a.no_progress)
+                stage_train(paths, a.corpus, train_options, a.max_steps, not a.no_progress, a.speech_tokens)
             elif stage == "export-folder":
                 stage_export(paths, a.corpus, out, a.dtype, a.check_limit, a.checkpoint)
             elif stage == "eval":

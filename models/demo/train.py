@@ -617,7 +617,9 @@ class Trainer:
         if improved:
             self.best = {"wer": result["wer"], "step": self.step}
             atomic_save({"step": self.step, "model": trainable_state(self.model), "eval": result,
-                         "config": self.model.config.to_dict()}, self.out / BEST_FILE)
+                         "config": self.model.config.to_dict(),
+                         "slot_head": self.slot_head.state_dict() if self.slot_head is not None else {}},
+                        self.out / BEST_FILE)
         self.log({"event": "eval", "step": self.step, **result, "best": self.best,
                   "seconds": round(time.perf_counter() - t0, 1)})
         return result

@@ -399,3 +399,18 @@ def test_speech_tokens_per_window_is_a_recipe_dimension(tmp_path, monkeypatch):
     loaded, _, step = trained_model(paths)
     assert step == 3 and loaded.config.tokens_per_window == 150
     torch.testing.assert_close(loaded.encoder.adapter.compressor.query, model.encoder.adapter.compressor.query)
+
+
+def test_slot_ctc_loss_prefers_the_spoken_order_and_skips_impossible_windows():
+    blank, n_slots, vocab = 5, 8, 6
+    sequence = [1, 2, 2, 3]
+    aligned = torch.full((1, n_slots, vocab), -9.0)
+    for slot, token in enumerate([1, blank, 2, blank, 2, 3, blank, blank]):
+        aligned[0, slot, token] = 0.0
+    aligned = aligned.log_softmax(-1)
+    good = float(train.slot_ctc_loss(aligned, [sequence], blank))
+    wrong = float(train.slot_ctc_loss(aligned, [[3, 2, 2, 1]], blank))
+    assert good < 0.1 < 3.0 < wrong  # per target token (reduction "mean")
+    # more tokens than slots: no alignment exists, the window adds nothing (and no NaN)
+    both = train.slot_ctc_loss(torch.cat([aligned, aligned]), [sequence, list(range(1, 5)) * 3], blank)
+    assert torch.isfinite(both) and float(both) < good + 0.1

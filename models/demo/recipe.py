@@ -375,6 +375,8 @@ def parse_args(argv: list[str] | None):
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the training step")
     g.add_argument("--align-weight", type=float, default=1.0,
                    help="weight of the training-only slot loss on the speech tokens (0: off)")
+    g.add_argument("--ctc-weight", type=float, default=0.0,
+                   help="weight of a CTC loss on the speech tokens through the slot head (0: off)")
     g.add_argument("--reading-batch", type=int, default=0,
                    help="text-only ASR samples per step on pseudo speech tokens (0: off)")
     g = p.add_argument_group("export / eval")
@@ -400,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
     window_options = WindowOptions(seed=a.seed, passes=a.passes, single_fraction=a.single_fraction)
     train_options = TrainOptions(seed=a.seed, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps,
                                  steps=a.steps, hours=a.hours, eval_minutes=a.eval_minutes, bf16=a.bf16,
-                                 align_weight=a.align_weight, reading_batch=a.reading_batch)
+                                 align_weight=a.align_weight, reading_batch=a.reading_batch, ctc_weight=a.ctc_weight)
     try:
         for stage in stages:
             t0 = time.perf_counter()

@@ -98,6 +98,7 @@ class TrainOptions:
     align_weight: float = 1.0  # slot loss weight; 0: the LLM loss only
     silent_slot_weight: float = 0.2  # weight of a slot with no text in the slot loss
     reading_batch: int = 0  # text-only ASR samples per step on pseudo speech tokens (see reading_loss)
+    ctc_weight: float = 0.0  # CTC on the slot head's posteriors (blank: "nothing said"); see slot_ctc_loss
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -117,7 +118,7 @@ class TrainOptions:
 
 
 # Options added after runs were started, with the value that leaves a run as it was.
-_LATER_OPTIONS = {"reading_batch": 0}
+_LATER_OPTIONS = {"reading_batch": 0, "ctc_weight": 0.0}
 
 
 def learning_rate(step: int, total: int | None, o: TrainOptions) -> float:
@@ -234,6 +235,7 @@ class Batch:
     weights: Tensor  # (B, T) float32 loss weights at the target positions
     slots: Tensor | None = None  # (B, Q, V + 1) target distribution per speech token (V: nothing said)
     slot_weights: Tensor | None = None  # (B, Q)
+    sequences: list[list[int]] | None = None  # per sample: the text tokens of the window in spoken order
     windows: list[int] = field(default_factory=list)
 
 
@@ -353,8 +355,28 @@ def slot_targets(slots: list[list[tuple[int, int]]], n_slots: int, vocab_size: i
 
 
 def slot_loss(head: SlotHead, speech: Tensor, embeddings: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
-    ce = -(targets * head(speech, embeddings)).sum(-1)  # (B, Q)
+    return slot_cross_entropy(head(speech, embeddings), targets, weights)
+
+
+def slot_cross_entropy(log_probs: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+    ce = -(targets * log_probs).sum(-1)  # (B, Q)
     return (ce * weights).sum() / weights.sum()
+
+
+def slot_ctc_loss(log_probs: Tensor, sequences: list[list[int]], blank: int) -> Tensor:
+    """CTC of each window's token sequence over its speech tokens, read through the slot head.
+
+    The slot targets place tokens by character length, which at 0.2 s per slot is often a slot
+    or two off; CTC lets each token find its own slot, in order. It needs a slot per token (and
+    one between repeats), which 50 slots per 30 s never give (a window says up to ~120 tokens:
+    measured, CTC on 50 tokens stayed on the blank plateau); windows too dense for their slots
+    contribute nothing (zero_infinity).
+    """
+    lengths = torch.tensor([len(q) for q in sequences])
+    flat = torch.tensor([t for q in sequences for t in q], dtype=torch.long)
+    b, n_slots, _ = log_probs.shape
+    return F.ctc_loss(log_probs.float().transpose(0, 1), flat, torch.full((b,), n_slots), lengths, blank=blank,
+                      reduction="mean", zero_infinity=True)
 
 
 def answer_loss(model: FastSLM, speech: Tensor, batch: Batch) -> Tensor:
@@ -430,18 +452,25 @@ def reading_loss(model: FastSLM, batch: Batch, slots: list[list[tuple[int, int]]
 
 
 def forward_loss(model: FastSLM, batch: Batch, bf16: bool = False, slot_head: SlotHead | None = None,
-                 align_weight: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(total, answer cross-entropy, slot loss, mean speech-token norm): the weighted mean
-    cross-entropy over the answer tokens, plus `align_weight` times the slot loss (see the
-    module docstring)."""
+                 align_weight: float = 0.0, ctc_weight: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(total, answer cross-entropy, slot loss, mean speech-token norm, CTC loss): the weighted
+    mean cross-entropy over the answer tokens, plus `align_weight` times the slot loss and
+    `ctc_weight` times the slot CTC loss (see the module docstring)."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         speech = model.encoder.adapter(batch.features)  # (B, Q, H)
         answer = answer_loss(model, speech, batch)
     norm = speech.detach().float().norm(dim=-1).mean()
+    zero = answer.new_zeros(())
     if slot_head is None or not align_weight or batch.slots is None:
-        return answer, answer.detach(), answer.new_zeros(()), norm
-    aligned = slot_loss(slot_head, speech, model.llm.model.embed_tokens.weight, batch.slots, batch.slot_weights)
-    return answer + align_weight * aligned, answer.detach(), aligned.detach(), norm
+        return answer, answer.detach(), zero, norm, zero
+    log_probs = slot_head(speech, model.llm.model.embed_tokens.weight)
+    aligned = slot_cross_entropy(log_probs, batch.slots, batch.slot_weights)
+    total = answer + align_weight * aligned
+    ctc = zero
+    if ctc_weight and batch.sequences is not None:
+        ctc = slot_ctc_loss(log_probs, batch.sequences, slot_head.nothing)
+        total = total + ctc_weight * ctc
+    return total, answer.detach(), aligned.detach(), norm, ctc.detach()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,6 +592,7 @@ class Trainer:
             batch.slots, batch.slot_weights = slot_targets(
                 [self._slots[w] for w in picks], self.model.config.tokens_per_window, self.slot_head.nothing,
                 self.o.silent_slot_weight)
+            batch.sequences = [[token for _, token in self._slots[w]] for w in picks]
         batch.windows = [int(w) for w in picks]
         spec_augment_(batch.features, rng, self.o)
         return batch
@@ -583,11 +613,14 @@ class Trainer:
     # -- loop -------------------------------------------------------------------------------
 
     def train_step(self, batch: Batch, reading: tuple[Batch, list] | None = None) -> tuple[float, float, float]:
-        """One optimizer step; returns (answer cross-entropy, slot loss, gradient norm)."""
+        """One optimizer step; returns (answer cross-entropy, slot loss, gradient norm); the CTC
+        loss, when on, goes to `last_ctc`."""
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step, self.total_steps, self.o)
         self.model.train()
-        loss, answer, aligned, norm = forward_loss(self.model, batch, self.o.bf16, self.slot_head, self.o.align_weight)
+        loss, answer, aligned, norm, ctc = forward_loss(self.model, batch, self.o.bf16, self.slot_head,
+                                                        self.o.align_weight, self.o.ctc_weight)
+        self.last_ctc = float(ctc)
         if reading is not None:
             loss = loss + reading_loss(self.model, reading[0], reading[1], self.slot_head.silence, norm, self.o.bf16)
         self.optimizer.zero_grad(set_to_none=True)
@@ -640,7 +673,7 @@ class Trainer:
         timing_start, timing_from = None, None
         bar = tqdm(initial=self.step, total=self.total_steps, desc="train", unit="step", disable=not self.progress,
                    smoothing=0.05)
-        run_from, window_loss, window_slot = self.step, [], []
+        run_from, window_loss, window_slot, window_ctc = self.step, [], [], []
         log_time, log_step = time.monotonic(), self.step
         while (self.total_steps is None or self.step < self.total_steps) and (stop_at is None or self.step < stop_at):
             t0 = time.monotonic()
@@ -648,6 +681,7 @@ class Trainer:
             self.elapsed_s += time.monotonic() - t0
             window_loss.append(loss)
             window_slot.append(aligned)
+            window_ctc.append(self.last_ctc)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
             # calibration: time the steps after the first 3 of this run (the first ones are slow)
@@ -663,9 +697,10 @@ class Trainer:
                 rate = (self.step - log_step) / max(1e-9, now - log_time)  # since the last log line, evals included
                 self.log({"step": self.step, "loss": round(float(np.mean(window_loss)), 4),
                           "slot": round(float(np.mean(window_slot)), 4), "grad_norm": round(norm, 3),
+                          **({"ctc": round(float(np.mean(window_ctc)), 4)} if o.ctc_weight else {}),
                           "lr": learning_rate(self.step - 1, self.total_steps, o), "steps_per_s": round(rate, 4),
                           "elapsed_s": round(self.elapsed_s, 1)})
-                window_loss, window_slot, log_time, log_step = [], [], now, self.step
+                window_loss, window_slot, window_ctc, log_time, log_step = [], [], [], now, self.step
             if self.eval_every and self.step % self.eval_every == 0:
                 self.evaluate()
                 self.save()

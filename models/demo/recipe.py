@@ -283,6 +283,7 @@ def trained_model(paths: Paths, which: str = "best"):
     import torch
 
     from ...runtime.tokenizer import Tokenizer
+    from ..fastslm import FastSLMConfig
     from .train import BEST_FILE, STATE_FILE, load_trainable_state, new_model
 
     source = paths.train / (BEST_FILE if which == "best" else STATE_FILE)
@@ -290,8 +291,6 @@ def trained_model(paths: Paths, which: str = "best"):
         source = paths.train / STATE_FILE
     if not source.is_file():
         raise RecipeError(f"{paths.train} holds no checkpoint: run the train stage first")
-    from ..fastslm import FastSLMConfig
-
     ckpt = torch.load(source, weights_only=True)
     config = FastSLMConfig.from_dict(ckpt["config"]) if "config" in ckpt else demo_config(
         Tokenizer.from_file(paths.tokenizer).vocab_size)

@@ -525,6 +525,7 @@ class Trainer:
         self._perms: dict[int, np.ndarray] = {}
         self._stop = False
         self._evaluated_at: int | None = None
+        self.last_ctc = 0.0
         self._resume()
 
     # -- state ------------------------------------------------------------------------------

@@ -49,9 +49,10 @@ def rtx_runs_on(cc: tuple[int, int]) -> bool:
 
 
 def rtx_unsupported_message(device: "DeviceFacts") -> str:
+    runs_on = ", ".join(format_cc(cc) for cc in sorted(RTX_RUNTIME_CCS) if cc < (12, 0)) + ", 12.x"
     return (
         f"TensorRT for RTX does not run on {device.name} (compute capability {device.compute_capability}; it runs on "
-        "RTX-class GPUs: 7.5, 8.0, 8.6, 8.9, 12.x); on this GPU use full TensorRT (--trt-flavour tensorrt, "
+        f"RTX-class GPUs: {runs_on}); on this GPU use full TensorRT (--trt-flavour tensorrt, "
         "from NVIDIA or JetPack) or the ONNX Runtime backend"
     )
 

@@ -330,7 +330,8 @@ def test_slot_loss_trains_the_speech_tokens(recipe, tmp_path):
     losses = []
     for _ in range(20):
         embeddings = trainer.model.llm.model.embed_tokens.weight
-        loss = train.slot_loss(trainer.slot_head, adapter(batch.features), embeddings, batch.slots, batch.slot_weights)
+        loss = train.slot_cross_entropy(trainer.slot_head(adapter(batch.features), embeddings), batch.slots,
+                                        batch.slot_weights)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -414,3 +415,24 @@ def test_slot_ctc_loss_prefers_the_spoken_order_and_skips_impossible_windows():
     # more tokens than slots: no alignment exists, the window adds nothing (and no NaN)
     both = train.slot_ctc_loss(torch.cat([aligned, aligned]), [sequence, list(range(1, 5)) * 3], blank)
     assert torch.isfinite(both) and float(both) < good + 0.1
+
+
+def test_ctc_weight_trains_logs_and_refuses_bad_settings(recipe, tmp_path):
+    from fastslm.models.demo.recipe import demo_config
+    from fastslm.models.demo.windows import RecipeError
+
+    trainer = tiny_trainer(recipe, tmp_path / "ctc", augment_prob=0.0, ctc_weight=0.5)
+    batch = trainer.batch_for(0)
+    assert batch.sequences == [[t for _, t in trainer._slots[w]] for w in batch.windows]
+    answer, aligned, ctc, norm = trainer.train_step(batch)
+    assert np.isfinite(ctc) and ctc >= 0.0 and answer > 0.0 and aligned > 0.0 and norm > 0.0
+    trainer.run()
+    logged = [json.loads(line) for line in (tmp_path / "ctc" / "log.jsonl").read_text().splitlines()]
+    assert any("ctc" in r and np.isfinite(r["ctc"]) for r in logged)
+    assert tiny_trainer(recipe, tmp_path / "plain").batch_for(0).sequences is None  # no CTC, no sequences
+    with pytest.raises(RecipeError, match="--ctc-weight -1.0: give a weight >= 0"):
+        tiny_trainer(recipe, tmp_path / "neg", ctc_weight=-1.0)
+    with pytest.raises(RecipeError, match="positive --align-weight"):
+        tiny_trainer(recipe, tmp_path / "noslot", ctc_weight=0.5, align_weight=0.0)
+    with pytest.raises(RecipeError, match="--speech-tokens must be a positive count .* got 0"):
+        demo_config(2048, 0)

@@ -64,6 +64,8 @@ def load_tiny_en():
 
 
 def demo_config(vocab_size: int, speech_tokens: int = SPEECH_TOKENS):
+    if speech_tokens < 1:
+        raise RecipeError(f"--speech-tokens must be a positive count per 30 s window, got {speech_tokens}")
     from ..fastslm import FastSLMConfig
     from ..hfq_former import HFQFormerDims
     from ..qwen3 import Qwen3Dims
@@ -282,7 +284,6 @@ def trained_model(paths: Paths, which: str = "best"):
     """The best checkpoint (or the latest state) as a float32 FastSLM with the tiny.en encoder."""
     import torch
 
-    from ...runtime.tokenizer import Tokenizer
     from ..fastslm import FastSLMConfig
     from .train import BEST_FILE, STATE_FILE, load_trainable_state, new_model
 
@@ -292,9 +293,7 @@ def trained_model(paths: Paths, which: str = "best"):
     if not source.is_file():
         raise RecipeError(f"{paths.train} holds no checkpoint: run the train stage first")
     ckpt = torch.load(source, weights_only=True)
-    config = FastSLMConfig.from_dict(ckpt["config"]) if "config" in ckpt else demo_config(
-        Tokenizer.from_file(paths.tokenizer).vocab_size)
-    model = new_model(config, 0, load_tiny_en())
+    model = new_model(FastSLMConfig.from_dict(ckpt["config"]), 0, load_tiny_en())
     load_trainable_state(model, ckpt["model"])
     return model.eval(), source, ckpt["step"]
 

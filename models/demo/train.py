@@ -13,8 +13,8 @@ adapter almost no signal about what each speech token should hold, so transcript
 fluent and unrelated to the audio (measured: 2,300 steps at ~100% WER; a CTC term on the
 speech tokens stayed on its blank plateau for 700 steps). But the recipe composed every
 window itself, so it knows when each utterance starts and ends; spreading an utterance's
-tokens over its span in proportion to their characters gives each of the 50 speech tokens
-(0.6 s of the window each) the text tokens spoken in its slot, approximately. The slot loss
+tokens over its span in proportion to their characters gives each speech token (0.6 s of
+the window at FastSLM's 50 per window) the text tokens spoken in its slot, approximately. The slot loss
 scores each speech token against the decoder's embedding table (see SlotHead) with those
 tokens as the target (uniform over the slot's tokens; "nothing" for silent slots,
 down-weighted): a dense target with no alignment to search for, which puts word identity
@@ -354,10 +354,6 @@ def slot_targets(slots: list[list[tuple[int, int]]], n_slots: int, vocab_size: i
     return targets, torch.where(said, 1.0, silent_weight)
 
 
-def slot_loss(head: SlotHead, speech: Tensor, embeddings: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
-    return slot_cross_entropy(head(speech, embeddings), targets, weights)
-
-
 def slot_cross_entropy(log_probs: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
     ce = -(targets * log_probs).sum(-1)  # (B, Q)
     return (ce * weights).sum() / weights.sum()
@@ -510,6 +506,9 @@ class Trainer:
         self.reading_texts = reading_texts or []
         if options.reading_batch and (self.slot_head is None or not self.reading_texts):
             raise RecipeError("reading batches need the slot loss (align_weight > 0) and training sentences")
+        if options.ctc_weight < 0 or (options.ctc_weight and self.slot_head is None):
+            raise RecipeError(f"--ctc-weight {options.ctc_weight}: give a weight >= 0, and a positive "
+                              "--align-weight (the CTC loss reads the speech tokens through the slot head)")
         params = trainable_parameters(model) + (list(self.slot_head.parameters()) if self.slot_head else [])
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
@@ -525,7 +524,6 @@ class Trainer:
         self._perms: dict[int, np.ndarray] = {}
         self._stop = False
         self._evaluated_at: int | None = None
-        self.last_ctc = 0.0
         self._resume()
 
     # -- state ------------------------------------------------------------------------------
@@ -593,7 +591,8 @@ class Trainer:
             batch.slots, batch.slot_weights = slot_targets(
                 [self._slots[w] for w in picks], self.model.config.tokens_per_window, self.slot_head.nothing,
                 self.o.silent_slot_weight)
-            batch.sequences = [[token for _, token in self._slots[w]] for w in picks]
+            if self.o.ctc_weight:
+                batch.sequences = [[token for _, token in self._slots[w]] for w in picks]
         batch.windows = [int(w) for w in picks]
         spec_augment_(batch.features, rng, self.o)
         return batch
@@ -613,15 +612,13 @@ class Trainer:
 
     # -- loop -------------------------------------------------------------------------------
 
-    def train_step(self, batch: Batch, reading: tuple[Batch, list] | None = None) -> tuple[float, float, float]:
-        """One optimizer step; returns (answer cross-entropy, slot loss, gradient norm); the CTC
-        loss, when on, goes to `last_ctc`."""
+    def train_step(self, batch: Batch, reading: tuple[Batch, list] | None = None) -> tuple[float, float, float, float]:
+        """One optimizer step; returns (answer cross-entropy, slot loss, CTC loss, gradient norm)."""
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step, self.total_steps, self.o)
         self.model.train()
         loss, answer, aligned, norm, ctc = forward_loss(self.model, batch, self.o.bf16, self.slot_head,
                                                         self.o.align_weight, self.o.ctc_weight)
-        self.last_ctc = float(ctc)
         if reading is not None:
             loss = loss + reading_loss(self.model, reading[0], reading[1], self.slot_head.silence, norm, self.o.bf16)
         self.optimizer.zero_grad(set_to_none=True)
@@ -630,7 +627,7 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(params, self.o.grad_clip)
         self.optimizer.step()
         self.step += 1
-        return float(answer), float(aligned), float(norm)
+        return float(answer), float(aligned), float(ctc), float(norm)
 
     def _calibrate(self, seconds_per_step: float) -> None:
         if self.total_steps is None:
@@ -678,11 +675,11 @@ class Trainer:
         log_time, log_step = time.monotonic(), self.step
         while (self.total_steps is None or self.step < self.total_steps) and (stop_at is None or self.step < stop_at):
             t0 = time.monotonic()
-            loss, aligned, norm = self.train_step(self.batch_for(self.step), self.reading_for(self.step))
+            loss, aligned, ctc, norm = self.train_step(self.batch_for(self.step), self.reading_for(self.step))
             self.elapsed_s += time.monotonic() - t0
             window_loss.append(loss)
             window_slot.append(aligned)
-            window_ctc.append(self.last_ctc)
+            window_ctc.append(ctc)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
             # calibration: time the steps after the first 3 of this run (the first ones are slow)

@@ -386,9 +386,9 @@ def test_speech_tokens_per_window_is_a_recipe_dimension(tmp_path, monkeypatch):
     import fastslm.models.demo.recipe as recipe
     from fastslm.models.demo.recipe import SPEECH_TOKENS, Paths, demo_config, trained_model
 
-    assert demo_config(2048).hfq_former.n_queries == SPEECH_TOKENS == 50
-    dims = demo_config(2048, 150).hfq_former
-    assert (dims.n_queries, dims.stage_queries) == (150, (150, 150, 150))
+    assert demo_config(2048).hfq_former.n_queries == SPEECH_TOKENS == 150
+    dims = demo_config(2048, 50).hfq_former  # FastSLM's own count: the stages keep at least 80 queries
+    assert (dims.n_queries, dims.stage_queries) == (50, (80, 80, 80))
     # a checkpoint says its own dims: export and eval rebuild the model from them
     config = demo_config(2048, 150)
     model = train.new_model(config, 0)

@@ -163,13 +163,13 @@ def test_tiny_pipeline_runs_end_to_end(tiny, backends, jfk_path):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from fastslm.runtime.loading import DEFAULT_MODEL_DIR
+    from fastslm.runtime.loading import DEFAULT_MODEL_FOLDER
 
-    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-        pytest.skip(f"the demo model is not at {DEFAULT_MODEL_DIR}")
-    root = tmp_path_factory.mktemp("trt_demo")
-    return {"model": DEFAULT_MODEL_DIR, "onnx16": export(DEFAULT_MODEL_DIR, root / "onnx16", "onnx-fp16"),
-            "trt": trt_bundle(DEFAULT_MODEL_DIR, root / "trt")}
+    if not (DEFAULT_MODEL_FOLDER / "config.json").is_file():
+        pytest.skip(f"the demo model is not at {DEFAULT_MODEL_FOLDER}")
+    root = tmp_path_factory.mktemp("trt_demo")  # exported from the model folder, as a user would
+    return {"model": DEFAULT_MODEL_FOLDER, "onnx16": export(DEFAULT_MODEL_FOLDER, root / "onnx16", "onnx-fp16"),
+            "trt": trt_bundle(DEFAULT_MODEL_FOLDER, root / "trt")}
 
 
 def test_demo_greedy_tokens_identical_to_onnx_on_jfk(demo, jfk_path):

@@ -1,6 +1,6 @@
 """The demo-model recipe: one seeded, resumable command from the speech corpus to a model folder.
 
-    python -m fastslm.models.demo --work work/demo --corpus work/corpus [--stage STAGE] [--hours H]
+    python -m fastslm.models.demo --work work/demo --corpus work/corpus [--stage STAGE] [--bf16]
 
 Stages (``all`` runs them in this order; each skips or resumes finished work):
 
@@ -15,7 +15,7 @@ Stages (``all`` runs them in this order; each skips or resumes finished work):
 6. ``eval``       WER on eval_seen, eval_unseen, jfk and QA accuracy of the exported folder
 
 Model: Whisper tiny.en encoder (80 mels, width 384, 4 layers; frozen), the full HFQ-Former at
-width 384 (stage queries 80/80/80, 50 speech tokens per window, 2 out blocks), and a Qwen3-style
+width 384 (stage queries 150/150/150, 150 speech tokens per window, 2 out blocks), and a Qwen3-style
 decoder trained from scratch (hidden 256, 4 layers, 4 heads / 2 kv heads of 64, MLP 768, tied
 embeddings, rope theta 1e4).
 """
@@ -39,7 +39,7 @@ from .windows import RecipeError, WindowOptions
 
 STAGES = ("tokenizer", "windows", "features", "train", "export-folder", "eval")
 DEFAULT_VOCAB = 2000  # learned BPE tokens (256 bytes + merges); the added tokens come on top
-SPEECH_TOKENS = 50  # per 30 s window, as in FastSLM
+SPEECH_TOKENS = 150  # per 30 s window; FastSLM uses 50 for its 4B LLM (see docs/DEMO_MODEL.md for why 150 here)
 MODEL_NAME = "fastslm-demo-en"
 MODEL_DESCRIPTION = (
     "Small English demo FastSLM: Whisper tiny.en encoder (frozen) + HFQ-Former + a 4-layer Qwen3-style "
@@ -355,27 +355,27 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("tokenizer / windows / features")
     g.add_argument("--vocab", type=int, default=DEFAULT_VOCAB, help="learned BPE tokens")
-    g.add_argument("--passes", type=float, default=1.0,
+    g.add_argument("--passes", type=float, default=1.5,
                    help="times each train utterance is used (windows scale with it)")
     g.add_argument("--single-fraction", type=float, default=0.3)
     g.add_argument("--shard-size", type=int, default=64)
     g.add_argument("--encode-batch", type=int, default=2)
     g = p.add_argument_group("train")
-    g.add_argument("--hours", type=float, default=2.5, help="training time the schedule is sized to")
-    g.add_argument("--steps", type=int, help="total steps (instead of sizing from --hours)")
+    g.add_argument("--hours", type=float, default=2.5, help="with --steps 0: training time the schedule is sized to")
+    g.add_argument("--steps", type=int, default=3500, help="total steps (0: size the schedule from --hours)")
     g.add_argument("--max-steps", type=int, help="stop this run after N steps (resume later)")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--speech-tokens", type=int, default=SPEECH_TOKENS,
                    help="speech tokens per 30 s window (FastSLM: 50; more make each token's job easier)")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--warmup-steps", type=int, default=300)
-    g.add_argument("--eval-minutes", type=float, default=20.0)
+    g.add_argument("--eval-minutes", type=float, default=6.0)
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the training step")
     g.add_argument("--align-weight", type=float, default=1.0,
                    help="weight of the training-only slot loss on the speech tokens (0: off)")
     g.add_argument("--ctc-weight", type=float, default=0.0,
                    help="weight of a CTC loss on the speech tokens through the slot head (0: off)")
-    g.add_argument("--reading-batch", type=int, default=0,
+    g.add_argument("--reading-batch", type=int, default=8,
                    help="text-only ASR samples per step on pseudo speech tokens (0: off)")
     g = p.add_argument_group("export / eval")
     g.add_argument("--out", type=Path, help="model folder to write / evaluate (default WORK/model)")
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     stages = STAGES if a.stage == "all" else (a.stage,)
     window_options = WindowOptions(seed=a.seed, passes=a.passes, single_fraction=a.single_fraction)
     train_options = TrainOptions(seed=a.seed, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps,
-                                 steps=a.steps, hours=a.hours, eval_minutes=a.eval_minutes, bf16=a.bf16,
+                                 steps=a.steps or None, hours=a.hours, eval_minutes=a.eval_minutes, bf16=a.bf16,
                                  align_weight=a.align_weight, reading_batch=a.reading_batch, ctc_weight=a.ctc_weight)
     try:
         for stage in stages:

@@ -14,6 +14,7 @@ import pytest
 from fastslm.export.bundle_writer import ExportOptions, export_bundle
 from fastslm.models.tiny import build_tiny_model
 from fastslm.runtime.generate import Pipeline
+from fastslm.runtime.loading import DEFAULT_MODEL_FOLDER
 from fastslm.runtime.sampling import SamplingOptions
 
 MAX_NEW_TOKENS = 24
@@ -107,3 +108,20 @@ def test_torch_backend_without_torch_is_one_clear_line(folders, jfk_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "needs PyTorch" in lines[0], result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEFAULT_MODEL_FOLDER.is_dir(), reason="the demo model is not shipped yet (models/demo/shipped/model)")
+def test_exported_demo_model_without_torch_reproduces_the_pytorch_transcript(tmp_path, jfk_path):
+    """`fastslm-export --target onnx` of the shipped demo folder, then the runtime with torch
+    unimportable: the words of the PyTorch reference on jfk.flac, token for token."""
+    bundle = tmp_path / "bundle"
+    export_bundle(ExportOptions(model=DEFAULT_MODEL_FOLDER, out=bundle, progress=False), log=lambda line: None)
+    result = run_without_torch(PIPELINE, str(bundle), str(jfk_path), "64")
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(result.stdout)
+    reference = Pipeline.load(DEFAULT_MODEL_FOLDER, backend="torch").generate(
+        jfk_path, "transcribe", sampling=SamplingOptions(max_new_tokens=64)
+    )
+    assert got["leaked"] == [] and got["tokens"] == reference.token_ids and got["text"] == reference.text
+    assert "fellow" in got["text"]  # it transcribes (the demo model's words, not a random model's)

@@ -436,3 +436,14 @@ def test_ctc_weight_trains_logs_and_refuses_bad_settings(recipe, tmp_path):
         tiny_trainer(recipe, tmp_path / "noslot", ctc_weight=0.5, align_weight=0.0)
     with pytest.raises(RecipeError, match="--speech-tokens must be a positive count .* got 0"):
         demo_config(2048, 0)
+
+
+def test_negative_steps_is_one_error_line(tmp_path, capsys):
+    from fastslm.models.demo.recipe import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--work", str(tmp_path / "w"), "--stage", "train", "--steps", "-1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert "--steps must be a step count, or 0" in err[0] and "got -1" in err[0]
+    assert not (tmp_path / "w").exists()  # refused before any stage touched the folder

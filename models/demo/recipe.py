@@ -402,6 +402,8 @@ def main(argv: list[str] | None = None) -> None:
                                  steps=a.steps or None, hours=a.hours, eval_minutes=a.eval_minutes, bf16=a.bf16,
                                  align_weight=a.align_weight, reading_batch=a.reading_batch, ctc_weight=a.ctc_weight)
     try:
+        if a.steps < 0:  # 0 is meaningful (size from --hours), a negative count is not
+            raise RecipeError(f"--steps must be a step count, or 0 to size the schedule from --hours; got {a.steps}")
         for stage in stages:
             t0 = time.perf_counter()
             if stage == "tokenizer":

@@ -166,7 +166,7 @@ def test_feature_shards_resume_after_a_kill(recipe, tmp_path, monkeypatch):
 # training
 
 
-def tiny_trainer(recipe, out: Path, **overrides) -> train.Trainer:
+def tiny_trainer(recipe, out: Path, token_times: dict | None = None, **overrides) -> train.Trainer:
     tok = recipe["tokenizer"]
     config = tiny_demo_config(-(-tok.vocab_size // 64) * 64)
     options = train.TrainOptions(**{"seed": 0, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "steps": 4,
@@ -175,7 +175,7 @@ def tiny_trainer(recipe, out: Path, **overrides) -> train.Trainer:
     model = train.new_model(config, options.seed)
     return train.Trainer(model, tok, recipe["windows"], FeatureStore(recipe["work"] / "features"), out, options,
                          progress=False, utterances={u.id: u for u in recipe["utts"]},
-                         reading_texts=[u.text for u in recipe["utts"]])
+                         reading_texts=[u.text for u in recipe["utts"]], token_times=token_times)
 
 
 def test_training_sequence_is_the_pipeline_prefill(recipe, tmp_path):
@@ -320,6 +320,21 @@ def test_token_slots_follow_the_window_timeline(recipe):
     assert targets[0, 6, tok.vocab_size] == 1.0 and weights[0, 6] == 0.2 and weights[0, 0] == 1.0
 
 
+def test_aligned_slot_timing_uses_the_token_times(recipe, tmp_path):
+    """--slot-timing whisper: each window's slots come from its aligned token times (here: every
+    token at 7.0 s -> slot 1 of the tiny model's 5, 6 s each), and training without the times is refused."""
+    utts = {u.id: u for u in recipe["utts"]}
+    tok = recipe["tokenizer"]
+    times = {w["id"]: [7.0] * sum(len(tok.encode(utts[u].text.strip())) for u in w["utts"])
+             for w in recipe["windows"]}
+    trainer = tiny_trainer(recipe, tmp_path / "a", token_times=times, slot_timing="whisper")
+    assert trainer.model.config.tokens_per_window == 5
+    assert all({s for s, _ in slots} == {1} for slots in trainer._slots)
+    assert trainer._slots != tiny_trainer(recipe, tmp_path / "b")._slots  # "chars" spreads them out
+    with pytest.raises(train.RecipeError, match="align stage"):
+        tiny_trainer(recipe, tmp_path / "c", slot_timing="whisper")
+
+
 def test_slot_loss_trains_the_speech_tokens(recipe, tmp_path):
     """The slot loss falls as the adapter, head and embeddings train on it (the LLM loss switched off)."""
     trainer = tiny_trainer(recipe, tmp_path, augment_prob=0.0)
@@ -447,3 +462,14 @@ def test_negative_steps_is_one_error_line(tmp_path, capsys):
     assert exit_info.value.code == 2 and len(err) == 1
     assert "--steps must be a step count, or 0" in err[0] and "got -1" in err[0]
     assert not (tmp_path / "w").exists()  # refused before any stage touched the folder
+
+
+def test_align_stage_is_skipped_or_says_what_is_missing(tmp_path, capsys):
+    from fastslm.models.demo.recipe import main
+
+    main(["--work", str(tmp_path / "w"), "--stage", "align"])
+    assert "align: skipped" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--work", str(tmp_path / "w"), "--stage", "align", "--slot-timing", "whisper"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "windows.jsonl is missing" in err[0]

@@ -9,10 +9,12 @@ Stages (``all`` runs them in this order; each skips or resumes finished work):
 2. ``windows``    <= 30 s training windows composed from train utterances, with their examples
                   -> windows.jsonl (see windows.py)
 3. ``features``   the frozen Whisper tiny.en encoder on every window -> features/ (see features.py)
-4. ``train``      HFQ-Former + decoder on the stored features -> train/ (see train.py)
-5. ``export-folder``  best weights -> a fastslm model folder (``--out``, default work/demo/model;
+4. ``align``      with ``--slot-timing whisper``: when each text token was said, from tiny.en's
+                  alignment of the stored features -> alignment.jsonl (see alignment.py)
+5. ``train``      HFQ-Former + decoder on the stored features -> train/ (see train.py)
+6. ``export-folder``  best weights -> a fastslm model folder (``--out``, default work/demo/model;
                   fp16 weights, checked against fp32 on eval_seen)
-6. ``eval``       WER on eval_seen, eval_unseen, jfk and QA accuracy of the exported folder
+7. ``eval``       WER on eval_seen, eval_unseen, jfk and QA accuracy of the exported folder
 
 Model: Whisper tiny.en encoder (80 mels, width 384, 4 layers; frozen), the full HFQ-Former at
 width 384 (stage queries 150/150/150, 150 speech tokens per window, 2 out blocks), and a Qwen3-style
@@ -37,7 +39,7 @@ from ...runtime.errors import FastSLMError
 from . import tasks
 from .windows import RecipeError, WindowOptions
 
-STAGES = ("tokenizer", "windows", "features", "train", "export-folder", "eval")
+STAGES = ("tokenizer", "windows", "features", "align", "train", "export-folder", "eval")
 DEFAULT_VOCAB = 2000  # learned BPE tokens (256 bytes + merges); the added tokens come on top
 SPEECH_TOKENS = 150  # per 30 s window; FastSLM uses 50 for its 4B LLM (see docs/DEMO_MODEL.md for why 150 here)
 MODEL_NAME = "fastslm-demo-en"
@@ -99,6 +101,10 @@ class Paths:
     @property
     def features(self) -> Path:
         return self.work / "features"
+
+    @property
+    def alignment(self) -> Path:
+        return self.work / "alignment.jsonl"
 
     @property
     def train(self) -> Path:
@@ -177,6 +183,22 @@ def stage_features(paths: Paths, corpus: Path, shard_size: int, batch_size: int,
                              shard_size=shard_size, batch_size=batch_size, progress=progress)
     print(f"features: {stats.computed} windows encoded ({stats.seconds_per_window:.3f} s per window), "
           f"{stats.skipped} already done -> {paths.features}")
+
+
+def stage_align(paths: Paths, corpus: Path, slot_timing: str, threads: int, progress: bool) -> None:
+    from .alignment import WindowAligner, align_windows
+    from .features import FeatureStore
+    from .windows import load_windows, read_corpus
+
+    if slot_timing != "whisper":
+        print("align: skipped (training spreads tokens by character length; --slot-timing whisper aligns them)")
+        return
+    windows = load_windows(paths.windows)
+    utts = {u.id: u for u in read_corpus(corpus / "train.jsonl")}
+    aligner = WindowAligner(tiny_en_dir(), paths.tokenizer, threads)
+    n = align_windows(windows, utts, FeatureStore(paths.features), aligner, paths.alignment, paths.windows,
+                      paths.tokenizer, progress)
+    print(f"align: {n} windows aligned, {len(windows) - n} already done -> {paths.alignment}")
 
 
 class SelectionEvaluator:
@@ -261,9 +283,15 @@ def build_trainer(paths: Paths, corpus: Path, options, progress: bool = True, sp
         heldout = {normalize_key(u.text) for split in ("eval_seen", "eval_unseen")
                    for u in read_corpus(corpus / f"{split}.jsonl")}
         reading_texts = [t for t in load_sentences(options.seed).train if normalize_key(t) not in heldout]
-    return Trainer(model, tokenizer, load_windows(paths.windows), FeatureStore(paths.features), paths.train,
+    windows = load_windows(paths.windows)
+    token_times = None
+    if options.slot_timing == "whisper":
+        from .alignment import load_alignment
+
+        token_times = load_alignment(paths.alignment, windows, paths.windows, paths.tokenizer)
+    return Trainer(model, tokenizer, windows, FeatureStore(paths.features), paths.train,
                    options, evaluator=evaluator, progress=progress, utterances=utterances,
-                   reading_texts=reading_texts)
+                   reading_texts=reading_texts, token_times=token_times)
 
 
 def stage_train(paths: Paths, corpus: Path, options, max_steps: int | None, progress: bool,
@@ -377,6 +405,9 @@ def parse_args(argv: list[str] | None):
                    help="weight of a CTC loss on the speech tokens through the slot head (0: off)")
     g.add_argument("--reading-batch", type=int, default=8,
                    help="text-only ASR samples per step on pseudo speech tokens (0: off)")
+    g.add_argument("--slot-timing", choices=("chars", "whisper"), default="chars",
+                   help="when each token was said, for the slot loss: spread over its utterance by character "
+                        "length, or aligned by Whisper tiny.en (the align stage)")
     g = p.add_argument_group("export / eval")
     g.add_argument("--out", type=Path, help="model folder to write / evaluate (default WORK/model)")
     g.add_argument("--dtype", choices=("float16", "float32"), default="float16")
@@ -400,7 +431,8 @@ def main(argv: list[str] | None = None) -> None:
     window_options = WindowOptions(seed=a.seed, passes=a.passes, single_fraction=a.single_fraction)
     train_options = TrainOptions(seed=a.seed, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps,
                                  steps=a.steps or None, hours=a.hours, eval_minutes=a.eval_minutes, bf16=a.bf16,
-                                 align_weight=a.align_weight, reading_batch=a.reading_batch, ctc_weight=a.ctc_weight)
+                                 align_weight=a.align_weight, reading_batch=a.reading_batch, ctc_weight=a.ctc_weight,
+                                 slot_timing=a.slot_timing)
     try:
         if a.steps < 0:  # 0 is meaningful (size from --hours), a negative count is not
             raise RecipeError(f"--steps must be a step count, or 0 to size the schedule from --hours; got {a.steps}")
@@ -412,6 +444,8 @@ def main(argv: list[str] | None = None) -> None:
                 stage_windows(paths, a.corpus, window_options)
             elif stage == "features":
                 stage_features(paths, a.corpus, a.shard_size, a.encode_batch, not a.no_progress)
+            elif stage == "align":
+                stage_align(paths, a.corpus, a.slot_timing, a.threads, not a.no_progress)
             elif stage == "train":
                 stage_train(paths, a.corpus, train_options, a.max_steps, not a.no_progress, a.speech_tokens)
             elif stage == "export-folder":

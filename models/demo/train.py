@@ -64,6 +64,7 @@ from ..whisper_encoder import sinusoids
 from .features import FeatureStore
 from .windows import RecipeError
 
+SLOT_TIMINGS = ("chars", "whisper")
 STATE_FILE = "state.pt"
 BEST_FILE = "best.pt"
 LOG_FILE = "log.jsonl"
@@ -99,9 +100,12 @@ class TrainOptions:
     silent_slot_weight: float = 0.2  # weight of a slot with no text in the slot loss
     reading_batch: int = 0  # text-only ASR samples per step on pseudo speech tokens (see reading_loss)
     ctc_weight: float = 0.0  # CTC on the slot head's posteriors (blank: "nothing said"); see slot_ctc_loss
+    slot_timing: str = "chars"  # when each token was said: "chars" (spread by length) or "whisper" (aligned)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
+        if self.slot_timing not in SLOT_TIMINGS:
+            raise ValueError(f"slot_timing must be one of {SLOT_TIMINGS}, got {self.slot_timing!r}")
         if self.steps is None and self.calibrate_steps >= self.warmup_steps:
             raise ValueError("calibrate_steps must be below warmup_steps: the schedule is sized during warmup")
 
@@ -118,7 +122,7 @@ class TrainOptions:
 
 
 # Options added after runs were started, with the value that leaves a run as it was.
-_LATER_OPTIONS = {"reading_batch": 0, "ctc_weight": 0.0}
+_LATER_OPTIONS = {"reading_batch": 0, "ctc_weight": 0.0, "slot_timing": "chars"}
 
 
 def learning_rate(step: int, total: int | None, o: TrainOptions) -> float:
@@ -295,13 +299,20 @@ def spec_augment_(features: Tensor, rng: np.random.Generator, o: TrainOptions) -
 
 
 def token_slots(window: dict, utterances: dict, tokenizer: Tokenizer, n_slots: int,
-                margin_s: float = 0.1) -> list[tuple[int, int]]:
+                margin_s: float = 0.1, times: list[float] | None = None) -> list[tuple[int, int]]:
     """(slot, token id) for each text token of a window, by where in time it was (probably) said.
 
-    An utterance's tokens are spread over its span (less `margin_s` of synthesis silence at
-    each end) in proportion to their lengths in characters; slot = time // (30 s / n_slots).
+    With `times` (each token's centre in seconds, from alignment.py) slot = time // (30 s /
+    n_slots). Without, an utterance's tokens are spread over its span (less `margin_s` of
+    synthesis silence at each end) in proportion to their lengths in characters.
     """
     slot_s = WINDOW_SAMPLES / SAMPLE_RATE / n_slots
+    if times is not None:
+        ids = [i for uid in window["utts"] for i in tokenizer.encode(utterances[uid].text.strip())]
+        if len(ids) != len(times):
+            raise RecipeError(f"window {window.get('id')}: {len(times)} aligned times for {len(ids)} tokens: "
+                              "rerun the align stage")
+        return [(min(n_slots - 1, int(t / slot_s)), i) for t, i in zip(times, ids)]
     out, start = [], 0.0
     for k, uid in enumerate(window["utts"]):
         if k:
@@ -486,6 +497,7 @@ class Trainer:
         progress: bool = True,
         utterances: dict | None = None,  # id -> windows.Utterance; needed for the slot loss
         reading_texts: list[str] | None = None,  # training sentences for reading batches
+        token_times: dict[str, list[float]] | None = None,  # window id -> token times (alignment.py)
     ):
         if len(windows) != len(features):
             raise RecipeError(f"{len(windows)} windows but {len(features)} feature rows: rerun the features stage")
@@ -501,7 +513,10 @@ class Trainer:
             if utterances is None:
                 raise RecipeError("the slot loss needs the corpus utterances (their texts and durations)")
             q = model.config.tokens_per_window
-            self._slots = [token_slots(w, utterances, tokenizer, q) for w in windows]
+            if options.slot_timing == "whisper" and token_times is None:
+                raise RecipeError("--slot-timing whisper needs the align stage's token times")
+            times = token_times if options.slot_timing == "whisper" else {}
+            self._slots = [token_slots(w, utterances, tokenizer, q, times=times.get(w["id"])) for w in windows]
             self.slot_head = SlotHead(model.config.qwen3.hidden_size, model.config.qwen3.vocab_size, options.seed + 3)
         self.reading_texts = reading_texts or []
         if options.reading_batch and (self.slot_head is None or not self.reading_texts):

@@ -136,3 +136,6 @@ def test_align_windows_resumes_and_refuses_other_windows(tmp_path):
     with pytest.raises(RecipeError, match="run the align stage"):
         alignment.load_alignment(tmp_path / "none.jsonl", windows, windows_path, tokenizer_path)
     assert json.loads(out.read_text().splitlines()[0])["format"] == alignment.FORMAT
+    out.write_text(out.read_text().replace('"w1"', 'w1'))  # a damaged complete line
+    with pytest.raises(RecipeError, match="is damaged .*: delete it and rerun the align stage"):
+        alignment.load_alignment(out, windows, windows_path, tokenizer_path)

@@ -95,8 +95,11 @@ def _header(windows_path: Path, tokenizer_path: Path) -> dict:
 
 
 def _read(path: Path, header: dict) -> list[dict]:
-    with path.open() as f:
-        rows = [json.loads(line) for line in f if line.endswith("\n")]  # a torn last line is redone
+    try:
+        with path.open() as f:
+            rows = [json.loads(line) for line in f if line.endswith("\n")]  # a torn last line is redone
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path} is damaged ({exc}): delete it and rerun the align stage") from None
     if not rows or rows[0] != header:
         raise RecipeError(f"{path} was made for other windows or another tokenizer: delete it and rerun the "
                           "align stage")

@@ -8,7 +8,7 @@ prefill -> KV cache -> sample one token at a time -> streamed text pieces
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,9 +158,14 @@ class Pipeline:
         sampling = sampling or SamplingOptions()
         speech = self._speech(audio, sample_rate, prompt, language, sampling)
         prefill = self.prefill(speech, prompt, language)
+        yield from self.text_pieces(self.decode_tokens(prefill, sampling))
+
+    def text_pieces(self, tokens: Iterable[int]) -> Iterator[str]:
+        """Answer token ids -> text pieces as soon as they are whole characters (for callers that
+        watch the tokens themselves, e.g. to count them or to stop early)."""
         decoder = StreamDecoder(self.tokenizer)
         started = False
-        for token in self.decode_tokens(prefill, sampling):
+        for token in tokens:
             piece = decoder.add(token)
             if not started:  # byte-level BPE words carry their leading space; the answer should not
                 piece = piece.lstrip()

@@ -14,13 +14,16 @@ abs diff from torch.stft float32 (= whisper; tests assert 3e-5), 6e-8 from torch
 from __future__ import annotations
 
 import functools
+import math
+import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import soxr
 
-from .errors import AudioError
+from .errors import AudioError, AudioWarning
 
 SAMPLE_RATE = 16000  # Whisper's input rate; every model downstream assumes it
 N_FFT = 400  # 25 ms analysis window at 16 kHz -> N_FFT // 2 + 1 = 201 frequency bins
@@ -30,12 +33,64 @@ WINDOW_SAMPLES = WINDOW_SECONDS * SAMPLE_RATE  # 480000
 WINDOW_FRAMES = WINDOW_SAMPLES // HOP_LENGTH  # 3000 mel frames per window
 MIN_SAMPLES = SAMPLE_RATE  # the reference zero-pads audio shorter than 1 s to 1 s
 
-# torchaudio.load (the reference's loader) normalises PCM to [-1, 1); integer arrays get the same.
-_INT_SCALE = {np.dtype(np.int16): 2.0**15, np.dtype(np.int32): 2.0**31}
+# Rates outside this range are not recordings (soxr also spins forever on an infinite rate).
+MIN_RATE, MAX_RATE = 1_000, 384_000
+# A (a, b) array whose shorter side is longer than this is not channels x samples in any layout.
+MAX_CHANNELS = 64
+# Integer PCM bit depths accepted from arrays; 64-bit integers are refused (no PCM format uses
+# them, so the true scale is unknown). torchaudio.load (the reference's loader) normalises PCM to
+# [-1, 1) the same way; unsigned PCM (uint8 WAV) is centred on 2**(bits-1).
+_PCM_BITS = (8, 16, 32)
 
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def _check_rate(rate: object, what: str) -> float:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)):
+        raise AudioError(f"{what} sample rate {rate!r} is not a number of Hz: pass the real sample rate")
+    if not math.isfinite(rate) or not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioError(
+            f"{what} sample rate {rate!r} Hz is outside {MIN_RATE}..{MAX_RATE} Hz: pass the rate the audio was recorded at"
+        )
+    return float(rate)
+
+
+def _wav_header_seconds(path: Path, real_frames: int, rate: int) -> float | None:
+    """Seconds a RIFF/WAVE header promises when its data chunk runs past the end of the file, else None.
+
+    libsndfile silently shortens such a file to the bytes that are there, so a WAV cut in half
+    (an interrupted copy or download) would otherwise be transcribed as half the recording.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            size = path.stat().st_size
+            byte_rate = 0
+            for _ in range(256):  # chunks before "data" are few (fmt, fact, LIST, ...)
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return None
+                name, length = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+                if name == b"fmt ":
+                    fmt = f.read(min(length, 16))
+                    byte_rate = struct.unpack("<I", fmt[8:12])[0] if len(fmt) >= 12 else 0
+                    f.seek(length - len(fmt) + (length & 1), 1)
+                elif name == b"data":
+                    available = size - f.tell()
+                    # 0 and 0xFFFFFFFF mark a stream written before its length was known.
+                    if length in (0, 0xFFFFFFFF) or length <= available or byte_rate <= 0:
+                        return None
+                    promised = length / byte_rate
+                    return promised if promised > real_frames / rate + 0.01 else None
+                else:
+                    f.seek(length + (length & 1), 1)
+    except (OSError, struct.error):
+        return None
+    return None
 
 
 def _read_file(path: Path) -> tuple[np.ndarray, int]:
@@ -45,34 +100,68 @@ def _read_file(path: Path) -> tuple[np.ndarray, int]:
         raise AudioError(f"{path} is a directory, not an audio file: pass the path of one audio file")
     try:
         with sf.SoundFile(str(path)) as f:
-            data = f.read(dtype="float32", always_2d=True)
             rate = f.samplerate
-    except (sf.SoundFileError, RuntimeError, OSError, ValueError) as e:
+            _check_rate(rate, str(path))
+            data = f.read(dtype="float32", always_2d=True)
+    except (sf.SoundFileError, RuntimeError, OSError, ValueError, MemoryError) as e:
         raise AudioError(
             f"cannot read {path} as audio ({_one_line(e)}): pass an uncorrupted audio file "
             "in a format libsndfile reads (wav, flac, ogg, mp3, ...)"
         ) from None
+    promised = _wav_header_seconds(path, len(data), rate)
+    if promised is not None:
+        warnings.warn(
+            AudioWarning(
+                f"{path} is cut short: its header promises {promised:.1f} s but the file holds "
+                f"{len(data) / rate:.1f} s; using the {len(data) / rate:.1f} s that are there"
+            ),
+            stacklevel=3,
+        )
     return data, rate
+
+
+def _array_samples(source: np.ndarray) -> np.ndarray:
+    """A user's array -> float64 (samples, channels), whatever its PCM dtype and channel layout."""
+    dtype = source.dtype
+    if dtype.kind in "iu":
+        bits = dtype.itemsize * 8
+        if bits not in _PCM_BITS:
+            raise AudioError(
+                f"audio array has dtype {dtype}: pass float samples in [-1, 1] or 8/16/32-bit integer PCM"
+            )
+        half = 2.0 ** (bits - 1)
+        data = (source.astype(np.float64) - (half if dtype.kind == "u" else 0.0)) / half
+    elif dtype.kind == "f":
+        data = source.astype(np.float64)
+    else:
+        raise AudioError(f"audio array has dtype {dtype}: pass float samples in [-1, 1] or int16/int32 PCM")
+    if data.ndim == 1:
+        return data[:, None]
+    if data.ndim != 2:
+        raise AudioError(f"audio array has shape {source.shape}: pass 1-D samples, (samples, channels) or (channels, samples)")
+    rows, cols = data.shape
+    if min(rows, cols) > MAX_CHANNELS:
+        raise AudioError(
+            f"audio array has shape {source.shape}: neither side looks like channels (at most {MAX_CHANNELS}); "
+            "pass 1-D samples, (samples, channels) or (channels, samples)"
+        )
+    # The channel axis is the shorter one: (2, N) is channels-first, (N, 2) channels-last.
+    return data.T if rows < cols else data
 
 
 def load_audio(source: str | Path | np.ndarray, sample_rate: int | None = None) -> np.ndarray:
     """Audio file path or array -> float32 mono samples at SAMPLE_RATE.
 
-    An array is 1-D or (samples, channels) and needs `sample_rate`; int16/int32 PCM is scaled
-    to [-1, 1]. Channels are averaged. Raises AudioError with a one-line message.
+    An array needs `sample_rate`; it is 1-D, (samples, channels) or (channels, samples) (the
+    shorter side is the channels), float in [-1, 1] or int8/16/32 or uint8 PCM scaled to [-1, 1].
+    Channels are averaged. A WAV shorter than its header says gives an AudioWarning. Raises
+    AudioError with a one-line message.
     """
     if isinstance(source, np.ndarray):
         if sample_rate is None:
             raise AudioError("an audio array needs its sample rate: call load_audio(array, sample_rate=...)")
-        if source.ndim not in (1, 2):
-            raise AudioError(f"audio array has shape {source.shape}: pass 1-D samples or (samples, channels)")
-        if source.dtype in _INT_SCALE:
-            data = source.astype(np.float64) / _INT_SCALE[source.dtype]
-        elif np.issubdtype(source.dtype, np.floating) or np.issubdtype(source.dtype, np.integer):
-            data = source.astype(np.float64)
-        else:
-            raise AudioError(f"audio array has dtype {source.dtype}: pass float or int16/int32 PCM samples")
-        rate = sample_rate
+        rate = _check_rate(sample_rate, "the audio array's")
+        data = _array_samples(source)
     elif isinstance(source, (str, Path)):
         data, rate = _read_file(Path(source))
         if sample_rate is not None and sample_rate != rate:
@@ -80,11 +169,9 @@ def load_audio(source: str | Path | np.ndarray, sample_rate: int | None = None) 
     else:
         raise AudioError(f"cannot load audio from a {type(source).__name__}: pass a file path or a numpy array")
 
-    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)) or not rate > 0:
-        raise AudioError(f"sample rate {rate!r} is not a positive number of Hz: pass the real sample rate")
-    mono = data.mean(axis=1) if data.ndim == 2 else data
-    if mono.size == 0:
+    if data.size == 0:
         raise AudioError("the audio has no samples: pass a non-empty recording")
+    mono = data.mean(axis=1)
     if not np.isfinite(mono).all():
         raise AudioError("the audio contains NaN or infinite samples: fix or re-export the recording")
     if rate != SAMPLE_RATE:

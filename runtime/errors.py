@@ -22,6 +22,10 @@ class AudioError(FastSLMError):
     """The audio could not be read or is unusable (missing, corrupt, empty, NaN)."""
 
 
+class AudioWarning(UserWarning):
+    """The audio was read but is not all there (a WAV shorter than its header says)."""
+
+
 class ModelFileError(FastSLMError):
     """A model folder or bundle is missing files, altered, or for another model."""
 
@@ -33,10 +37,21 @@ class OptionError(FastSLMError):
 @contextmanager
 def reported_in_one_line(tool: str, interrupted: str = "interrupted") -> Iterator[None]:
     """For a command's body: a FastSLMError becomes `tool: error: message` on stderr and its exit
-    code, Ctrl-C becomes `interrupted` and 130; anything else keeps its traceback (a real bug)."""
+    code, Ctrl-C becomes `interrupted` and 130; anything else keeps its traceback (a real bug).
+    An AudioWarning is printed as one `tool: warning: message` line."""
+    import warnings
+
     import typer
 
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, AudioWarning):
+            typer.echo(f"{tool}: warning: {' '.join(str(message).split())}", err=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    shown = warnings.showwarning
     try:
+        warnings.showwarning = one_line_warning
         yield
     except FastSLMError as exc:
         typer.echo(f"{tool}: error: {exc}", err=True)
@@ -44,3 +59,5 @@ def reported_in_one_line(tool: str, interrupted: str = "interrupted") -> Iterato
     except KeyboardInterrupt:
         typer.echo(f"{tool}: error: {interrupted}", err=True)
         raise typer.Exit(130) from None
+    finally:
+        warnings.showwarning = shown

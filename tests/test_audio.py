@@ -10,12 +10,15 @@ float32 FFT rounding dominates), 6e-8 vs float64 torch.stft, 1.2e-7 vs the featu
 from __future__ import annotations
 
 
+import threading
+import warnings
+
 import numpy as np
 import pytest
 import soundfile as sf
 
 from fastslm.runtime import audio
-from fastslm.runtime.errors import AudioError
+from fastslm.runtime.errors import AudioError, AudioWarning, reported_in_one_line
 
 TOL_TORCH_F32 = 3e-5  # measured 1.2e-5: float32 FFT rounding in quiet bins
 TOL_TORCH_F64 = 1e-6  # measured 6e-8: same maths, both float64
@@ -137,11 +140,96 @@ def test_load_int16_array_8k():
     assert abs(np.abs(x[1000:-1000]).max() - 0.5) < 0.01  # int16 full scale -> 1.0
 
 
-def test_load_2d_array_averages_channels():
+@pytest.mark.parametrize("axis", [1, 0], ids=["samples-channels", "channels-samples"])
+def test_load_2d_array_averages_channels(axis):
     left = _noise(0.5, seed=1)
     right = _noise(0.5, seed=2)
-    x = audio.load_audio(np.stack([left, right], axis=1), sample_rate=16000)
+    x = audio.load_audio(np.stack([left, right], axis=axis), sample_rate=16000)
     np.testing.assert_allclose(x, (left + right) / 2, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint8", "int16", "uint16", "int32", "float16"])
+def test_integer_pcm_arrays_are_scaled_to_unit_range(dtype):
+    """Half-scale 440 Hz in each PCM dtype reads as a 0.5-peak float sine (uint8 is centred on 128)."""
+    t = np.arange(16000) / 16000
+    sine = 0.5 * np.sin(2 * np.pi * 440 * t)
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else None
+    if info is None:
+        pcm = sine.astype(dtype)
+    else:
+        half = 2.0 ** (np.dtype(dtype).itemsize * 8 - 1)
+        pcm = np.round(sine * half + (half if info.min == 0 else 0)).astype(dtype)
+    x = audio.load_audio(pcm, sample_rate=16000)
+    np.testing.assert_allclose(x, sine, atol=2 / 2**7 if np.dtype(dtype).itemsize == 1 else 1e-3)
+
+
+def test_unsigned_pcm_silence_is_zero():
+    assert not audio.load_audio(np.full(1600, 128, dtype=np.uint8), sample_rate=16000).any()
+
+
+@pytest.mark.parametrize(
+    "rate", [float("inf"), float("-inf"), float("nan"), 999, 384_001, 1e12, "16000", True],
+    ids=["inf", "-inf", "nan", "999", "384001", "1e12", "str", "bool"],
+)
+def test_absurd_rates_are_refused_without_hanging(rate):
+    """soxr spins forever on an infinite rate: the loader must refuse it, and quickly."""
+    outcome = []
+
+    def load():
+        try:
+            audio.load_audio(np.zeros(16000, dtype=np.float32), sample_rate=rate)
+            outcome.append("accepted")
+        except AudioError as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert outcome, f"load_audio(sample_rate={rate!r}) did not return within 20 s"
+    assert isinstance(outcome[0], AudioError), f"rate {rate!r} was {outcome[0]}"
+    assert "\n" not in str(outcome[0])
+
+
+@pytest.mark.parametrize("rate", [1000, 8000, 384_000])
+def test_edge_rates_are_accepted(rate):
+    x = audio.load_audio(np.zeros(rate // 2, dtype=np.float32), sample_rate=rate)
+    assert abs(len(x) - 8000) <= 1
+
+
+def _write_truncated_wav(tmp_path, seconds=11.0, keep=0.5):
+    path = tmp_path / "cut.wav"
+    sf.write(str(path), _noise(seconds), 16000, subtype="PCM_16")
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def test_truncated_wav_warns_naming_file_and_both_durations(tmp_path):
+    path = _write_truncated_wav(tmp_path)
+    with pytest.warns(AudioWarning) as caught:
+        x = audio.load_audio(path)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert str(path) in message and "11.0 s" in message and "5.5 s" in message and "\n" not in message
+    assert abs(len(x) / audio.SAMPLE_RATE - 5.5) < 0.01
+
+
+def test_complete_wav_does_not_warn(tmp_path):
+    path = tmp_path / "whole.wav"
+    sf.write(str(path), _noise(3.0), 16000, subtype="PCM_16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        audio.load_audio(path)
+
+
+def test_truncated_wav_warning_is_one_cli_line(tmp_path, capsys):
+    path = _write_truncated_wav(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        with reported_in_one_line("fastslm-run"):
+            audio.load_audio(path)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"fastslm-run: warning: {path} is cut short")
 
 
 def test_resampling_keeps_frequency():
@@ -204,8 +292,15 @@ def test_bad_files_raise_one_line_audio_error(tmp_path, jfk_path, make):
         (np.zeros(100, dtype=np.float32), 0),
         (np.zeros(100, dtype=np.float32), -8000),
         (np.zeros((2, 3, 4), dtype=np.float32), 16000),
+        (np.zeros((100, 200), dtype=np.float32), 16000),
+        (np.zeros((4, 0), dtype=np.float32), 16000),
+        (np.zeros(100, dtype=np.int64), 16000),
+        (np.zeros(100, dtype=bool), 16000),
+        (np.zeros(100, dtype=np.complex64), 16000),
+        (np.array(["a", "b"]), 16000),
     ],
-    ids=["nan", "inf", "no-rate", "empty", "rate-0", "rate-negative", "3d"],
+    ids=["nan", "inf", "no-rate", "empty", "rate-0", "rate-negative", "3d", "no-channel-axis", "zero-channels",
+         "int64", "bool", "complex", "str"],
 )
 def test_bad_arrays_raise_one_line_audio_error(array, rate):
     with pytest.raises(AudioError) as err:

@@ -134,7 +134,7 @@ def _array_samples(source: np.ndarray) -> np.ndarray:
     elif dtype.kind == "f":
         data = source.astype(np.float64)
     else:
-        raise AudioError(f"audio array has dtype {dtype}: pass float samples in [-1, 1] or int16/int32 PCM")
+        raise AudioError(f"audio array has dtype {dtype}: pass float samples in [-1, 1] or 8/16/32-bit integer PCM")
     if data.ndim == 1:
         return data[:, None]
     if data.ndim != 2:

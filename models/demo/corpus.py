@@ -14,9 +14,18 @@ Splits, built in this order (the small eval splits first):
 
 * ``eval_seen``   -- 200 held-out sentences x training voices (same voice mix as train), clean;
 * ``eval_unseen`` -- 100 other held-out sentences x :data:`voices.HELDOUT_VOICE`, clean;
-* ``train``       -- training sentences (a seeded permutation, cycled) x training voices:
-  2/3 Piper, 1/3 spread evenly over the espeak-ng / flite voices; :data:`AUGMENT_FRACTION`
-  of them augmented (:mod:`augment`).
+* ``calib``       -- :data:`N_CALIB` further held-out sentences x the training mix, augmented like
+  train: INT8 calibration audio that no gate scores and no test subset holds (jfk.flac, the only
+  real recording, stays out of it too);
+* ``train``       -- training sentences (a seeded permutation, cycled) x training voices.
+
+``--mix`` picks the training voices and how they vary (eval splits never change with it):
+
+* ``shipped`` -- the shipped model's corpus: 2/3 Piper, 1/3 spread evenly over the espeak-ng /
+  flite voices; half augmented (:mod:`augment`);
+* ``wide`` -- more distinct audio per utterance: 1/2 Piper with wider length / noise settings,
+  1/2 over the espeak-ng / flite voices plus :data:`voices.ESPEAK_EXTRA_VOICES` and flite kal
+  at wider speed / pitch; 70% augmented with the wide draws (pitch shift, low-pass, lower SNR).
 
 Every utterance is a pure function of ``(seed, split, index)``, so a run can be killed at any
 time and restarted with the same arguments: utterances already in the manifest (with a valid
@@ -46,9 +55,10 @@ import soundfile as sf
 from . import augment, texts, voices
 
 SAMPLE_RATE = 16000
-SPLITS = ("eval_seen", "eval_unseen", "train")
+SPLITS = ("eval_seen", "eval_unseen", "calib", "train")
 N_EVAL_SEEN = 200
 N_EVAL_UNSEEN = 100
+N_CALIB = 48  # held-out sentences after the eval ones (voices.main measures on the list's tail)
 # Sized from a measured build (300 train utterances, seed 0, nice 10, 2 shared cores, load ~3):
 # 0.16 s CPU and 0.20 s wall per utterance, 2.8 s of audio each -> 20000 utterances ~ 15.7 h of
 # audio in ~55-70 min of one core (~2 h if the niced job only gets half a core).
@@ -68,10 +78,46 @@ class Utterance:
     params: dict = field(hash=False, compare=False)
 
 
+@dataclass(frozen=True)
+class Mix:
+    """Which voices the training (and calibration) utterances get and how much they vary."""
+
+    name: str
+    piper_fraction: float
+    other_voices: tuple[str, ...]
+    augment_fraction: float
+    wide: bool  # wider synthesis params (voices.sample_params) and augmentation draws
+
+    def pick_voice(self, rng: random.Random) -> str:
+        if rng.random() < self.piper_fraction:
+            return rng.choice(voices.PIPER_VOICES)
+        return rng.choice(self.other_voices)
+
+
+MIXES = {
+    "shipped": Mix("shipped", PIPER_FRACTION, voices.ESPEAK_TRAIN_VOICES + voices.FLITE_TRAIN_VOICES,
+                   AUGMENT_FRACTION, False),
+    "wide": Mix("wide", 0.5, voices.ESPEAK_TRAIN_VOICES + voices.ESPEAK_EXTRA_VOICES + voices.FLITE_TRAIN_VOICES
+                + voices.FLITE_EXTRA_VOICES, 0.7, True),
+}
+DEFAULT_MIX = "wide"
+EVAL_MIX = MIXES["shipped"]  # eval_seen keeps the voices and settings it was built with
+
+
 def _pick_voice(rng: random.Random) -> str:
-    if rng.random() < PIPER_FRACTION:
-        return rng.choice(voices.PIPER_VOICES)
-    return rng.choice(voices.ESPEAK_TRAIN_VOICES + voices.FLITE_TRAIN_VOICES)
+    return EVAL_MIX.pick_voice(rng)
+
+
+def shipped_subset_keys() -> frozenset[str]:
+    """Normalized texts of the evaluation subset shipped with the package (what tests score)."""
+    from ...runtime.loading import DEMO_EVAL_SUBSET  # noqa: PLC0415
+
+    keys = set()
+    for jsonl in Path(DEMO_EVAL_SUBSET).glob("*.jsonl"):
+        for line in jsonl.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                keys.add(texts.normalize_key(json.loads(line)["text"]))
+    return frozenset(keys)
 
 
 def plan(
@@ -80,19 +126,24 @@ def plan(
     sentences: texts.SentenceSets | None = None,
     n_eval_seen: int = N_EVAL_SEEN,
     n_eval_unseen: int = N_EVAL_UNSEEN,
+    mix: str = DEFAULT_MIX,
+    n_calib: int = N_CALIB,
 ) -> dict[str, list[Utterance]]:
-    """Every utterance of every split, deterministically from ``seed``."""
+    """Every utterance of every split, deterministically from ``seed`` (and ``mix`` for calib/train)."""
     sets = sentences or texts.load_sentences(seed)
-    if len(sets.heldout) < n_eval_seen + n_eval_unseen:
-        raise ValueError(f"only {len(sets.heldout)} held-out sentences for {n_eval_seen + n_eval_unseen} eval utterances")
+    if len(sets.heldout) < n_eval_seen + n_eval_unseen + n_calib:
+        raise ValueError(f"only {len(sets.heldout)} held-out sentences for "
+                         f"{n_eval_seen + n_eval_unseen + n_calib} eval and calibration utterances")
+    train_mix = MIXES[mix]
     out: dict[str, list[Utterance]] = {s: [] for s in SPLITS}
 
-    def make(split: str, i: int, text: str, voice_fn: Callable[[random.Random], str], aug: bool) -> Utterance:
+    def make(split: str, i: int, text: str, voice_fn: Callable[[random.Random], str], aug: bool,
+             the_mix: Mix = EVAL_MIX) -> Utterance:
         rng = random.Random(f"{seed}:{split}:{i}")
         voice = voice_fn(rng)
-        params = {"synth": voices.sample_params(voice, rng), "augment": None}
-        if aug and rng.random() < AUGMENT_FRACTION:
-            params["augment"] = augment.sample_augment(rng)
+        params = {"synth": voices.sample_params(voice, rng, the_mix.wide), "augment": None}
+        if aug and rng.random() < the_mix.augment_fraction:
+            params["augment"] = augment.sample_augment(rng, the_mix.wide)
         return Utterance(f"{split}-{i:06d}", split, text, voice, params)
 
     for i in range(n_eval_seen):
@@ -100,9 +151,15 @@ def plan(
     for i in range(n_eval_unseen):
         text = sets.heldout[n_eval_seen + i]
         out["eval_unseen"].append(make("eval_unseen", i, text, lambda r: voices.HELDOUT_VOICE, False))
+    # calibration sentences: the next held-out ones that no shipped test subset holds (the subset
+    # was cut from an older sentence list, whose held-out order differs)
+    taken = shipped_subset_keys()
+    calib_texts = [t for t in sets.heldout[n_eval_seen + n_eval_unseen:] if texts.normalize_key(t) not in taken]
+    for i in range(n_calib):
+        out["calib"].append(make("calib", i, calib_texts[i], train_mix.pick_voice, True, train_mix))
     for i in range(n_train):
         text = sets.train[i % len(sets.train)]
-        out["train"].append(make("train", i, text, _pick_voice, True))
+        out["train"].append(make("train", i, text, train_mix.pick_voice, True, train_mix))
     return out
 
 
@@ -215,7 +272,7 @@ def build_split(
         u = by_id.get(uid)
         if u is not None and (u.text != rec["text"] or u.voice != rec["voice"]):
             raise SystemExit(
-                f"{out / (split + '.jsonl')}: {uid} was built with other settings (seed?); use a new --out"
+                f"{out / (split + '.jsonl')}: {uid} was built with other settings (--seed or --mix?); use a new --out or the same settings"
             )
     todo: list[Utterance] = []
     fd = os.open(out / f"{split}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -274,12 +331,15 @@ def _rendered(todo: list[Utterance], synth: SynthFn | None, jobs: int) -> Iterab
 
 # ------------------------------------------------------------------------------------- CLI
 def build(out: Path, seed: int = 0, n_train: int = DEFAULT_TRAIN_UTTERANCES, jobs: int = 1,
-          synth: SynthFn | None = None, splits: Iterable[str] = SPLITS, progress: bool = True) -> None:
+          synth: SynthFn | None = None, splits: Iterable[str] = SPLITS, progress: bool = True,
+          mix: str = DEFAULT_MIX) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    the_plan = plan(seed, n_train)
-    info = {"seed": seed, "train_utterances": n_train, "sample_rate": SAMPLE_RATE,
-            "train_voices": list(voices.TRAIN_VOICES), "heldout_voice": voices.HELDOUT_VOICE}
+    the_plan = plan(seed, n_train, mix=mix)
+    the_mix = MIXES[mix]
+    info = {"seed": seed, "train_utterances": n_train, "sample_rate": SAMPLE_RATE, "mix": mix,
+            "train_voices": sorted(set(voices.PIPER_VOICES + the_mix.other_voices)),
+            "heldout_voice": voices.HELDOUT_VOICE}
     (out / "corpus.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     for split in SPLITS:
         if split not in splits:
@@ -314,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-utterances", type=int, default=DEFAULT_TRAIN_UTTERANCES)
     p.add_argument("--jobs", type=int, default=1, help="synthesis worker processes (default 1)")
+    p.add_argument("--mix", choices=sorted(MIXES), default=DEFAULT_MIX,
+                   help="training voices and variation: wide (the recipe's) or shipped (the shipped model's corpus)")
     p.add_argument("--splits", nargs="*", default=list(SPLITS), choices=SPLITS)
     p.add_argument("--check", action="store_true", help="print counts and hours per split and exit")
     a = p.parse_args(argv)
@@ -322,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{split:12s} {r['utterances']:6d} utterances  {r['hours']:7.3f} h  "
                   f"augmented {r['augmented']:6d}  voices {r['voices']}")
         return 0
-    build(a.out, a.seed, a.train_utterances, a.jobs, splits=a.splits)
+    build(a.out, a.seed, a.train_utterances, a.jobs, splits=a.splits, mix=a.mix)
     return 0
 
 

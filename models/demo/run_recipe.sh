@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The demo recipe end to end, in resumable chunks of at most 2 hours (docs/DEMO_MODEL.md, "Recipe").
+#
+#   nice -n 19 bash models/demo/run_recipe.sh STATE_DIR &
+#
+# STATE_DIR holds everything (corpus/, demo/, driver.log) and two small settings files, read when
+# each chunk starts (edit them before a stage begins, never during one):
+#   STATE_DIR/corpus.args   arguments of `python -m fastslm.models.demo.corpus`
+#   STATE_DIR/recipe.args   arguments of `python -m fastslm.models.demo` (every stage)
+# Missing ones are written with the defaults below. Rerunning the same command after any stop
+# (kill, reboot, session end) resumes: every stage skips or resumes finished work, and a stage
+# that finished is marked in STATE_DIR/done.<stage>. Each chunk is stopped with SIGTERM after
+# CHUNK_SECONDS (training then checkpoints) and started again; a chunk that fails (exit code
+# other than 0 or 124) stops the driver, with the reason in driver.log.
+# The whole body is one function, so editing this file never changes a driver already running.
+
+main() {
+    set -u
+    local state python chunk stage rc t0
+    state=$(realpath -m "${1:?usage: run_recipe.sh STATE_DIR}")
+    python=${PYTHON:-python}
+    chunk=${CHUNK_SECONDS:-7200}
+    mkdir -p "$state"
+    exec >>"$state/driver.log" 2>&1
+    echo "== $(date -u +%FT%TZ) driver start (pid $$, python $python, PYTHONPATH ${PYTHONPATH:-})"
+    [ -f "$state/corpus.args" ] || echo "--seed 0 --mix wide --train-utterances 32000 --jobs 2" >"$state/corpus.args"
+    [ -f "$state/recipe.args" ] || echo "--seed 0 --bf16 --threads 2 --slot-timing whisper --no-progress" >"$state/recipe.args"
+    for stage in corpus tokenizer windows features align train export-folder eval; do
+        while [ ! -f "$state/done.$stage" ]; do
+            t0=$(date +%s)
+            echo "-- $(date -u +%FT%TZ) $stage: chunk start"
+            if [ "$stage" = corpus ]; then
+                # shellcheck disable=SC2046
+                timeout -s TERM "$chunk" "$python" -m fastslm.models.demo.corpus --out "$state/corpus" \
+                    $(cat "$state/corpus.args") </dev/null
+            else
+                # shellcheck disable=SC2046
+                timeout -s TERM "$chunk" "$python" -m fastslm.models.demo --work "$state/demo" \
+                    --corpus "$state/corpus" --stage "$stage" $(cat "$state/recipe.args") </dev/null
+            fi
+            rc=$?
+            echo "-- $(date -u +%FT%TZ) $stage: chunk end rc=$rc after $(( $(date +%s) - t0 )) s"
+            echo $(( $(date +%s) - t0 )) >>"$state/seconds.$stage"  # one line per chunk: the recipe's time
+            if [ $rc -eq 0 ]; then
+                if [ "$stage" = train ] && ! grep -q "^train: finished" "$state/driver.log"; then
+                    continue  # stopped by a signal before the end of the schedule: resume
+                fi
+                touch "$state/done.$stage"
+            elif [ $rc -ne 124 ]; then  # 124: the chunk ran its full time; resume
+                echo "== $(date -u +%FT%TZ) driver stops: $stage failed (rc $rc); fix it and rerun the command"
+                return 1
+            fi
+        done
+    done
+    echo "== $(date -u +%FT%TZ) recipe done: model in $state/demo/model, numbers in $state/demo/eval.json"
+}
+
+main "$@"

@@ -300,3 +300,39 @@ def test_bench_prints_ratios_against_fp32(fp32, int8, capsys):
     out = capsys.readouterr().out
     assert "audio tower ms/window" in out and "decode tokens/s" in out
     assert len([line for line in out.splitlines() if "onnx-int8" in line and "x)" in line]) == 1
+
+
+def test_int8_audio_tower_is_validated_on_calibration_windows(tiny, calib, int8, tmp_path, monkeypatch):
+    """The sanity check feeds the tower real calibration windows (random mel lies outside the calibrated
+    ranges and false-alarmed on a trained adapter), and it still catches a broken graph."""
+    from fastslm.calibration.build import make_quantizer
+    from fastslm.export import onnx_export
+    from fastslm.export.graphs import graph_specs
+    from fastslm.export.onnx_export import ExportError
+    from fastslm.export.targets import get_target
+    from fastslm.models.fastslm import FastSLM
+
+    reference = FastSLM.from_pretrained(tiny)
+    quantizer = make_quantizer(get_target("onnx-int8"), QuantOptions(calibration=calib, progress=False), reference,
+                               log=lambda line: None)  # fmt: skip
+    spec = next(s for s in graph_specs(reference.config) if s.name == "audio_tower")
+    windows = np.load(calib / "windows.npy")
+    feeds = quantizer.calibration_feeds(spec, 3, seed=1)
+    assert len(feeds) == 1 and feeds[0].shape == (3,) + windows.shape[1:]
+    np.testing.assert_array_equal(feeds[0], windows[[0, 1, 2]])  # seed 1 x 3 windows, wrapped round 3 windows
+
+    def no_random(*args, **kwargs):
+        raise AssertionError("the audio tower was validated on random input")
+
+    monkeypatch.setattr(onnx_export, "sample_inputs", no_random)
+    tolerance, diffs = quantizer.validate(spec, spec.wrap(reference), int8[0] / "audio_tower.onnx")
+    assert [d.case for d in diffs] == ["1 window", "3 windows"] and min(d.cosine for d in diffs) >= 0.99
+
+    broken = onnx.load(str(int8[0] / "audio_tower.onnx"))
+    big = max((i for i in broken.graph.initializer if i.data_type == onnx.TensorProto.INT8),
+              key=lambda i: np.prod(i.dims))  # fmt: skip
+    values = onnx.numpy_helper.to_array(big)
+    big.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(-values), big.name))  # every weight of one layer flipped
+    onnx.save(broken, str(tmp_path / "broken.onnx"))
+    with pytest.raises(ExportError, match="the quantized graph is broken"):
+        quantizer.validate(spec, spec.wrap(reference), tmp_path / "broken.onnx")

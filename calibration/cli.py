@@ -11,7 +11,6 @@ three range methods), so exports from the same model repeat the same quantizatio
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,6 +18,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..runtime.errors import OptionError, reported_in_one_line
+from ..runtime.output_folder import OutputFolder
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -82,31 +82,19 @@ def calibrate(
         from .data import collect
         from .ranges import METHODS, RANGES_FILE, collect_ranges
 
-        if out.exists() and not out.is_dir():
-            raise OptionError(f"--out {out} is a file; give a folder path")
-        if out.is_dir() and any(out.iterdir()) and not force:
-            raise OptionError(f"--out {out} exists and is not empty; pass --force to replace it")
-        who = describe_model(model)
-        data = collect(audio, who["n_mels"], max_windows=max_windows, progress=progress,
-                       model={"name": who["name"], "source": who["source"]})  # fmt: skip
-        with tempfile.TemporaryDirectory(prefix="fastslm-calibrate-") as tmp:
-            graph_path = audio_tower_graph(who, Path(tmp))
-            import onnx
+        with OutputFolder(out, force, protect=[model]) as output:
+            who = describe_model(model)
+            data = collect(audio, who["n_mels"], max_windows=max_windows, progress=progress,
+                           model={"name": who["name"], "source": who["source"]})  # fmt: skip
+            with tempfile.TemporaryDirectory(prefix="fastslm-calibrate-") as tmp:
+                graph_path = audio_tower_graph(who, Path(tmp))
+                import onnx
 
-            ranges = collect_ranges(onnx.load(str(graph_path)), data.windows, windows_sha256=data.sha256,
-                                    percentile=percentile, progress=progress)  # fmt: skip
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent if out.parent.exists() else None))
-        try:
-            stage.chmod(0o755)  # mkdtemp makes it owner-only
-            data.save(stage)
-            ranges.save(stage / RANGES_FILE)
-            if out.exists():
-                shutil.rmtree(out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(stage), str(out))
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
+                ranges = collect_ranges(onnx.load(str(graph_path)), data.windows, windows_sha256=data.sha256,
+                                        percentile=percentile, progress=progress)  # fmt: skip
+            data.save(output.path)
+            ranges.save(output.path / RANGES_FILE)
+            output.publish()
         silent = f", {len(data.skipped)} silent skipped" if data.skipped else ""
         typer.echo(f"fastslm-calibrate: {len(data.windows)} windows from {len(data.sources)} recordings{silent} "
                    f"-> {out / 'windows.npy'}", err=True)  # fmt: skip

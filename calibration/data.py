@@ -29,11 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.audio import SAMPLE_RATE, audio_to_windows, load_audio
+from ..runtime.bundle import CALIBRATION_FILE, CALIBRATION_FORMAT
 from ..runtime.errors import FastSLMError
 
-CALIBRATION_FORMAT = "fastslm-calibration"
 CALIBRATION_FORMAT_VERSION = 1
-CALIBRATION_FILE = "calibration.json"
 WINDOWS_FILE = "windows.npy"
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".w64", ".caf")
 # A recording whose loudest sample stays below -60 dBFS holds no speech to calibrate on.

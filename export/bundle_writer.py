@@ -24,7 +24,8 @@ import numpy as np
 
 from ..models.fastslm import CONFIG_FILE, TOKENIZER_FILE, FastSLM
 from ..runtime.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST_FILE, sha256_file
-from ..runtime.errors import ModelFileError, OptionError
+from ..runtime.errors import ModelFileError
+from ..runtime.output_folder import OutputFolder
 from .graphs import GRAPHS, GraphSpec, graph_specs
 from .onnx_export import (
     EXTERNAL_DATA_THRESHOLD, OPSET, OutputDiff, check_graph, export_graph, summarize, validate_graph,
@@ -59,11 +60,17 @@ class ExportReport:
 
 
 def export_bundle(options: ExportOptions, log: Callable[[str], None] | None = None) -> ExportReport:
+    target = get_target(options.target)
+    model_dir = Path(options.model)
+    # --out is checked (and its stage made) before the model is loaded: a bad path costs no minute of work.
+    with OutputFolder(options.out, options.force, protect=[model_dir]) as output:
+        return _export(options, target, model_dir, output, log)
+
+
+def _export(options: ExportOptions, target: Target, model_dir: Path, output: OutputFolder, log) -> ExportReport:
     from tqdm import tqdm
 
-    target = get_target(options.target)
-    model_dir, out = Path(options.model), Path(options.out)
-    check_out(out, model_dir, options.force)
+    out, stage = output.out, output.path
     if not model_dir.is_dir():
         raise ModelFileError(
             f"model folder {model_dir} does not exist; pass a fastslm model folder (see `fastslm-convert`)"
@@ -92,46 +99,39 @@ def export_bundle(options: ExportOptions, log: Callable[[str], None] | None = No
         quantizer = target.quantizer(target, options.quantization, reference, write) if target.quantizer else None
         bar.update()
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-        try:
-            stage.chmod(0o777 & ~_umask())  # mkdtemp makes it owner-only; a bundle is for everyone who runs it
-            graphs, diffs = {}, {}
-            for spec in graph_specs(reference.config):
-                graphs[spec.name], diffs[spec.name] = _one_graph(
-                    spec, model, reference, stage, target, options, step, bar, write, quantizer
-                )
-            step("writing the embedding table")
-            table = model.llm.model.embed_tokens.weight.detach().numpy().astype(target.float_dtype)
-            np.save(stage / EMBEDDINGS_FILE, table)
-            shutil.copyfile(model_dir / CONFIG_FILE, stage / CONFIG_FILE)
-            shutil.copyfile(model_dir / TOKENIZER_FILE, stage / TOKENIZER_FILE)
+        graphs, diffs = {}, {}
+        for spec in graph_specs(reference.config):
+            graphs[spec.name], diffs[spec.name] = _one_graph(
+                spec, model, reference, stage, target, options, step, bar, write, quantizer
+            )
+        step("writing the embedding table")
+        table = model.llm.model.embed_tokens.weight.detach().numpy().astype(target.float_dtype)
+        np.save(stage / EMBEDDINGS_FILE, table)
+        shutil.copyfile(model_dir / CONFIG_FILE, stage / CONFIG_FILE)
+        shutil.copyfile(model_dir / TOKENIZER_FILE, stage / TOKENIZER_FILE)
+        bar.update()
+
+        quantization = None
+        if quantizer is not None:  # raises (nothing written) when a gate fails without an override
+            step("accuracy gates")
+            quantization = quantizer.gate(stage, graphs)
             bar.update()
 
-            quantization = None
-            if quantizer is not None:  # raises (nothing written) when a gate fails without an override
-                step("accuracy gates")
-                quantization = quantizer.gate(stage, graphs)
-                bar.update()
+        if target.runtime == "tensorrt":
+            step("building TensorRT engines")
+            from .tensorrt_build import BuildOptions, build_engines
 
-            if target.runtime == "tensorrt":
-                step("building TensorRT engines")
-                from .tensorrt_build import BuildOptions, build_engines
-
-                config = json.loads((stage / CONFIG_FILE).read_text())
-                build_engines(stage, graphs, config, target.name, options.trt or BuildOptions(), **options.trt_limits)
-                bar.update()
-
-            step("writing the manifest")
-            manifest = build_manifest(stage, target, reference.config.name, graphs, table, options.opset)
-            if quantization is not None:
-                manifest["quantization"] = quantization
-            (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-            replace_folder(stage, out)
+            config = json.loads((stage / CONFIG_FILE).read_text())
+            build_engines(stage, graphs, config, target.name, options.trt or BuildOptions(), **options.trt_limits)
             bar.update()
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
+
+        step("writing the manifest")
+        manifest = build_manifest(stage, target, reference.config.name, graphs, table, options.opset)
+        if quantization is not None:
+            manifest["quantization"] = quantization
+        (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        output.publish()
+        bar.update()
     write(f"fastslm-export: wrote {out} ({target.name}, {_size(out)})")
     return ExportReport(out, manifest, diffs)
 
@@ -207,44 +207,12 @@ def build_manifest(stage: Path, target: Target, model_name: str, graphs: dict, t
     }
 
 
-def check_out(out: Path, model_dir: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OptionError(f"--out {out} is a file; give a folder path for the bundle")
-    if out.resolve() == model_dir.resolve() or model_dir.resolve().is_relative_to(out.resolve()):
-        raise OptionError(f"--out {out} would replace the model folder itself; choose another folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise OptionError(f"--out {out} exists and is not empty; pass --force to replace it")
-
-
-def replace_folder(stage: Path, out: Path) -> None:
-    """Put the finished `stage` at `out`; an old `out` is moved aside first and deleted last."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        old.rmdir()
-        out.rename(old)
-    try:
-        stage.rename(out)
-    except OSError:
-        if old is not None:
-            old.rename(out)  # put the previous bundle back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _opset(path: Path, exported: int) -> int:
     """The graph's default-domain opset: INT4 weights move a graph from 20 to 21."""
     import onnx
 
     opsets = onnx.load(str(path), load_external_data=False).opset_import
     return max([o.version for o in opsets if o.domain in ("", "ai.onnx")] or [exported])
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _disable(progress: bool | None) -> bool | None:

@@ -45,6 +45,8 @@ TOKENIZER_FILE = "tokenizer.json"
 BUNDLE_FORMAT = "fastslm-bundle"
 BUNDLE_FORMAT_VERSION = 1
 MODEL_FORMAT = "fastslm-model"  # config.json's format (models/fastslm.py writes it)
+CALIBRATION_FILE = "calibration.json"  # a calibration folder's record (calibration/data.py writes it)
+CALIBRATION_FORMAT = "fastslm-calibration"
 
 AUDIO_TOWER = "audio_tower"
 LLM = "llm"

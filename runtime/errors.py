@@ -34,6 +34,12 @@ class OptionError(FastSLMError):
     """A command-line or API option is out of range or inconsistent."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while a command writes a folder: unwinds like Ctrl-C so the stage is removed."""
+
+    exit_code = 143  # 128 + SIGTERM, what a shell reports for a terminated process
+
+
 @contextmanager
 def reported_in_one_line(tool: str, interrupted: str = "interrupted") -> Iterator[None]:
     """For a command's body: a FastSLMError becomes `tool: error: message` on stderr and its exit
@@ -56,6 +62,9 @@ def reported_in_one_line(tool: str, interrupted: str = "interrupted") -> Iterato
     except FastSLMError as exc:
         typer.echo(f"{tool}: error: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
+    except Terminated:
+        typer.echo(f"{tool}: error: {interrupted.replace('interrupted', 'terminated', 1)}", err=True)
+        raise typer.Exit(Terminated.exit_code) from None
     except KeyboardInterrupt:
         typer.echo(f"{tool}: error: {interrupted}", err=True)
         raise typer.Exit(130) from None

@@ -40,9 +40,10 @@ def tiny_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def external_bundle(tiny_dir, tmp_path_factory):
     """An fp32 bundle with every graph's weights forced into external data, written with --force
-    over a folder that already holds a stale file."""
+    over an older bundle that holds a stale file."""
     out = tmp_path_factory.mktemp("bundles") / "tiny-ext"
     out.mkdir()
+    (out / "manifest.json").write_text('{"format": "fastslm-bundle"}')
     (out / "stale.txt").write_text("from an older export")
     report = export_bundle(
         ExportOptions(model=tiny_dir, out=out, target="onnx", force=True, external_data_threshold=0, progress=False),
@@ -196,7 +197,7 @@ def test_refuses_to_overwrite_without_force(tiny_dir, tmp_path):
 
 def test_refuses_to_replace_the_model_folder(tiny_dir):
     line = one_error_line(runner.invoke(app, ["--model", str(tiny_dir), "--out", str(tiny_dir), "--force"]))
-    assert "model folder itself" in line
+    assert "which this command reads" in line
 
 
 def test_errors_are_one_line_in_a_real_process(tmp_path):
@@ -217,7 +218,7 @@ def test_failed_export_leaves_no_half_bundle(tiny_dir, tmp_path, monkeypatch, ha
     out = tmp_path / "bundle"
     if had_bundle:
         out.mkdir()
-        (out / "manifest.json").write_text("{}")
+        (out / "manifest.json").write_text('{"format": "fastslm-bundle"}')
     real_export = bundle_writer.export_graph
 
     def failing_export(spec, *args, **kwargs):
@@ -230,4 +231,5 @@ def test_failed_export_leaves_no_half_bundle(tiny_dir, tmp_path, monkeypatch, ha
         export_bundle(ExportOptions(model=tiny_dir, out=out, force=had_bundle, progress=False), log=lambda line: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["bundle"] if had_bundle else [])
     if had_bundle:
-        assert [p.name for p in out.iterdir()] == ["manifest.json"] and (out / "manifest.json").read_text() == "{}"
+        assert [p.name for p in out.iterdir()] == ["manifest.json"]
+        assert (out / "manifest.json").read_text() == '{"format": "fastslm-bundle"}'

@@ -1,0 +1,67 @@
+"""`fastslm-serve`: the OpenAI-compatible server on this machine (loopback unless told otherwise)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import OptionError, reported_in_one_line
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def serve(
+    model: Annotated[Optional[Path], typer.Option(help="Exported bundle or model folder [default: shipped demo].")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(
+        help="Require `Authorization: Bearer KEY` on /v1 requests [default: $FASTSLM_API_KEY, else none].")] = None,
+    backend: Annotated[str, typer.Option(help="auto, onnx, tensorrt or torch.")] = "auto",
+    providers: Annotated[Optional[str], typer.Option(help="onnx backend: execution providers in order.")] = None,
+    workers: Annotated[int, typer.Option(help="Generations at once (one already uses every CPU core).")] = 1,
+    queue_size: Annotated[int, typer.Option(help="Requests that may wait; one more gets 429.")] = 32,
+    max_audio_mb: Annotated[float, typer.Option(help="Largest recording accepted, in MiB.")] = 25.0,
+    max_audio_seconds: Annotated[float, typer.Option(help="Longest recording accepted.")] = 1800.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Default and largest max_tokens of a request.")] = 512,
+    prefix_cache_entries: Annotated[int, typer.Option(help="Recordings whose encoded audio is kept for the next question.")] = 8,
+) -> None:
+    with reported_in_one_line("fastslm-serve"):
+        from .options import ServeOptions
+
+        if not (max_audio_mb > 0):
+            raise OptionError(f"max-audio-mb {max_audio_mb} is invalid: use a positive number")
+        options = ServeOptions(
+            host=host, port=port, api_key=api_key or os.environ.get("FASTSLM_API_KEY") or None,
+            max_audio_bytes=int(max_audio_mb * 2**20), max_audio_seconds=max_audio_seconds, queue_size=queue_size,
+            workers=workers, prefix_cache_entries=prefix_cache_entries, max_new_tokens=max_new_tokens,
+        )  # fmt: skip
+        run_server(options, model, backend, providers)
+
+
+def run_server(options, model, backend: str = "auto", providers: str | None = None) -> None:
+    import uvicorn
+
+    from ..generate import Pipeline
+    from .app import create_app
+    from .engine import Engine
+
+    pipe = Pipeline.load(model, backend, providers=providers)
+    if not options.loopback and not options.api_key:
+        typer.echo(f"fastslm-serve: warning: {options.host} is reachable from the network and no --api-key is set; "
+                   "anyone who can reach this port can use the model", err=True)  # fmt: skip
+    typer.echo(f"fastslm-serve: model {pipe.model_name} on {pipe.backend.name}, "
+               f"OpenAI API at http://{options.host}:{options.port}/v1", err=True)  # fmt: skip
+    uvicorn.run(create_app(Engine(pipe, options)), host=options.host, port=options.port, log_level="warning",
+                timeout_graceful_shutdown=5)  # fmt: skip
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

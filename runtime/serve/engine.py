@@ -1,0 +1,241 @@
+"""The server's generation side: worker threads, a bounded queue, and the shared audio-prefix cache.
+
+    HTTP handler --submit()--> [queue: at most queue_size waiting] --> worker thread(s)
+         ^                                                                   |
+         +------ text pieces, then one Answer (asyncio queue, thread-safe) <-+
+
+A request's audio goes through the audio tower once: the speech tokens are kept, keyed by the
+upload's sha256, so the next question about the same recording (from any client) skips its
+encoding. A job that its client gave up on is cancelled: skipped if still waiting, stopped
+between windows while encoding and between tokens while decoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+from ..audio import SAMPLE_RATE
+from ..errors import FastSLMError
+from ..generate import Pipeline, SpeechTokens
+from ..sampling import SamplingOptions
+from .api_errors import ApiError, bad_request, queue_full
+from .options import ServeOptions
+from .uploads import Upload
+
+
+@dataclass(frozen=True)
+class Question:
+    upload: Upload
+    prompt: str  # "transcribe", "summarize" or a question (runtime.prompt.resolve_task)
+    sampling: SamplingOptions
+    language: str | None = None
+
+
+@dataclass
+class Answer:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end token), "length" (max tokens) or "cancelled"
+    audio_seconds: float
+    audio_cached: bool  # the speech tokens came from the prefix cache
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Cancelled(Exception):
+    """Raised inside a worker when the job's client has gone."""
+
+
+class Job:
+    """One request in flight: the worker pushes pieces, the handler reads them."""
+
+    def __init__(self, question: Question, loop: asyncio.AbstractEventLoop):
+        self.question = question
+        self.cancelled = threading.Event()
+        self.answer: Answer | None = None
+        self._loop = loop
+        self._events: asyncio.Queue = asyncio.Queue()
+        self.done = False
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def emit(self, piece: str) -> None:
+        """Called by the worker thread for each decoded text piece."""
+        self._put("piece", piece)
+
+    def _put(self, kind: str, value: object) -> None:
+        self._loop.call_soon_threadsafe(self._events.put_nowait, (kind, value))
+
+    async def pieces(self) -> AsyncIterator[str]:
+        """The answer's text pieces as decoded; afterwards `answer` holds the totals. Raises the
+        job's error (ApiError for the client's fault, anything else is a server bug)."""
+        while True:
+            kind, value = await self._events.get()
+            if kind == "piece":
+                yield value
+            elif kind == "answer":
+                self.answer, self.done = value, True
+                return
+            else:
+                self.done = True
+                raise value
+
+    async def text(self) -> str:
+        return "".join([piece async for piece in self.pieces()])
+
+
+class PrefixCache:
+    """Least-recently-used speech tokens by upload sha256 (thread-safe)."""
+
+    def __init__(self, entries: int):
+        self.entries = entries
+        self._items: OrderedDict[str, SpeechTokens] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> SpeechTokens | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+            return item
+
+    def put(self, key: str, speech: SpeechTokens) -> None:
+        if self.entries == 0:
+            return
+        with self._lock:
+            self._items[key] = speech
+            self._items.move_to_end(key)
+            while len(self._items) > self.entries:
+                self._items.popitem(last=False)
+
+
+class Engine:
+    """Owns the Pipeline for the server's lifetime; `submit` is called from the event loop."""
+
+    def __init__(self, pipe: Pipeline, options: ServeOptions):
+        self.pipe = pipe
+        self.options = options
+        self.cache = PrefixCache(options.prefix_cache_entries)
+        self.stats = {"running": 0, "completed": 0, "cancelled": 0, "failed": 0, "audio_encoded": 0,
+                      "prefix_cache_hits": 0}  # fmt: skip
+        self._stats_lock = threading.Lock()
+        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=options.queue_size)
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for i in range(self.options.workers):
+            thread = threading.Thread(target=self._work, name=f"fastslm-worker-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self._threads.clear()
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, question: Question) -> Job:
+        """Queue a question; ApiError 400 when it cannot fit the model, 429 when the queue is full."""
+        try:
+            self.pipe.check_context(question.upload.seconds, question.prompt, question.language,
+                                    question.sampling.max_new_tokens)  # fmt: skip
+        except FastSLMError as exc:
+            raise bad_request(str(exc), code="context_length_exceeded") from None
+        job = Job(question, asyncio.get_running_loop())
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise queue_full(self.options.queue_size) from None
+        return job
+
+    def _count(self, name: str, step: int = 1) -> None:
+        with self._stats_lock:
+            self.stats[name] += step
+
+    def _work(self) -> None:
+        while (job := self._queue.get()) is not None:
+            self._count("running")
+            try:
+                answer = self.answer(job.question, job.emit, job.cancelled)
+            except Cancelled:
+                self._count("cancelled")
+                job._put("error", ApiError(499, "the client closed the request", code="cancelled"))
+            except FastSLMError as exc:
+                self._count("failed")
+                job._put("error", bad_request(str(exc)))
+            except Exception as exc:  # a bug: the client gets a 500, the server keeps serving
+                self._count("failed")
+                job._put("error", exc)
+            else:
+                self._count("cancelled" if answer.finish_reason == "cancelled" else "completed")
+                job._put("answer", answer)
+            finally:
+                self._count("running", -1)
+
+    def answer(self, question: Question, emit: Callable[[str], None], cancelled: threading.Event) -> Answer:
+        """Run one question to the end (or until `cancelled`), calling `emit` with each text piece."""
+        if cancelled.is_set():
+            raise Cancelled
+        t0 = time.perf_counter()
+        speech, cached = self._speech(question.upload, cancelled)
+        t1 = time.perf_counter()
+        prefill = self.pipe.prefill(speech, question.prompt, question.language)
+        t2 = time.perf_counter()
+        counter = TokenCounter(self.pipe.decode_tokens(prefill, question.sampling), cancelled)
+        text = []
+        for piece in self.pipe.text_pieces(counter):
+            text.append(piece)
+            emit(piece)
+        t3 = time.perf_counter()
+        if counter.stopped:
+            reason = "cancelled"
+        else:
+            reason = "length" if counter.count >= question.sampling.max_new_tokens else "stop"
+        return Answer(
+            text="".join(text).strip(), prompt_tokens=prefill.prompt_tokens, completion_tokens=counter.count,
+            finish_reason=reason, audio_seconds=question.upload.seconds, audio_cached=cached,
+            timings={"audio_tower_s": t1 - t0, "prefill_s": t2 - t1, "decode_s": t3 - t2},
+        )  # fmt: skip
+
+    def _speech(self, upload: Upload, cancelled: threading.Event) -> tuple[SpeechTokens, bool]:
+        speech = self.cache.get(upload.sha256)
+        if speech is not None:
+            self._count("prefix_cache_hits")
+            return speech, True
+
+        def progress(done: int, total: int) -> None:
+            if cancelled.is_set():  # stop between audio-tower batches
+                raise Cancelled
+
+        speech = self.pipe.encode(upload.samples, SAMPLE_RATE, progress=progress)
+        self._count("audio_encoded")
+        self.cache.put(upload.sha256, speech)
+        return speech, False
+
+
+class TokenCounter:
+    """Passes answer tokens through, counting them, and stops early once `cancelled` is set."""
+
+    def __init__(self, tokens: Iterator[int], cancelled: threading.Event):
+        self.tokens, self.cancelled = tokens, cancelled
+        self.count, self.stopped = 0, False
+
+    def __iter__(self) -> Iterator[int]:
+        for token in self.tokens:
+            if self.cancelled.is_set():
+                self.stopped = True
+                return
+            self.count += 1
+            yield token

@@ -1,0 +1,373 @@
+"""fastslm-serve on loopback with the shipped demo model, driven by the official `openai` client.
+
+One server is `fastslm-serve` itself in a child process (the command users run); a second one,
+with a one-place queue and an API key, runs in this process on the same Pipeline so its queue
+can be filled on purpose. Expected answers come from `fastslm-run` and the Pipeline directly:
+the server must give the same text token for token.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import soundfile as sf
+import uvicorn
+from typer.testing import CliRunner
+
+from fastslm.runtime.audio import SAMPLE_RATE, load_audio
+from fastslm.runtime.cli import app as run_app
+from fastslm.runtime.errors import OptionError
+from fastslm.runtime.generate import Pipeline
+from fastslm.runtime.loading import DEMO_EVAL_SUBSET
+from fastslm.runtime.sampling import SamplingOptions
+from fastslm.runtime.serve.app import create_app
+from fastslm.runtime.serve.engine import Engine, Question
+from fastslm.runtime.serve.options import ServeOptions
+from fastslm.runtime.serve.uploads import read_upload
+
+MAX_AUDIO_MB = 4  # the child server's byte bound (jfk.flac is 1.1 MB)
+MAX_AUDIO_SECONDS = 120  # and its length bound
+QUESTION = "What is the first word?"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, seconds: float = 90, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"fastslm-serve exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not become healthy in {seconds} s")
+
+
+def health(url: str) -> dict:
+    return httpx.get(f"{url}/health", timeout=10).json()
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Pipeline:
+    return Pipeline.load()
+
+
+@pytest.fixture(scope="module")
+def clips(jfk_path) -> dict[str, Path]:
+    """jfk.flac and three shipped eval clips: different recordings, so a mixed-up answer shows."""
+    rows = [json.loads(line) for line in (DEMO_EVAL_SUBSET / "eval_seen.jsonl").read_text().splitlines()[:3]]
+    return {"jfk": jfk_path, **{row["id"]: DEMO_EVAL_SUBSET / row["path"] for row in rows}}
+
+
+@pytest.fixture(scope="module")
+def expected(pipe, clips) -> dict[str, str]:
+    return {name: pipe.transcribe(path) for name, path in clips.items()}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> str:
+    """`fastslm-serve` in a child process on 127.0.0.1 and a free port; yields its base URL."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    command = [sys.executable, "-c", "from fastslm.runtime.serve.cli import main; main()", "--port", str(port),
+               "--max-audio-mb", str(MAX_AUDIO_MB), "--max-audio-seconds", str(MAX_AUDIO_SECONDS)]  # fmt: skip
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process=process)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        print(log.read_text()[-3000:])
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def wav_bytes(path: Path) -> bytes:
+    out = io.BytesIO()
+    # float WAV at 16 kHz holds load_audio's samples exactly, so answers match those for the file
+    sf.write(out, load_audio(path), SAMPLE_RATE, format="WAV", subtype="FLOAT")
+    return out.getvalue()
+
+
+def chat_audio(data: bytes, text: str | None, fmt: str = "wav") -> list[dict]:
+    parts = [{"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": fmt}}]
+    if text is not None:
+        parts.append({"type": "text", "text": text})
+    return [{"role": "user", "content": parts}]
+
+
+# ---- the openai client gets fastslm-run's answers ------------------------------------------------
+
+
+def test_transcription_equals_fastslm_run(client, jfk_path):
+    result = CliRunner().invoke(run_app, [str(jfk_path), "--json"])
+    assert result.exit_code == 0, result.output
+    cli_text = json.loads(result.stdout.strip().splitlines()[-1])["text"]
+    assert cli_text
+
+    with open(jfk_path, "rb") as f:
+        plain = client.audio.transcriptions.create(model="whisper-1", file=f)
+    assert plain.text == cli_text
+
+    with open(jfk_path, "rb") as f:
+        events = list(client.audio.transcriptions.create(model="whisper-1", file=f, stream=True))
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    assert len(deltas) > 5  # streamed piece by piece, not in one event
+    assert events[-1].type == "transcript.text.done"
+    assert events[-1].text == cli_text
+    assert "".join(deltas).strip() == cli_text
+
+
+def test_transcription_response_formats(client, jfk_path, expected):
+    with open(jfk_path, "rb") as f:
+        text = client.audio.transcriptions.create(model="whisper-1", file=f, response_format="text")
+    assert text == expected["jfk"] + "\n"
+    with open(jfk_path, "rb") as f:
+        verbose = client.audio.transcriptions.create(model="whisper-1", file=f, response_format="verbose_json")
+    assert verbose.text == expected["jfk"]
+    assert verbose.duration == pytest.approx(11.0, abs=0.01)
+    assert verbose.segments[0].start == 0.0
+    assert verbose.segments[-1].end == pytest.approx(11.0, abs=0.01)
+    assert " ".join(s.text for s in verbose.segments) == expected["jfk"]
+
+
+def test_chat_completion_with_input_audio(client, pipe, jfk_path, expected):
+    data = wav_bytes(jfk_path)
+    reply = client.chat.completions.create(model="fastslm", messages=chat_audio(data, "Transcribe the audio."))
+    assert reply.choices[0].message.content == expected["jfk"]
+    assert reply.choices[0].finish_reason == "stop"
+
+    reference = pipe.generate(jfk_path, QUESTION)
+    reply = client.chat.completions.create(model="fastslm", messages=chat_audio(data, QUESTION))
+    assert reply.choices[0].message.content == reference.text
+    assert reply.usage.prompt_tokens == reference.prompt_tokens
+    assert reply.usage.completion_tokens == len(reference.token_ids)
+
+    chunks = list(client.chat.completions.create(model="fastslm", messages=chat_audio(data, QUESTION), stream=True,
+                                                 stream_options={"include_usage": True}))  # fmt: skip
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed.strip() == reference.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == len(reference.token_ids)
+
+    short = client.chat.completions.create(model="fastslm", messages=chat_audio(data, "transcribe"), max_tokens=2)
+    assert short.choices[0].finish_reason == "length"
+    assert short.usage.completion_tokens == 2
+
+
+def test_second_question_about_the_same_audio_skips_encoding(server, client, jfk_path):
+    data = wav_bytes(jfk_path) + b""  # the cache key is the uploaded bytes
+    client.chat.completions.create(model="fastslm", messages=chat_audio(data, QUESTION))
+    before = health(server)
+    reply = client.chat.completions.create(model="fastslm", messages=chat_audio(data, "Who is speaking?"))
+    after = health(server)
+    assert reply.choices[0].message.content
+    assert after["audio_encoded"] == before["audio_encoded"]
+    assert after["prefix_cache_hits"] == before["prefix_cache_hits"] + 1
+
+
+def test_sixteen_concurrent_clients(server, client, clips, expected):
+    names = list(clips)
+    encoded = {name: wav_bytes(path) for name, path in clips.items()}
+
+    def one(i: int) -> tuple[str, str]:
+        name = names[i % len(names)]
+        if i % 2:
+            with open(clips[name], "rb") as f:
+                return name, client.audio.transcriptions.create(model="whisper-1", file=f).text
+        reply = client.chat.completions.create(model="fastslm", messages=chat_audio(encoded[name], "transcribe"))
+        return name, reply.choices[0].message.content
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, range(16)))
+    assert len(answers) == 16
+    for name, text in answers:
+        assert text == expected[name], name
+    assert health(server)["failed"] == 0
+
+
+# ---- bad requests get 4xx in OpenAI's shape, and the server keeps serving ------------------------
+
+
+def silent_flac(seconds: float) -> bytes:
+    out = io.BytesIO()
+    sf.write(out, np.zeros(int(seconds * SAMPLE_RATE), np.float32), SAMPLE_RATE, format="FLAC")
+    return out.getvalue()
+
+
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client, jfk_path, expected):
+    jfk = jfk_path.read_bytes()
+    url = f"{server}/v1/audio/transcriptions"
+    chat = f"{server}/v1/chat/completions"
+    oversized = os.urandom(MAX_AUDIO_MB * 2**20 + 1)
+    cases = [  # (name, status, code, request)
+        ("oversized upload", 413, "request_too_large", lambda: httpx.post(url, files={"file": ("a.flac", oversized)})),
+        ("too long", 400, "audio_too_long",
+         lambda: httpx.post(url, files={"file": ("a.flac", silent_flac(MAX_AUDIO_SECONDS + 30))})),
+        ("corrupt flac", 400, "invalid_audio", lambda: httpx.post(url, files={"file": ("a.flac", jfk[: len(jfk) // 2])})),
+        ("flac header only", 400, "invalid_audio", lambda: httpx.post(url, files={"file": ("a.flac", jfk[:200])})),
+        ("not audio", 400, "invalid_audio", lambda: httpx.post(url, files={"file": ("notes.txt", b"hello, world\n" * 50)})),
+        ("empty file", 400, "invalid_audio", lambda: httpx.post(url, files={"file": ("a.wav", b"")})),
+        ("no file", 400, None, lambda: httpx.post(url, data={"model": "whisper-1"}, files={"x": ("x", b"1")})),
+        ("not multipart", 400, None, lambda: httpx.post(url, json={"file": "jfk.flac"})),
+        ("bad format", 400, None, lambda: httpx.post(url, files={"file": ("a.flac", jfk)}, data={"response_format": "mp4"})),
+        ("word timestamps", 400, None, lambda: httpx.post(
+            url, files={"file": ("a.flac", jfk)}, data={"timestamp_granularities[]": "word"})),
+        ("bad language", 400, None, lambda: httpx.post(url, files={"file": ("a.flac", jfk)}, data={"language": "xx"})),
+        ("chat: invalid json", 400, None, lambda: httpx.post(chat, content=b"{not json", headers={"content-type": "application/json"})),
+        ("chat: no audio", 400, None, lambda: httpx.post(chat, json={"messages": [{"role": "user", "content": "hi"}]})),
+        ("chat: bad base64", 400, None, lambda: httpx.post(chat, json={"messages": [{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": "***", "format": "wav"}}]}]})),
+        ("chat: not audio", 400, "invalid_audio", lambda: httpx.post(chat, json={"messages": chat_audio(b"text, not sound", None)})),
+        ("chat: unknown format", 400, None, lambda: httpx.post(chat, json={"messages": chat_audio(jfk, None, fmt="aac")})),
+        ("chat: max_tokens 0", 400, None, lambda: httpx.post(chat, json={"messages": chat_audio(jfk, None), "max_tokens": 0})),
+        ("chat: oversized body", 413, "request_too_large", lambda: httpx.post(
+            chat, content=b"x" * (ServeOptions(max_audio_bytes=MAX_AUDIO_MB * 2**20).max_body_bytes + 1))),
+        ("unknown route", 404, "not_found", lambda: httpx.get(f"{server}/v1/nothing")),
+    ]  # fmt: skip
+    for name, status, code, request in cases:
+        response = request()
+        assert response.status_code == status, (name, response.text)
+        error = response.json()["error"]
+        assert error["message"] and "\n" not in error["message"] and error["type"], name
+        if code:
+            assert error["code"] == code, (name, error)
+
+    with pytest.raises(openai.BadRequestError, match="not audio"):
+        client.audio.transcriptions.create(model="whisper-1", file=("notes.txt", b"hello"))
+    with open(jfk_path, "rb") as f:
+        assert client.audio.transcriptions.create(model="whisper-1", file=f).text == expected["jfk"]
+    assert health(server)["failed"] == 0
+
+
+# ---- queue bound, API key, disconnects ------------------------------------------------------------
+
+
+class InProcessServer:
+    """uvicorn on 127.0.0.1 in a thread of this process (so tests can share one loaded Pipeline)."""
+
+    def __init__(self, engine: Engine):
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))  # fmt: skip
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        wait_healthy(self.url, 30)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def wait_for(url: str, condition, seconds: float = 60) -> dict:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        state = health(url)
+        if condition(state):
+            return state
+        time.sleep(0.05)
+    raise AssertionError(f"gave up waiting; last health: {state}")
+
+
+def test_full_queue_gets_429_key_is_required_and_disconnects_cancel(pipe, jfk_path, tmp_path):
+    options = ServeOptions(queue_size=1, workers=1, api_key="sesame", max_audio_seconds=600)
+    # 6 min = 12 windows = three audio-tower batches: the worker is busy long enough to fill the queue
+    long_audio = io.BytesIO()
+    samples = np.concatenate([load_audio(jfk_path), np.zeros(349 * SAMPLE_RATE, np.float32)])
+    sf.write(long_audio, samples, SAMPLE_RATE, format="FLAC")
+    files = {"file": ("long.flac", long_audio.getvalue())}
+    auth = {"Authorization": "Bearer sesame"}
+    with InProcessServer(Engine(pipe, options)) as url:
+        endpoint = f"{url}/v1/audio/transcriptions"
+        refused = httpx.post(endpoint, files=files)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.post(endpoint, files=files, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(f"{url}/health").status_code == 200  # probes need no key
+
+        with httpx.Client(timeout=120, headers=auth) as first, httpx.Client(timeout=120, headers=auth) as second:
+            with first.stream("POST", endpoint, files=files, data={"stream": "true"}) as running:
+                assert running.status_code == 200
+                wait_for(url, lambda s: s["running"] == 1)
+                with second.stream("POST", endpoint, files=files, data={"stream": "true"}) as waiting:
+                    assert waiting.status_code == 200
+                    assert health(url)["waiting"] == 1
+                    full = httpx.post(endpoint, files=files, headers=auth)
+                    assert full.status_code == 429, full.text
+                    assert full.json()["error"]["code"] == "queue_full"
+                # `waiting` closed before it started, `running` closes while it encodes
+        state = wait_for(url, lambda s: s["running"] == 0 and s["waiting"] == 0 and s["cancelled"] == 2)
+        assert state["completed"] == 0 and state["audio_encoded"] == 0  # neither finished its audio tower
+
+        with open(jfk_path, "rb") as f:  # and it still answers
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="sesame", max_retries=0)
+            assert client.audio.transcriptions.create(model="whisper-1", file=f).text == pipe.transcribe(jfk_path)
+
+
+def test_engine_stops_decoding_when_its_client_is_gone(pipe, jfk_path):
+    engine = Engine(pipe, ServeOptions())
+    upload = read_upload(jfk_path.read_bytes(), max_bytes=2**25, max_seconds=60)
+    question = Question(upload, "transcribe", SamplingOptions())
+    full = engine.answer(question, lambda piece: None, threading.Event())
+    assert full.finish_reason == "stop" and full.completion_tokens > 20
+
+    cancelled = threading.Event()
+    pieces = []
+
+    def emit(piece: str) -> None:  # the client goes away right after the first piece
+        pieces.append(piece)
+        cancelled.set()
+
+    stopped = engine.answer(question, emit, cancelled)
+    assert stopped.finish_reason == "cancelled"
+    assert stopped.audio_cached  # the first answer's speech tokens were reused
+    assert stopped.completion_tokens <= 3 and len(pieces) == 1
+    assert full.text.startswith(pieces[0])
+
+
+def test_options_refuse_absurd_values():
+    for bad in ({"port": 0}, {"workers": 0}, {"queue_size": -1}, {"max_audio_seconds": float("nan")},
+                {"api_key": " "}, {"prefix_cache_entries": -1}):  # fmt: skip
+        with pytest.raises(OptionError):
+            ServeOptions(**bad)
+    assert ServeOptions().loopback and ServeOptions(host="::1").loopback and not ServeOptions(host="0.0.0.0").loopback
+
+
+def test_serve_cli_refuses_bad_options_in_one_line():
+    result = subprocess.run([sys.executable, "-c", "from fastslm.runtime.serve.cli import main; main()", "--workers", "0"],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["fastslm-serve: error: workers 0 is invalid: use a whole number >= 1"]

@@ -1,8 +1,7 @@
 """fastslm-serve on loopback with the shipped demo model, driven by the official `openai` client.
 
 One server is `fastslm-serve` itself in a child process (the command users run); a second one,
-with a one-place queue and an API key, runs in this process on the same Pipeline so its queue
-can be filled on purpose. Expected answers come from `fastslm-run` and the Pipeline directly:
+with a one-place queue and an API key, runs in this process so its queue can be filled on purpose. Expected answers come from `fastslm-run` and the Pipeline directly:
 the server must give the same text token for token.
 """
 
@@ -12,7 +11,6 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +23,6 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
-import uvicorn
 from typer.testing import CliRunner
 
 from fastslm.runtime.audio import SAMPLE_RATE, load_audio
@@ -34,20 +31,14 @@ from fastslm.runtime.errors import OptionError
 from fastslm.runtime.generate import Pipeline
 from fastslm.runtime.loading import DEMO_EVAL_SUBSET
 from fastslm.runtime.sampling import SamplingOptions
-from fastslm.runtime.serve.app import create_app
 from fastslm.runtime.serve.engine import Engine, Question
+from fastslm.runtime.serve.local import LoopbackServer, free_port
 from fastslm.runtime.serve.options import ServeOptions
 from fastslm.runtime.serve.uploads import read_upload
 
 MAX_AUDIO_MB = 4  # the child server's byte bound (jfk.flac is 1.1 MB)
 MAX_AUDIO_SECONDS = 120  # and its length bound
 QUESTION = "What is the first word?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, seconds: float = 90, process: subprocess.Popen | None = None) -> None:
@@ -273,26 +264,6 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client, jfk_p
 # ---- queue bound, API key, disconnects ------------------------------------------------------------
 
 
-class InProcessServer:
-    """uvicorn on 127.0.0.1 in a thread of this process (so tests can share one loaded Pipeline)."""
-
-    def __init__(self, engine: Engine):
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))  # fmt: skip
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        wait_healthy(self.url, 30)
-        return self.url
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
 def wait_for(url: str, condition, seconds: float = 60) -> dict:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -303,15 +274,17 @@ def wait_for(url: str, condition, seconds: float = 60) -> dict:
     raise AssertionError(f"gave up waiting; last health: {state}")
 
 
-def test_full_queue_gets_429_key_is_required_and_disconnects_cancel(pipe, jfk_path, tmp_path):
+def test_full_queue_gets_429_key_is_required_and_disconnects_cancel(jfk_path):
     options = ServeOptions(queue_size=1, workers=1, api_key="sesame", max_audio_seconds=600)
-    # 6 min = 12 windows = three audio-tower batches: the worker is busy long enough to fill the queue
+    # 4 min = 8 windows encoded one at a time: the worker is busy long enough to fill the queue,
+    # and a cancelled encoding stops after the window in progress
+    pipe = Pipeline.load(max_windows_per_batch=1)
     long_audio = io.BytesIO()
-    samples = np.concatenate([load_audio(jfk_path), np.zeros(349 * SAMPLE_RATE, np.float32)])
+    samples = np.concatenate([load_audio(jfk_path), np.zeros(229 * SAMPLE_RATE, np.float32)])
     sf.write(long_audio, samples, SAMPLE_RATE, format="FLAC")
     files = {"file": ("long.flac", long_audio.getvalue())}
     auth = {"Authorization": "Bearer sesame"}
-    with InProcessServer(Engine(pipe, options)) as url:
+    with LoopbackServer(Engine(pipe, options)) as url:
         endpoint = f"{url}/v1/audio/transcriptions"
         refused = httpx.post(endpoint, files=files)
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
@@ -371,3 +344,20 @@ def test_serve_cli_refuses_bad_options_in_one_line():
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["fastslm-serve: error: workers 0 is invalid: use a whole number >= 1"]
+
+
+def test_load_test_reports_rates_and_percentiles(server, clips):
+    from fastslm.runtime.serve.loadtest import app as bench_app
+
+    result = CliRunner().invoke(bench_app, [str(clips["eval_seen-000000"]), "--url", server, "--clients", "1,2",
+                                            "--requests", "2", "--max-seconds", "60"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [int(r[0]) for r in rows] == [1, 2]
+    for clients, requests, errors, rate, p50, p95 in rows:
+        assert int(requests) == 2 and int(errors) == 0
+        assert float(rate) > 0 and 0 < float(p50) <= float(p95)
+
+    refused = CliRunner().invoke(bench_app, [str(clips["jfk"]), "--url", "http://192.0.2.1:8000"])
+    assert refused.exit_code == 2
+    assert "only drives a server on loopback" in refused.output

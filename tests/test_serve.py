@@ -232,6 +232,8 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client, jfk_p
         ("no file", 400, None, lambda: httpx.post(url, data={"model": "whisper-1"}, files={"x": ("x", b"1")})),
         ("not multipart", 400, None, lambda: httpx.post(url, json={"file": "jfk.flac"})),
         ("bad format", 400, None, lambda: httpx.post(url, files={"file": ("a.flac", jfk)}, data={"response_format": "mp4"})),
+        ("streamed verbose", 400, None, lambda: httpx.post(
+            url, files={"file": ("a.flac", jfk)}, data={"response_format": "verbose_json", "stream": "true"})),
         ("word timestamps", 400, None, lambda: httpx.post(
             url, files={"file": ("a.flac", jfk)}, data={"timestamp_granularities[]": "word"})),
         ("bad language", 400, None, lambda: httpx.post(url, files={"file": ("a.flac", jfk)}, data={"language": "xx"})),
@@ -361,3 +363,14 @@ def test_load_test_reports_rates_and_percentiles(server, clips):
     refused = CliRunner().invoke(bench_app, [str(clips["jfk"]), "--url", "http://192.0.2.1:8000"])
     assert refused.exit_code == 2
     assert "only drives a server on loopback" in refused.output
+
+
+def test_server_imports_no_torch():
+    code = ("import sys\n"
+            "from fastslm.runtime.generate import Pipeline\n"
+            "from fastslm.runtime.serve import app, cli, engine, loadtest, options\n"
+            "app.create_app(engine.Engine(Pipeline.load(), options.ServeOptions()))\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))\n")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

@@ -2,7 +2,7 @@
 
     GET  /health                     liveness, queue depth and cache counters (no key needed)
     GET  /v1/models                  the one model served
-    POST /v1/audio/transcriptions    multipart `file`; response_format json|text|srt|vtt|verbose_json;
+    POST /v1/audio/transcriptions    multipart `file`; response_format json|text|verbose_json;
                                      `stream=true` -> server-sent transcript.text.delta/done events
     POST /v1/chat/completions        messages with `input_audio` and text parts; `stream: true` -> SSE chunks
 
@@ -278,11 +278,9 @@ def transcription_response(params: TranscriptionRequest, answer: Answer) -> Resp
         return JSONResponse({"text": text, "usage": {"type": "duration", "seconds": round(answer.audio_seconds, 3)}})
     segments = [{"id": 0, "seek": 0, "start": 0.0, "end": round(answer.audio_seconds, 3), "text": text,
                  "temperature": params.sampling.temperature}]  # fmt: skip
-    if fmt == "verbose_json":
-        return JSONResponse({"task": "transcribe", "language": params.language or "unknown",
-                             "duration": round(answer.audio_seconds, 3), "text": text, "segments": segments,
-                             "usage": {"type": "duration", "seconds": round(answer.audio_seconds, 3)}})  # fmt: skip
-    raise AssertionError(fmt)
+    return JSONResponse({"task": "transcribe", "language": params.language or "unknown",
+                         "duration": round(answer.audio_seconds, 3), "text": text, "segments": segments,
+                         "usage": {"type": "duration", "seconds": round(answer.audio_seconds, 3)}})  # fmt: skip
 
 
 # ---- chat completions ------------------------------------------------------------------------

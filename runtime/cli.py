@@ -20,8 +20,11 @@ def run(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help='"transcribe", "summarize", or a question.')] = "transcribe",
     model: Annotated[Optional[Path], typer.Option(help="Model folder or exported bundle [default: shipped demo].")] = None,
     backend: Annotated[str, typer.Option(help="auto, onnx or torch.")] = "auto",
-    json_output: Annotated[bool, typer.Option("--json", help="One JSON object per file instead of streamed text.")] = False,
-    max_new_tokens: Annotated[int, typer.Option(help="Stop after this many answer tokens.")] = 512,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object per file instead of streamed text (= --format json).")] = False,
+    output_format: Annotated[str, typer.Option("--format", help="txt, json, srt or vtt (transcription; others answer in txt or json).")] = "txt",
+    output_dir: Annotated[Optional[Path], typer.Option(help="Also write NAME.txt/.json/.srt/.vtt of each transcribed file here.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Let --output-dir replace existing files.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Stop after this many answer tokens (per segment when transcribing).")] = 512,
     temperature: Annotated[float, typer.Option(help="0 = greedy; the reference FastSLM samples at 0.2.")] = 0.0,
     top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = off).")] = 20,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 0.95,
@@ -32,10 +35,21 @@ def run(
         "[default: the best available].")] = None,
 ) -> None:
     with reported_in_one_line("fastslm-run"):
+        from .errors import OptionError
         from .generate import Pipeline
         from .loading import DEFAULT_MODEL_NOTE
+        from .prompt import Task, resolve_task
         from .sampling import SamplingOptions
+        from .subtitles import FORMATS, check_outputs
 
+        fmt = "json" if json_output else output_format
+        if fmt not in FORMATS:
+            raise OptionError(f"--format {output_format!r} is unknown; choose one of {', '.join(FORMATS)}")
+        transcribing = resolve_task(prompt)[0] == Task.ASR
+        if not transcribing and (fmt in ("srt", "vtt") or output_dir is not None):
+            raise OptionError(f"--format {fmt} and --output-dir are for transcription; drop them for the prompt {prompt!r}")
+        if output_dir is not None:
+            check_outputs(output_dir, list(audio), overwrite)
         sampling = SamplingOptions(
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens
         )
@@ -47,7 +61,10 @@ def run(
         failed = 0
         for path in audio:
             try:
-                answer_one(pipe, path, prompt, sampling, language, json_output, several=len(audio) > 1)
+                if transcribing:
+                    transcribe_one(pipe, path, prompt, sampling, language, fmt, output_dir, several=len(audio) > 1)
+                else:
+                    answer_one(pipe, path, prompt, sampling, language, fmt == "json", several=len(audio) > 1)
             except AudioError as exc:
                 # One unreadable file should not cost the answers for the others.
                 message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
@@ -107,6 +124,40 @@ def answer_one(pipe, path: Path, prompt: str, sampling, language, json_output: b
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def transcribe_one(pipe, path: Path, prompt: str, sampling, language, fmt: str, output_dir: Path | None,
+                   several: bool) -> None:
+    """Segment by segment, each printed (txt, srt, vtt) as soon as it is decoded; json prints one record at the end."""
+    from tqdm import tqdm
+
+    from .subtitles import cue, header, record, write_outputs
+    from .transcribe import Transcriber, TranscribeOptions
+
+    options = TranscribeOptions(sampling=sampling, language=language, prompt=prompt)
+    transcriber = Transcriber(pipe, path, options)
+    if several and fmt != "json":
+        typer.echo(f"== {path}")
+    if fmt != "json":
+        sys.stdout.write(header(fmt))
+    shown = 0
+    total = transcriber.reader.seconds or None
+    with tqdm(desc=f"transcribing {path.name}", total=total and round(total, 1), unit="s audio", leave=False,
+              disable=None, file=sys.stderr, bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s") as bar:  # fmt: skip
+        for segment in transcriber.segments():
+            bar.n = segment.end
+            bar.refresh()
+            if fmt != "json" and segment.text.strip():
+                shown += 1
+                bar.clear()
+                sys.stdout.write(cue(fmt, shown, segment))
+                sys.stdout.flush()
+    transcript = transcriber.transcript()
+    fields = {"audio": str(path), "prompt": prompt, "model": pipe.model_name, "backend": pipe.backend.name}
+    if fmt == "json":
+        typer.echo(json.dumps(record(transcript, **fields), ensure_ascii=False))
+    if output_dir is not None:
+        write_outputs(output_dir, path, transcript, **fields)
 
 
 def main() -> None:

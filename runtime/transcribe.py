@@ -73,6 +73,7 @@ class Transcriber:
         self.skipped: list[tuple[float, float]] = []
         self.samples_seen = 0  # the header's duration can be off for some formats; this counts what was read
         self.max_in_flight = 0  # the most segments ever waiting for the model (bounded-memory check)
+        self.done: list[Segment] = []
 
     def segments(self) -> Iterator[Segment]:
         last_end = 0
@@ -83,13 +84,15 @@ class Transcriber:
             o = self.options
             result = self.pipe.generate(audio.samples, o.prompt, sample_rate=SAMPLE_RATE, sampling=o.sampling,
                                         language=o.language)  # fmt: skip
-            yield Segment(audio.start_seconds, audio.end_seconds, result.text, result.token_ids)
+            segment = Segment(audio.start_seconds, audio.end_seconds, result.text, result.token_ids)
+            self.done.append(segment)
+            yield segment
         if self.samples_seen > last_end:
             self.skipped.append((last_end / SAMPLE_RATE, self.samples_seen / SAMPLE_RATE))
 
     def transcript(self) -> Transcript:
-        segments = list(self.segments())
-        return Transcript(segments, self.skipped, self.samples_seen / SAMPLE_RATE)
+        """Everything decoded so far; after `segments()` is exhausted, the whole recording."""
+        return Transcript(list(self.done), list(self.skipped), self.samples_seen / SAMPLE_RATE)
 
     # ---- the reading thread ------------------------------------------------------------------
 
@@ -139,4 +142,7 @@ class Transcriber:
 
 def transcribe(pipe, source: "str | Path | np.ndarray", options: TranscribeOptions | None = None,
                sample_rate: int | None = None) -> Transcript:
-    return Transcriber(pipe, source, options, sample_rate).transcript()
+    transcriber = Transcriber(pipe, source, options, sample_rate)
+    for _ in transcriber.segments():
+        pass
+    return transcriber.transcript()

@@ -34,6 +34,7 @@ class SegmentOptions:
     min_silence_seconds: float = 0.1  # a pause this long ends a span; the demo training data has pauses >= 0.1 s
     min_speech_seconds: float = 0.25  # shorter bursts are clicks, not words
     pad_seconds: float = 0.2  # audio kept either side of speech: onsets and final consonants are quiet
+    max_pause_seconds: float = 2.0  # a longer pause ends the segment (and is skipped) even if more would fit
     max_seconds: float = float(WINDOW_SECONDS)  # one audio-tower window
 
     def __post_init__(self):
@@ -43,7 +44,7 @@ class SegmentOptions:
             raise OptionError(f"VAD neg_threshold {self.neg_threshold!r} must lie between 0 and threshold {self.threshold}")
         if not 1.0 <= self.max_seconds <= WINDOW_SECONDS:
             raise OptionError(f"segment length {self.max_seconds!r} s is invalid: use 1 to {WINDOW_SECONDS} s (one window)")
-        for name in ("min_silence_seconds", "min_speech_seconds", "pad_seconds"):
+        for name in ("min_silence_seconds", "min_speech_seconds", "pad_seconds", "max_pause_seconds"):
             if not 0.0 <= getattr(self, name) <= 5.0:
                 raise OptionError(f"{name} {getattr(self, name)!r} is invalid: use 0 to 5 seconds")
         if 2 * self.pad_seconds >= self.max_seconds:
@@ -86,6 +87,7 @@ class Segmenter:
         self._max_frames = int((o.max_seconds * SAMPLE_RATE - 2 * self._pad) // FRAME_SAMPLES)
         self._min_silence = max(1, _frames(o.min_silence_seconds))
         self._min_speech = _frames(o.min_speech_seconds)
+        self._max_pause = _frames(o.max_pause_seconds)
         self._buffer = np.zeros(0, np.float32)
         self._buffer_start = 0  # sample index of _buffer[0]
         self._frame = 0  # frames scored so far
@@ -164,7 +166,7 @@ class Segmenter:
             return
         if self._seg is None:
             self._seg = [start, end]
-        elif end - self._seg[0] <= self._max_frames:
+        elif end - self._seg[0] <= self._max_frames and start - self._seg[1] <= self._max_pause:
             self._seg[1] = end
         else:
             out.append(self._emit(*self._seg))
@@ -174,7 +176,10 @@ class Segmenter:
     def _cut_if_full(self, out: list[SegmentAudio]) -> None:
         """Emit the open segment once nothing more can join it; cut a too-long span at its least speech-like frame."""
         first = self._seg[0] if self._seg is not None else (self._span_start if self._in_speech else None)
-        if first is None or self._frame - first <= self._max_frames:
+        if first is None:
+            return
+        paused = self._seg is not None and not self._in_speech and self._frame - self._seg[1] > self._max_pause
+        if self._frame - first <= self._max_frames and not paused:
             return
         if self._seg is not None and (not self._in_speech or self._span_start >= self._seg[1]):
             out.append(self._emit(*self._seg))  # the open span (if any) starts after it and begins the next segment

@@ -108,16 +108,21 @@ def _read_file(path: Path) -> tuple[np.ndarray, int]:
             f"cannot read {path} as audio ({_one_line(e)}): pass an uncorrupted audio file "
             "in a format libsndfile reads (wav, flac, ogg, mp3, ...)"
         ) from None
-    promised = _wav_header_seconds(path, len(data), rate)
+    warn_if_cut_short(path, len(data), rate, stacklevel=4)
+    return data, rate
+
+
+def warn_if_cut_short(path: Path, frames: int, rate: int, stacklevel: int = 3) -> None:
+    """AudioWarning when a WAV's header promises more than the `frames` the file holds."""
+    promised = _wav_header_seconds(path, frames, rate)
     if promised is not None:
         warnings.warn(
             AudioWarning(
                 f"{path} is cut short: its header promises {promised:.1f} s but the file holds "
-                f"{len(data) / rate:.1f} s; using the {len(data) / rate:.1f} s that are there"
+                f"{frames / rate:.1f} s; using the {frames / rate:.1f} s that are there"
             ),
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
-    return data, rate
 
 
 def _array_samples(source: np.ndarray) -> np.ndarray:

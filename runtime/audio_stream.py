@@ -22,7 +22,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from .audio import SAMPLE_RATE, load_audio
+from .audio import SAMPLE_RATE, _check_rate, _one_line, load_audio, warn_if_cut_short
 from .errors import AudioError
 
 
@@ -37,10 +37,6 @@ class StreamOptions:
     @property
     def block_samples(self) -> int:
         return int(round(self.block_seconds * SAMPLE_RATE))
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 class AudioReader:
@@ -76,8 +72,8 @@ class AudioReader:
             ) from None
         if sample_rate is not None and sample_rate != info.samplerate:
             raise AudioError(f"{source} is {info.samplerate} Hz but sample_rate={sample_rate} was given: omit sample_rate for files")
-        if not info.samplerate > 0:
-            raise AudioError(f"{self.path} declares a sample rate of {info.samplerate} Hz: re-export the recording")
+        _check_rate(info.samplerate, str(self.path))
+        warn_if_cut_short(self.path, info.frames, info.samplerate)
         self.rate = info.samplerate
         self.seconds = info.frames / info.samplerate if info.frames > 0 else 0.0
 

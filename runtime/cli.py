@@ -153,7 +153,9 @@ def transcribe_one(pipe, path: Path, prompt: str, sampling, language, fmt: str, 
                 sys.stdout.write(cue(fmt, shown, segment))
                 sys.stdout.flush()
     transcript = transcriber.transcript()
-    fields = {"audio": str(path), "prompt": prompt, "model": pipe.model_name, "backend": pipe.backend.name}
+    fields = {"audio": str(path), "prompt": prompt, "model": pipe.model_name, "backend": pipe.backend.name,
+              "windows": len(transcript.segments),  # one audio-tower window per segment
+              "answer_tokens": sum(len(s.token_ids) for s in transcript.segments)}
     if fmt == "json":
         typer.echo(json.dumps(record(transcript, **fields), ensure_ascii=False))
     if output_dir is not None:

@@ -32,8 +32,13 @@ class TorchBackend:
             torch.set_num_threads(threads)
 
     @classmethod
-    def from_folder(cls, folder: str | Path, **options) -> "TorchBackend":
-        return cls(FastSLM.from_pretrained(folder), **options)
+    def from_folder(cls, folder: str | Path, dtype: str = "fp32", **options) -> "TorchBackend":
+        torch_dtype = torch.float16 if dtype == "fp16" else torch.float32  # "auto" = fp32, the reference
+        return cls(FastSLM.from_pretrained(folder, dtype=torch_dtype), **options)
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self._dtype == torch.float16 else "fp32"
 
     @torch.inference_mode()
     def encode_windows(self, mel: np.ndarray) -> np.ndarray:

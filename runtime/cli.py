@@ -30,6 +30,8 @@ def run(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 0.95,
     seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,
     language: Annotated[Optional[str], typer.Option(help="Language token: en or ko.")] = None,
+    precision: Annotated[str, typer.Option(
+        help="auto (the fastest variant that passes the accuracy gates on this machine), fp32, fp16, int8 or int4.")] = "auto",
     providers: Annotated[Optional[str], typer.Option(
         help="onnx backend: execution providers in order, e.g. CUDAExecutionProvider,CPUExecutionProvider "
         "[default: the best available].")] = None,
@@ -53,11 +55,11 @@ def run(
         sampling = SamplingOptions(
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens
         )
-        pipe = Pipeline.load(model, backend, providers=providers)
+        pipe = Pipeline.load(model, backend, precision, providers=providers)
         note = f" ({DEFAULT_MODEL_NOTE})" if model is None else ""
         where = getattr(pipe.backend, "providers", None)
         where = f" ({', '.join(where)})" if where else ""
-        typer.echo(f"fastslm-run: model {pipe.model_name} on {pipe.backend.name}{where}{note}", err=True)
+        typer.echo(f"fastslm-run: model {pipe.model_name} on {pipe.variant}{where}{note}", err=True)
         failed = 0
         for path in audio:
             try:

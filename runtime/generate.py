@@ -67,10 +67,18 @@ class Pipeline:
         self.model_name = model_name
 
     @classmethod
-    def load(cls, model: str | Path | None = None, backend: str = "auto", **backend_options) -> "Pipeline":
+    def load(cls, model: str | Path | None = None, backend: str = "auto", precision: str = "auto",
+             **backend_options) -> "Pipeline":
         from .loading import load_pipeline
 
-        return load_pipeline(model, backend, **backend_options)
+        return load_pipeline(model, backend, precision, **backend_options)
+
+    @property
+    def variant(self) -> str:
+        """Backend and precision, e.g. "onnx int8", as the banner names them."""
+        bundle = getattr(self.backend, "bundle", None)
+        precision = bundle.precision if bundle is not None else getattr(self.backend, "precision", "")
+        return f"{self.backend.name} {precision}".strip()
 
     # ---- stage 1: audio tower ------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from .generate import Pipeline
 from .tokenizer import Tokenizer
 
 BACKENDS = ("auto", "torch", "onnx", "tensorrt")
+PRECISIONS = ("auto", "fp32", "fp16", "int8", "int4")
 
 # The shipped English demo model (see models/demo/), found relative to the installed package:
 # its model folder (for the PyTorch reference and re-export) and its ONNX bundle, the default.
@@ -54,15 +55,54 @@ def resolve_model_path(model: str | Path | None) -> Path:
     return path
 
 
-def load_pipeline(model: str | Path | None = None, backend: str = "auto", **options) -> Pipeline:
+def shipped_bundles() -> dict[str, Path]:
+    """Precision -> bundle, for the bundles shipped beside the demo model (the default first)."""
+    found = {}
+    for path in [DEFAULT_MODEL_DIR, *sorted(SHIPPED_DIR.glob("onnx-*"))]:
+        if (path / "manifest.json").is_file():
+            found.setdefault(read_manifest(path).get("precision", "fp32"), path)
+    return found
+
+
+def resolve_precision(model: str | Path | None, precision: str, backend: str) -> str | Path | None:
+    """The model to open for `precision`: the shipped bundle of that precision, or `model` if it has it.
+
+    "auto" keeps the default: the shipped bundle is the variant measured fastest on a CPU among
+    those that pass the accuracy gates (docs/BENCHMARKS.md).
+    """
+    if precision not in PRECISIONS:
+        raise OptionError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto" or backend == "torch":
+        return model
+    if model is None:
+        shipped = shipped_bundles()
+        if precision in shipped:
+            return shipped[precision]
+        target = "onnx" if precision == "fp32" else f"onnx-{precision}"
+        raise OptionError(
+            f"the demo model ships as {', '.join(shipped) or 'no bundle'}, not {precision}; make one with "
+            f"`fastslm-export --model {DEFAULT_MODEL_FOLDER} --target {target} --out DIR` and pass --model DIR"
+        )
+    path = resolve_model_path(model)
+    if model_kind(path) == "bundle":
+        have = read_manifest(path).get("precision", "fp32")
+        if have != precision:
+            raise OptionError(f"{path} is a {have} bundle, not {precision}; pass a bundle exported for {precision} or drop --precision")
+    return model
+
+
+def load_pipeline(model: str | Path | None = None, backend: str = "auto", precision: str = "auto", **options) -> Pipeline:
     """Open a model folder (torch backend) or an exported bundle (onnx backend).
 
-    `options` go to the backend: max_windows_per_batch and threads for both; providers and
-    verify (sha256 of every bundle file, default True) for onnx. None values mean "default".
+    `precision` picks the variant: a shipped or given bundle of that precision, or the dtype
+    the PyTorch reference computes in (fp32, fp16). `options` go to the backend:
+    max_windows_per_batch and threads for both; providers and verify (sha256 of every bundle
+    file, default True) for onnx. None values mean "default".
     """
     if backend not in BACKENDS:
         raise OptionError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     options = {k: v for k, v in options.items() if v is not None}
+    model = resolve_precision(model, precision, backend)
     path = resolve_model_path(model)
     kind = model_kind(path)
     if backend == "auto":
@@ -80,7 +120,9 @@ def load_pipeline(model: str | Path | None = None, backend: str = "auto", **opti
             from ..models.torch_backend import TorchBackend
         except ImportError:
             raise OptionError("the torch backend needs PyTorch: pip install 'fastslm[export]', or use an exported bundle") from None
-        engine = TorchBackend.from_folder(path, **options)
+        if precision not in ("auto", "fp32", "fp16"):
+            raise OptionError(f"the torch backend computes in fp32 or fp16, not {precision}; use an exported {precision} bundle")
+        engine = TorchBackend.from_folder(path, dtype=precision, **options)
         name = json.loads((path / "config.json").read_text()).get("name", path.name)
         tokenizer_path = path / "tokenizer.json"
     elif backend == "tensorrt":

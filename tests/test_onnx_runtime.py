@@ -400,7 +400,7 @@ def test_cli_streams_from_a_bundle(bundles, model_dir, jfk_path):
     onnx = run_python(*args[:2], "--model", str(bundles["fp32"]), "--backend", "onnx", "--providers", "CPUExecutionProvider", *args[2:])
     ref = run_python(*args[:2], "--model", str(model_dir), "--backend", "torch", *args[2:])
     assert onnx.returncode == 0 and ref.returncode == 0, onnx.stderr + ref.stderr
-    assert "on onnx (CPUExecutionProvider)" in onnx.stderr
+    assert "on onnx fp32 (CPUExecutionProvider)" in onnx.stderr
     assert onnx.stdout == ref.stdout and onnx.stdout.strip()
     as_json = run_python(*args[:2], "--model", str(bundles["fp32"]), "--json", *args[2:])
     record = json.loads(as_json.stdout)

@@ -167,8 +167,9 @@ class _Killed(Exception):
     pass
 
 
-def _plan():
-    return corpus.plan(seed=0, n_train=30, sentences=_small_sets(), n_eval_seen=6, n_eval_unseen=4)
+def _plan(mix: str = "shipped", n_train: int = 30):
+    return corpus.plan(seed=0, n_train=n_train, sentences=_small_sets(), n_eval_seen=6, n_eval_unseen=4, n_calib=2,
+                       mix=mix)
 
 
 def test_plan_is_deterministic_and_mixes_voices():
@@ -179,12 +180,60 @@ def test_plan_is_deterministic_and_mixes_voices():
     assert corpus.voices.HELDOUT_VOICE not in {u.voice for u in a["train"] + a["eval_seen"]}
     assert not {u.text for u in a["eval_seen"]} & {u.text for u in a["eval_unseen"]}
     assert all(u.params["augment"] is None for u in a["eval_seen"] + a["eval_unseen"])
-    big = corpus.plan(seed=0, n_train=600, sentences=_small_sets(), n_eval_seen=6, n_eval_unseen=4)["train"]
+    big = _plan(n_train=600)["train"]
     piper = sum(u.voice.startswith("piper:") for u in big) / len(big)
     augmented = sum(u.params["augment"] is not None for u in big) / len(big)
     assert 0.58 < piper < 0.75 and 0.4 < augmented < 0.6
     # a longer run starts with the same utterances
     assert [u.params for u in big[:30]] == [u.params for u in a["train"]]
+
+
+def test_wide_mix_varies_training_audio_and_keeps_the_eval_splits():
+    shipped, wide = _plan("shipped", 800), _plan("wide", 800)
+    for split in ("eval_seen", "eval_unseen"):  # what the gates and the shipped subset score never moves
+        assert [(u.text, u.voice, u.params) for u in shipped[split]] == [(u.text, u.voice, u.params) for u in wide[split]]
+    train = wide["train"]
+    piper = [u for u in train if u.voice.startswith("piper:")]
+    augmented = [u.params["augment"] for u in train if u.params["augment"] is not None]
+    assert 0.42 < len(piper) / len(train) < 0.58 and 0.62 < len(augmented) / len(train) < 0.78
+    voices_used = {u.voice for u in train}
+    assert set(corpus.voices.ESPEAK_EXTRA_VOICES) <= voices_used and corpus.voices.HELDOUT_VOICE not in voices_used
+    assert max(u.params["synth"]["length_scale"] for u in piper) > 1.25  # wider than the shipped mix's range
+    assert sum("pitch" in a for a in augmented) > 0.3 * len(augmented)
+    assert sum("lowpass" in a for a in augmented) > 0.05 * len(augmented)
+    assert min(a["noise"]["snr_db"] for a in augmented if "noise" in a) < 15.0
+
+
+def test_calibration_split_is_disjoint_from_everything_scored(sets):
+    plan = corpus.plan(seed=0, n_train=0, sentences=sets)
+    key = texts.normalize_key
+    calib = {key(u.text) for u in plan["calib"]}
+    assert len(calib) == corpus.N_CALIB
+    scored = {key(u.text) for split in ("eval_seen", "eval_unseen") for u in plan[split]}
+    assert not calib & scored
+    shipped = corpus.shipped_subset_keys()
+    assert len(shipped) == 60 and not calib & shipped
+    assert not calib & {key(s) for s in sets.train} and not any(texts.is_jfk_like(u.text) for u in plan["calib"])
+    assert all(u.params["augment"] is None or "seed" in u.params["augment"] for u in plan["calib"])
+    assert corpus.voices.HELDOUT_VOICE not in {u.voice for u in plan["calib"]}
+
+
+def test_pitch_shift_and_lowpass_keep_length_and_move_what_they_should():
+    sr = augment.SAMPLE_RATE
+    t = np.arange(sr) / sr
+    tone = (0.5 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)
+    shifted = augment.shift_pitch(tone, 1200.0)  # one octave up
+    assert len(shifted) == len(tone)
+    peak_hz = np.argmax(np.abs(np.fft.rfft(shifted[2000:-2000]))) * sr / (len(tone) - 4000)
+    assert abs(peak_hz - 400) < 10
+    two = tone + (0.5 * np.sin(2 * np.pi * 6000 * t)).astype(np.float32)
+    low = augment.telephone(two, sr, low=0.0, high=4000.0)
+    spec = np.abs(np.fft.rfft(low))
+    assert spec[6000] < 1e-3 * spec[200] and abs(spec[200] - np.abs(np.fft.rfft(two))[200]) < 1e-3 * spec[200]
+    params = {"seed": 3, "pitch": -300, "lowpass": 5000, "gain_db": -6.0}
+    a, b = augment.apply_augment(tone, params), augment.apply_augment(tone, params)
+    np.testing.assert_array_equal(a, b)
+    assert len(a) == len(tone)
 
 
 def test_manifest_resume(tmp_path: Path):
@@ -232,7 +281,8 @@ def test_manifest_resume(tmp_path: Path):
     assert corpus.build_split(tmp_path, "train", utts, synth=dying_synth, progress=False) == 0
     assert manifest.read_bytes() == before
     # another seed in the same folder is refused
-    other = corpus.plan(seed=1, n_train=30, sentences=_small_sets(), n_eval_seen=6, n_eval_unseen=4)["train"]
+    other = corpus.plan(seed=1, n_train=30, sentences=_small_sets(), n_eval_seen=6, n_eval_unseen=4,
+                        n_calib=2, mix="shipped")["train"]
     with pytest.raises(SystemExit):
         corpus.build_split(tmp_path, "train", other, synth=_fake_synth, progress=False)
 
@@ -242,5 +292,21 @@ def test_check_counts(tmp_path: Path):
     for split in corpus.SPLITS:
         corpus.build_split(tmp_path, split, the_plan[split], synth=_fake_synth, progress=False)
     result = corpus.check(tmp_path)
-    assert {s: r["utterances"] for s, r in result.items()} == {"eval_seen": 6, "eval_unseen": 4, "train": 30}
+    assert {s: r["utterances"] for s, r in result.items()} == {"eval_seen": 6, "eval_unseen": 4, "calib": 2,
+                                                                   "train": 30}
     assert all(r["hours"] > 0 for r in result.values())
+
+
+def test_missing_text_packages_are_one_error_line(tmp_path, monkeypatch, capsys):
+    """Without Debian's fortunes / WordNet the sentence lists (and so every split) would silently differ."""
+    import functools
+
+    with pytest.raises(texts.MissingTextSources, match=r"apt-get install -y fortunes-min fortunes wordnet-base"):
+        texts.require_sources(tmp_path, texts.WORDNET_DIR)
+    monkeypatch.setattr(texts, "load_sentences", functools.partial(texts.load_sentences, wordnet_dir=tmp_path))
+    assert corpus.main(["--out", str(tmp_path / "corpus"), "--train-utterances", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fastslm.models.demo.corpus: error: {tmp_path / 'data.noun'} is missing: the demo corpus reads "
+                   "Debian's fortunes and WordNet; install them with "
+                   "`apt-get install -y fortunes-min fortunes wordnet-base`"]
+    assert not (tmp_path / "corpus" / "train.jsonl").exists()

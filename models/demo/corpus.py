@@ -384,7 +384,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{split:12s} {r['utterances']:6d} utterances  {r['hours']:7.3f} h  "
                   f"augmented {r['augmented']:6d}  voices {r['voices']}")
         return 0
-    build(a.out, a.seed, a.train_utterances, a.jobs, splits=a.splits, mix=a.mix)
+    try:
+        build(a.out, a.seed, a.train_utterances, a.jobs, splits=a.splits, mix=a.mix)
+    except texts.MissingTextSources as exc:
+        print(f"fastslm.models.demo.corpus: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

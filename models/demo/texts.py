@@ -33,6 +33,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...runtime.errors import FastSLMError
+
 FORTUNE_DIR = Path("/usr/share/games/fortunes")
 WORDNET_DIR = Path("/usr/share/wordnet")
 
@@ -487,6 +489,23 @@ class SentenceSets:
     source: dict[str, str]  # sentence -> "fortune" | "wordnet" | "template"
 
 
+class MissingTextSources(FastSLMError):
+    """Debian's fortunes / WordNet files are not installed: the sentence lists would silently differ."""
+
+
+# One file of each package the sentence lists read (fortunes-min, fortunes, wordnet-base).
+_SOURCE_PROBES = ((FORTUNE_DIR, "fortunes"), (FORTUNE_DIR, "wisdom"), (WORDNET_DIR, "data.noun"))
+
+
+def require_sources(fortune_dir: Path = FORTUNE_DIR, wordnet_dir: Path = WORDNET_DIR) -> None:
+    """Raise MissingTextSources unless the text packages are installed (a partial set changes every split)."""
+    probes = {FORTUNE_DIR: fortune_dir, WORDNET_DIR: wordnet_dir}
+    missing = [str(probes[d] / name) for d, name in _SOURCE_PROBES if not (probes[d] / name).is_file()]
+    if missing:
+        raise MissingTextSources(f"{missing[0]} is missing: the demo corpus reads Debian's fortunes and WordNet; "
+                                 "install them with `apt-get install -y fortunes-min fortunes wordnet-base`")
+
+
 def load_sentences(
     seed: int = 0,
     max_fortune: int = 9000,
@@ -501,6 +520,7 @@ def load_sentences(
     the seed. ``max_fortune`` / ``max_wordnet`` cap those sources (distinct sentences chosen
     with the seed) so that the total stays near 20k and the templates keep a fair share.
     """
+    require_sources(Path(fortune_dir), Path(wordnet_dir))
     rng = random.Random(f"texts-{seed}")
     fortunes = sorted(set(fortune_sentences(fortune_dir)))
     rng.shuffle(fortunes)

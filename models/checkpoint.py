@@ -162,12 +162,14 @@ def load_reference_checkpoint(
 
 def fastslm_tokenizer(qwen_dir: str | Path):
     """The Qwen3 tokenizer with FastSLM's special tokens appended in the reference's order."""
-    from tokenizers import AddedToken, Tokenizer
+    from tokenizers import AddedToken
+
+    from ..runtime.tokenizer import read_tokenizer_file
 
     path = Path(qwen_dir) / "tokenizer.json"
     if not path.is_file():
         raise ModelFileError(f"{qwen_dir} has no tokenizer.json; pass the Qwen3-4B folder")
-    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer = read_tokenizer_file(path, restore="download the Qwen3-4B folder again")
     missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
     return tokenizer

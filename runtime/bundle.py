@@ -261,3 +261,29 @@ def check_against_config(path: Path, manifest: dict[str, Any], dims: ModelDims) 
             f"{path}: the embedding table is shaped {emb.get('shape')}, config.json needs "
             f"{[dims.vocab_size, dims.hidden_size]}: it comes from another model; re-export the bundle"
         )
+    check_embeddings_file(path / emb["file"], emb, dims)
+
+
+def check_embeddings_file(file: Path, declared: dict[str, Any], dims: ModelDims) -> None:
+    """The .npy itself (not only the manifest's word for it) must be the (vocab, hidden) table.
+
+    A shorter table whose manifest entry was re-hashed would otherwise load and fail later with
+    an IndexError on the first token id past its end. Only the header is read.
+    """
+    import numpy as np
+
+    try:
+        with open(file, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in read_header:
+                raise ValueError(f".npy format version {version}")
+            shape, _, dtype = read_header[version](f)
+    except (OSError, ValueError, SyntaxError, TypeError) as exc:
+        raise ModelFileError(f"{file} is not a readable .npy table ({' '.join(str(exc).split())[:200]}); re-export the bundle") from None
+    want = (dims.vocab_size, dims.hidden_size)
+    if tuple(shape) != want or str(dtype) != declared.get("dtype"):
+        raise ModelFileError(
+            f"{file} holds a {str(dtype)} table shaped {list(shape)}, config.json needs {declared.get('dtype')} "
+            f"{list(want)}: the file comes from another model or was altered; re-export the bundle"
+        )

@@ -71,6 +71,8 @@ def run(
                 # One unreadable file should not cost the answers for the others.
                 message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
                 typer.echo(f"fastslm-run: error: {message}", err=True)
+                if json_output:  # a program reading the stream sees a record for every input
+                    typer.echo(json.dumps({"audio": str(path), "error": str(exc)}, ensure_ascii=False))
                 failed += 1
         if failed:
             raise typer.Exit(2)

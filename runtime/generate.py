@@ -116,9 +116,15 @@ class Pipeline:
         if speech + text + max_new_tokens <= max_context:
             return
         room = (max_context - text - max_new_tokens) // per_window  # whole windows that still fit
+        if room < 1 and text + per_window + 1 > max_context:  # not even a one-token answer fits: the prompt's fault
+            raise OptionError(
+                f"the prompt is {text} tokens: with one 30 s window of audio ({per_window} tokens) it overflows the "
+                f"model's {max_context}-token context; shorten the prompt"
+            )
         if room < 1:
             raise OptionError(
-                f"max_new_tokens {max_new_tokens} leaves no room for audio in the model's {max_context}-token context; lower it"
+                f"max_new_tokens {max_new_tokens} with the {text}-token prompt leaves no room for audio in the model's "
+                f"{max_context}-token context; lower it to at most {max_context - text - per_window}"
             )
         length = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
         raise AudioError(

@@ -147,4 +147,11 @@ def load_pipeline(model: str | Path | None = None, backend: str = "auto", precis
         engine = OnnxBackend.from_bundle(path, **options)
         name = engine.bundle.model_name
         tokenizer_path = engine.bundle.tokenizer_path
-    return Pipeline(engine, Tokenizer.from_file(tokenizer_path), model_name=name)
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    bundle = getattr(engine, "bundle", None)
+    if bundle is not None and tokenizer.vocab_size > bundle.dims.vocab_size:
+        raise ModelFileError(
+            f"{tokenizer_path} has {tokenizer.vocab_size} tokens, more than the model's {bundle.dims.vocab_size} "
+            "embeddings: the tokenizer comes from another model; re-export the bundle"
+        )
+    return Pipeline(engine, tokenizer, model_name=name)

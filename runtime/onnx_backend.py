@@ -154,12 +154,23 @@ class OnnxBackend:
     def _check_io(self, graph: str, session: ort.InferenceSession) -> None:
         """The graph file must have the names and dtypes the manifest declares (a swapped file would not)."""
         declared = self.bundle.graph(graph)
-        actual = {t.name: t.type for t in list(session.get_inputs()) + list(session.get_outputs())}
+        found = {t.name: t for t in list(session.get_inputs()) + list(session.get_outputs())}
         for t in declared["inputs"] + declared["outputs"]:
-            if actual.get(t["name"]) != _MANIFEST_DTYPES.get(t["dtype"]):
+            got = found.get(t["name"])
+            if got is None or got.type != _MANIFEST_DTYPES.get(t["dtype"]):
                 raise ModelFileError(
-                    f"{self.bundle.graph_path(graph)} has {t['name']} as {actual.get(t['name'], 'nothing')}, the manifest "
+                    f"{self.bundle.graph_path(graph)} has {t['name']} as {got.type if got else 'nothing'}, the manifest "
                     f"says {t['dtype']}: the graph comes from another bundle; re-export it"
+                )
+            # Static sizes too (the manifest's were checked against config.json): a graph of another width would
+            # load and then fail inside onnxruntime with a shape traceback.
+            shape = list(got.shape)
+            if len(shape) != len(t["shape"]) or any(
+                isinstance(d, int) and isinstance(g, int) and d != g for d, g in zip(t["shape"], shape)
+            ):
+                raise ModelFileError(
+                    f"{self.bundle.graph_path(graph)} has {t['name']} shaped {shape}, the manifest says {t['shape']}: "
+                    "the graph comes from another model; re-export the bundle"
                 )
 
     # ---- the Backend protocol -------------------------------------------------------------

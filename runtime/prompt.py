@@ -77,6 +77,21 @@ _TASK_VERBS = {"transcribe": Task.ASR, "summarize": Task.SSUM, "summarise": Task
                "translate": Task.AST}
 
 
+def check_text(text: object, what: str = "the prompt") -> str:
+    """`text` if it is a str the tokenizer can take (valid UTF-8), else one OptionError line."""
+    if not isinstance(text, str):
+        raise OptionError(f"{what} is a {type(text).__name__}, not text: pass a str")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = text[exc.start]
+        # A command line's undecodable bytes arrive as lone surrogates (PEP 383): name the byte.
+        raw = char.encode("utf-8", "surrogateescape") if 0xDC80 <= ord(char) <= 0xDCFF else b""
+        shown = f"byte 0x{raw.hex()}" if raw else f"U+{ord(char):04X}"
+        raise OptionError(f"{what} is not valid UTF-8 text ({shown} at character {exc.start}): pass UTF-8 text") from None
+    return text
+
+
 def resolve_task(prompt: str | None) -> tuple[Task, str]:
     """Map a user's free-text prompt to `(task, instruction)`.
 
@@ -89,7 +104,7 @@ def resolve_task(prompt: str | None) -> tuple[Task, str]:
        more, e.g. "Summarize the talk in three bullets." -> that task, the text as given
     4. anything else (a question)                   -> SQQA, the text as given
     """
-    text = (prompt or "").strip()
+    text = check_text(prompt).strip() if prompt is not None else ""
     words = re.sub(r"[^\w]+", " ", text.lower()).strip()
     if not words:
         return Task.ASR, _DEFAULT_INSTRUCTIONS[Task.ASR]
@@ -110,7 +125,7 @@ def resolve_task(prompt: str | None) -> tuple[Task, str]:
 
 def language_token(language: str) -> str:
     """<|EN|> / <|KO|> for a code or English name ("en", "KO", "korean")."""
-    key = language.strip().lower()
+    key = check_text(language, "the language").strip().lower()
     key = _LANGUAGE_NAMES.get(key, key)
     if key not in LANGUAGE_TOKENS:
         known = ", ".join(LANGUAGE_TOKENS)

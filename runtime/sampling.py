@@ -15,6 +15,11 @@ import numpy as np
 from .errors import OptionError
 
 
+# Below this, logits / temperature leaves float64's range for real logit spreads (~1e3) and the
+# softmax turns to NaN; such a temperature means greedy, which 0 asks for exactly.
+MIN_TEMPERATURE = 1e-4
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     """temperature 0 means greedy; top_k 0 and top_p 1 switch those filters off."""
@@ -28,6 +33,11 @@ class SamplingOptions:
     def __post_init__(self) -> None:
         if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
             raise OptionError(f"temperature {self.temperature!r} is invalid: use 0 for greedy or a positive number")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise OptionError(
+                f"temperature {self.temperature!r} is too small to sample with (logits / temperature overflows): "
+                f"use 0 for greedy decoding or at least {MIN_TEMPERATURE}"
+            )
         if not _is_int(self.top_k) or self.top_k < 0:
             raise OptionError(f"top_k {self.top_k!r} is invalid: use a whole number >= 0 (0 turns it off)")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:

@@ -14,7 +14,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from .errors import ModelFileError, OptionError
 from .prompt import (
-    AUDIO, AUDIO_BOS, AUDIO_EOS, CHAT_TOKENS, ENDOFTEXT, IM_END, SPECIAL_TOKENS, THINK_TOKENS, PromptIds,
+    AUDIO, AUDIO_BOS, AUDIO_EOS, CHAT_TOKENS, ENDOFTEXT, IM_END, SPECIAL_TOKENS, THINK_TOKENS, PromptIds, check_text,
 )
 
 # Qwen2/Qwen3's pre-tokenizer split (tokenizer.json "Split" pattern), so the demo tokenizer
@@ -23,6 +23,18 @@ QWEN_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+
+
+def read_tokenizer_file(path: str | Path, restore: str = "restore it from the model") -> tokenizers.Tokenizer:
+    """A tokenizer.json -> `tokenizers.Tokenizer`, or one ModelFileError line saying what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"tokenizer file {path} is missing: the model folder needs its tokenizer.json")
+    try:
+        return tokenizers.Tokenizer.from_file(str(path))
+    except Exception as exc:  # the Rust side raises a bare Exception for any parse error
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ModelFileError(f"tokenizer file {path} is unreadable ({reason}): {restore}") from None
 
 
 class Tokenizer:
@@ -35,17 +47,7 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
-        path = Path(path)
-        if not path.is_file():
-            raise ModelFileError(f"tokenizer file {path} is missing: the model folder needs its tokenizer.json")
-        try:
-            tok = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as exc:  # the Rust side raises a bare Exception for any parse error
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ModelFileError(
-                f"tokenizer file {path} is unreadable ({reason}): restore it from the model"
-            ) from None
-        return cls(tok)
+        return cls(read_tokenizer_file(path))
 
     @property
     def vocab_size(self) -> int:
@@ -72,6 +74,7 @@ class Tokenizer:
         return tid
 
     def encode(self, text: str) -> list[int]:
+        check_text(text, "the text to encode")
         # add_special_tokens=False: Qwen3 has no BOS and the chat markers are in the text.
         return self._tok.encode(text, add_special_tokens=False).ids
 

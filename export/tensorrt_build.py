@@ -488,6 +488,8 @@ def build_engines(
         device_memory=gpu.total_memory if gpu else None,
         device_name=gpu.name if gpu else None,
     )
+    if plan.max_context_source != "option":
+        print(f"TensorRT: the LLM engine serves {plan.max_context} positions ({plan.max_context_source})", file=sys.stderr)
     out = Path(out_dir) if out_dir is not None else folder
     engines = {}
     for graph in ENGINE_GRAPHS:

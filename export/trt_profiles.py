@@ -125,6 +125,7 @@ class ProfilePlan:
     max_context: int
     prefill_chunk: int
     max_windows_source: str  # "option", "device <name>", or "assumed 8 GiB device"
+    max_context_source: str = "option"  # "option", "1 h of audio", or why the default was clamped
 
     def for_graph(self, graph: str) -> list[Profile]:
         if graph == "audio_tower":
@@ -150,7 +151,15 @@ def plan_profiles(
     else:
         max_windows = default_max_windows(window_bytes, device_memory)
         source = f"device {device_name}" if device_memory else f"assumed {ASSUMED_DEVICE_MEMORY >> 30} GiB device"
-    max_context = max_context or default_max_context(tokens_per_window)
+    if max_context is None:
+        hour = default_max_context(tokens_per_window)
+        # A small model (the demo's 8192 positions) cannot hold an hour: serve what it can, and say so.
+        max_context = min(hour, max_position_embeddings)
+        context_source = "1 h of audio" if hour <= max_position_embeddings else (
+            f"default clamped to the model's {max_position_embeddings} positions (1 h of audio needs {hour})"
+        )
+    else:
+        context_source = "option"
     if max_context > max_position_embeddings:
         raise OptionError(
             f"--trt-max-context {max_context} is beyond the model's {max_position_embeddings} positions; pass a smaller one"
@@ -158,4 +167,4 @@ def plan_profiles(
     chunk = prefill_chunk or min(DEFAULT_PREFILL_CHUNK, max_context)
     # Validate now, with the option names, rather than at build time.
     audio_profiles(max_windows), llm_profiles(max_context, chunk)
-    return ProfilePlan(max_windows, max_context, chunk, source)
+    return ProfilePlan(max_windows, max_context, chunk, source, context_source)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -36,7 +37,7 @@ def run(
         help="onnx backend: execution providers in order, e.g. CUDAExecutionProvider,CPUExecutionProvider "
         "[default: the best available].")] = None,
 ) -> None:
-    with reported_in_one_line("fastslm-run"):
+    with reported_in_one_line("fastslm-run"), ExitStack() as closing:
         from .errors import OptionError
         from .generate import Pipeline
         from .loading import DEFAULT_MODEL_NOTE
@@ -55,7 +56,7 @@ def run(
         sampling = SamplingOptions(
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens
         )
-        pipe = Pipeline.load(model, backend, precision, providers=providers)
+        pipe = closing.enter_context(Pipeline.load(model, backend, precision, providers=providers))  # TensorRT saves its cache on close
         note = f" ({DEFAULT_MODEL_NOTE})" if model is None else ""
         where = getattr(pipe.backend, "providers", None)
         where = f" ({', '.join(where)})" if where else ""
@@ -71,7 +72,7 @@ def run(
                 # One unreadable file should not cost the answers for the others.
                 message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
                 typer.echo(f"fastslm-run: error: {message}", err=True)
-                if json_output:  # a program reading the stream sees a record for every input
+                if fmt == "json":  # a program reading the stream sees a record for every input
                     typer.echo(json.dumps({"audio": str(path), "error": str(exc)}, ensure_ascii=False))
                 failed += 1
         if failed:

@@ -80,6 +80,18 @@ class Pipeline:
         precision = bundle.precision if bundle is not None else getattr(self.backend, "precision", "")
         return f"{self.backend.name} {precision}".strip()
 
+    def close(self) -> None:
+        """Release the backend (TensorRT: save its compiled-kernel cache, free device memory)."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     # ---- stage 1: audio tower ------------------------------------------------------------
 
     def encode(

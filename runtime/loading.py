@@ -91,6 +91,16 @@ def resolve_precision(model: str | Path | None, precision: str, backend: str) ->
     return model
 
 
+def _check_options(backend: str, options: dict, accepted: tuple[str, ...]) -> None:
+    """A backend option another backend takes (--providers with tensorrt) is one line, not a TypeError."""
+    wrong = sorted(set(options) - set(accepted))
+    if wrong:
+        raise OptionError(
+            f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to the {backend} backend "
+            f"(it takes {', '.join(accepted)}); drop {'it' if len(wrong) == 1 else 'them'} or choose another --backend"
+        )
+
+
 def load_pipeline(model: str | Path | None = None, backend: str = "auto", precision: str = "auto", **options) -> Pipeline:
     """Open a model folder (torch backend) or an exported bundle (onnx backend).
 
@@ -113,9 +123,7 @@ def load_pipeline(model: str | Path | None = None, backend: str = "auto", precis
     if backend == "torch":
         if kind != "folder":
             raise OptionError(f"--backend torch needs a model folder, {path} is an exported bundle; use --backend onnx")
-        onnx_only = sorted(set(options) & {"providers", "verify"})
-        if onnx_only:
-            raise OptionError(f"{', '.join(onnx_only)} apply to the onnx backend only; drop them for --backend torch")
+        _check_options("torch", options, ("max_windows_per_batch", "threads"))
         try:
             from ..models.torch_backend import TorchBackend
         except ImportError:
@@ -126,6 +134,8 @@ def load_pipeline(model: str | Path | None = None, backend: str = "auto", precis
         name = json.loads((path / "config.json").read_text()).get("name", path.name)
         tokenizer_path = path / "tokenizer.json"
     elif backend == "tensorrt":
+        _check_options("tensorrt", options, ("verify", "device_index", "max_windows_per_batch", "runtime_cache",
+                                             "weight_budget_mib"))  # fmt: skip
         if kind != "bundle":
             raise OptionError(
                 f"--backend tensorrt needs a bundle with engines, {path} is a model folder; "
@@ -137,6 +147,7 @@ def load_pipeline(model: str | Path | None = None, backend: str = "auto", precis
         name = engine.bundle.model_name
         tokenizer_path = engine.bundle.tokenizer_path
     else:  # onnx
+        _check_options("onnx", options, ("verify", "providers", "max_windows_per_batch", "threads"))
         if kind != "bundle":
             raise OptionError(
                 f"--backend onnx needs an exported bundle, {path} is a model folder; "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -270,6 +271,11 @@ class TrtBackend:
         self._kv_bytes = int(np.prod(self._kv_shape)) * self._kv_dtype.itemsize
         empty = self._pool.take(256)
         self._empty = DeviceTensor(self, empty, (1, dims.num_kv_heads, 0, dims.head_dim), self._kv_dtype)
+        # TensorRT for RTX compiles kernels on an engine's first runs; each graph's runtime cache is saved
+        # after the first run of each of its profiles, so the next start (a fresh fastslm-run) skips that.
+        self._savers: dict[str, Callable[[], None]] = {}
+        self._saved: set[tuple[str, int]] = set()
+        self._closed = False
 
     # ---- loading ----------------------------------------------------------------------------
 
@@ -319,6 +325,7 @@ class TrtBackend:
             batch = mel[start : start + self.max_windows_per_batch]  # (w, n_mels, 3000)
             self._device.h2d(self._mel.ptr, batch)
             self._audio.run(0, {"mel": batch.shape}, {"mel": self._mel.ptr, "speech_tokens": self._tokens.ptr})
+            self._save_after_first_run(AUDIO_TOWER, 0)
             out = np.empty((len(batch), self.tokens_per_window, self.hidden_size), self._tokens_dtype)
             self._device.d2h(out, self._tokens.ptr)
             self._device.sync()  # `batch` and `out` are pageable host memory in use by the copies
@@ -374,8 +381,17 @@ class TrtBackend:
                 addresses[kv_output_name(i, kind)] = tensor.ptr
                 new.append(tensor)
         # Copies from pageable host memory return once the data is staged, so the arrays above may go.
-        self._llm.run(self._decode if t == 1 else self._prefill, shapes, addresses)
+        profile = self._decode if t == 1 else self._prefill
+        self._llm.run(profile, shapes, addresses)
+        self._save_after_first_run(LLM, profile)
         return KVCache(keys, values)
+
+    def _save_after_first_run(self, graph: str, profile: int) -> None:
+        if (graph, profile) not in self._saved:
+            self._saved.add((graph, profile))
+            save = self._savers.get(graph)
+            if save is not None:
+                save()
 
     def _on_device(self, cache: KVCache) -> KVCache:
         """A cache of this backend's device tensors; numpy caches (KVCache.load, ONNX) are uploaded."""
@@ -397,8 +413,11 @@ class TrtBackend:
         return KVCache([upload(k) for k in cache.keys], [upload(v) for v in cache.values])
 
     def close(self) -> None:
-        """Save TensorRT for RTX's runtime caches and give back the idle device memory."""
-        for save in getattr(self, "_savers", ()):
+        """Save TensorRT for RTX's runtime caches and give back the idle device memory (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        for save in self._savers.values():
             save()
         self._device.sync()
         self._pool.release()
@@ -436,14 +455,14 @@ def _cache_file(manifest: dict, graph: str) -> Path:
 
 
 def _contexts(trt: Any, engines: dict[str, Any], device: CudaDevice, folder: Path,
-              cache_manifest: dict | None) -> tuple[dict[str, Any], int, list]:
+              cache_manifest: dict | None) -> tuple[dict[str, Any], int, dict[str, Callable[[], None]]]:
     """One context per engine, sharing one scratch allocation (they run one after the other on one stream).
 
     TensorRT for RTX: each context gets a runtime cache of its JIT-compiled kernels, loaded from
     and saved to ~/.cache/fastslm/tensorrt, so the second start skips the compilation.
     """
     strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
-    contexts, savers = {}, []
+    contexts, savers = {}, {}
     for graph, engine in engines.items():
         if hasattr(engine, "create_runtime_config"):
             config = engine.create_runtime_config()
@@ -453,7 +472,7 @@ def _contexts(trt: Any, engines: dict[str, Any], device: CudaDevice, folder: Pat
                 if file.is_file():
                     cache.deserialize(file.read_bytes())  # False (ignored) when it is for another GPU or driver
                 config.set_runtime_cache(cache)
-                savers.append(_saver(cache, file))
+                savers[graph] = _saver(cache, file)
             contexts[graph] = engine.create_execution_context(config)
         else:
             contexts[graph] = engine.create_execution_context(strategy)

@@ -185,3 +185,25 @@ def test_json_mode_emits_a_record_for_a_failed_file(tmp_path, jfk_path):
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["audio"] for r in records] == [str(missing), str(jfk_path)]
     assert "does not exist" in records[0]["error"] and "text" in records[1]
+
+
+# ---- defect 8: --providers with the tensorrt backend ---------------------------------------
+
+
+def test_providers_with_the_tensorrt_backend_is_one_line(jfk_path):
+    result = runner.invoke(run_app, ["--backend", "tensorrt", "--providers", "cpu", str(jfk_path)])
+    _one_error_line(result, "providers does not apply to the tensorrt backend")
+
+
+def test_pipeline_closes_its_backend_as_a_context_manager(demo):
+    closed = []
+
+    class Backend:
+        def close(self):
+            closed.append(True)
+
+    with Pipeline(Backend(), demo.tokenizer) as pipe:
+        assert not closed
+    assert closed == [True]
+    pipe.close()  # a backend without close (onnx) is fine too
+    Pipeline(object(), demo.tokenizer).close()

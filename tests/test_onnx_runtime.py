@@ -388,7 +388,7 @@ def test_load_pipeline_picks_the_backend(bundles, model_dir):
         load_pipeline(model_dir, backend="onnx")
     with pytest.raises(OptionError, match="needs a model folder"):
         load_pipeline(bundles["fp32"], backend="torch")
-    with pytest.raises(OptionError, match="providers apply to the onnx backend"):
+    with pytest.raises(OptionError, match="providers does not apply to the torch backend"):
         load_pipeline(model_dir, backend="torch", providers=["CPUExecutionProvider"])
 
 

@@ -101,6 +101,17 @@ def test_plan_profiles_records_where_numbers_came_from():
     assert [p.name for p in plan.for_graph("llm")] == ["prefill", "decode"]
 
 
+def test_default_max_context_is_clamped_to_a_small_models_positions():
+    """The demo model (150 tokens per window, 8192 positions) cannot hold an hour (18768): the default
+    must fit it rather than fail the default trt-fp16 export."""
+    plan = plan_profiles(tokens_per_window=150, window_bytes=1 << 20, max_position_embeddings=8192)
+    assert plan.max_context == 8192 and plan.prefill_chunk == 1024
+    assert plan.max_context_source == "default clamped to the model's 8192 positions (1 h of audio needs 18768)"
+    assert plan.for_graph("llm")[1].dims["past"].max == 8191
+    roomy = plan_profiles(tokens_per_window=150, window_bytes=1 << 20, max_position_embeddings=40960)
+    assert (roomy.max_context, roomy.max_context_source) == (18768, "1 h of audio")
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -637,6 +648,30 @@ def test_backend_prefix_cache_copy_and_host_round_trip(host_backend, tiny_graphs
     assert loaded.keys[0].shape == (1, KV, 20, HD)
     logits_c, _ = backend.decode(a, loaded)
     np.testing.assert_allclose(logits_c, logits_a, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_backend_saves_its_runtime_cache_once_kernels_are_built_and_on_close(host_backend):
+    """fastslm-run never called close(), so TensorRT for RTX recompiled its kernels on every start: each
+    graph's cache is now saved after the first run of each profile, and Pipeline closes its backend."""
+    from fastslm.runtime.generate import Pipeline
+
+    backend, device, _, _ = host_backend
+    saved = []
+    backend._savers = {"audio_tower": lambda: saved.append("audio_tower"), "llm": lambda: saved.append("llm")}
+    mel = np.zeros((3, N_MELS, 3000), np.float32)
+    backend.encode_windows(mel)  # two engine runs, one profile
+    assert saved == ["audio_tower"]
+    _, cache = backend.decode(np.zeros((20, H), np.float32), backend.empty_cache())  # prefill profile
+    for _ in range(3):
+        _, cache = backend.decode(np.zeros((1, H), np.float32), cache)  # decode profile
+    backend.encode_windows(mel)
+    assert saved == ["audio_tower", "llm", "llm"]
+    with Pipeline(backend, tokenizer=None) as pipe:
+        assert pipe.backend is backend
+    assert saved == ["audio_tower", "llm", "llm", "audio_tower", "llm"]  # closed: both caches saved
+    backend.close()  # a second close does nothing
+    assert len(saved) == 5
 
 
 @pytest.mark.slow

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ..runtime.errors import FastSLMError
+from ..runtime.errors import OptionError, reported_in_one_line
 
 
 def _windows(audio: Path, n_mels: int, count: int) -> np.ndarray:
@@ -82,10 +81,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--disable-cse", action="store_true", help="audio-tower sessions without common-subexpression elimination")
     a = p.parse_args(argv)
-    try:
-        from .data import shared_data
+    with reported_in_one_line("bench"):
+        from .eval_set import jfk_utterance
 
-        audio = a.audio or shared_data() / "jfk.flac"
+        jfk = jfk_utterance()
+        if a.audio is None and jfk is None:
+            raise OptionError("no --audio and no jfk.flac: pass --audio or set FASTSLM_SHARED_DATA to the folder holding it")
+        audio = a.audio or jfk.path
         pipes = [_open(b, a.threads, a.disable_cse) for b in a.bundles]
         windows = _windows(audio, pipes[0].backend.n_mels, a.windows)
         ms = {i: [] for i in range(len(pipes))}
@@ -97,9 +99,6 @@ def main(argv: list[str] | None = None) -> None:
             for i, pipe in enumerate(pipes):
                 ms[i].append(audio_ms(pipe, windows))
                 rate[i].append(decode_rate(pipe, windows[0], a.tokens))
-    except FastSLMError as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
     import onnxruntime as ort
     import platform
 

@@ -212,7 +212,7 @@ class Quantizer:
             title=f"accuracy gates: {self.target.name} vs FP32 ({dims.name})",
             windows=self.calibration().subset(max(1, o.gate_windows)),
             audio_quantized=True, llm_bits=self.llm_bits, thresholds=o.thresholds,
-            items=items, no_wer_reason=why, model_name=dims.name, log=self.log,
+            items=items, no_wer_reason=why, log=self.log,
         )  # fmt: skip
         self.log(report.table())
         report.enforce(o.override_gates)

@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..runtime.errors import OptionError, reported_in_one_line
+from ..runtime.errors import OptionError, reported_in_one_line, run_cli
 from ..runtime.output_folder import OutputFolder
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -108,7 +108,7 @@ def calibrate(
 
 
 def main() -> None:
-    app()
+    run_cli(app, "fastslm-calibrate")
 
 
 if __name__ == "__main__":

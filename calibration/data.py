@@ -12,8 +12,9 @@ A calibration folder (what `fastslm-calibrate --out` writes):
     windows.npy        float32 (W, n_mels, 3000) log-mel windows
     ranges.json        activation ranges of the audio tower (see ranges.py)
 
-The default recordings are ../shared/data/jfk.flac and the demo model's evaluation audio (the
-subset shipped in models/demo/eval_subset, or the corpus FASTSLM_CORPUS names).
+The default recordings are the demo model's evaluation audio (the subset shipped in
+models/demo/eval_subset, or the corpus FASTSLM_CORPUS names) and jfk.flac where
+FASTSLM_SHARED_DATA points: an installed fastslm looks nowhere outside itself.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 from ..runtime.audio import SAMPLE_RATE, audio_to_windows, load_audio
 from ..runtime.bundle import CALIBRATION_FILE, CALIBRATION_FORMAT
 from ..runtime.errors import FastSLMError
+from .eval_set import jfk_utterance
 
 CALIBRATION_FORMAT_VERSION = 1
 WINDOWS_FILE = "windows.npy"
@@ -38,7 +40,6 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au
 # A recording whose loudest sample stays below -60 dBFS holds no speech to calibrate on.
 SILENCE_PEAK = 10 ** (-60 / 20)
 DEFAULT_MAX_WINDOWS = 64
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class CalibrationError(FastSLMError):
@@ -52,14 +53,11 @@ def default_corpus() -> Path:
     return Path(os.environ.get("FASTSLM_CORPUS", DEMO_EVAL_SUBSET))
 
 
-def shared_data() -> Path:
-    return Path(os.environ.get("FASTSLM_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
-
-
 def default_audio() -> list[Path]:
     """The demo eval audio and jfk.flac: the paths of those that exist (jfk first)."""
     corpus = default_corpus() / "audio"
-    candidates = [shared_data() / "jfk.flac", corpus / "eval_seen", corpus / "eval_unseen"]
+    jfk = jfk_utterance()
+    candidates = ([jfk.path] if jfk else []) + [corpus / "eval_seen", corpus / "eval_unseen"]
     return [p for p in candidates if p.exists()]
 
 
@@ -174,8 +172,8 @@ def collect(
         paths = default_audio()
         if not paths:
             raise CalibrationError(
-                f"no calibration audio: the default set ({default_corpus()}/audio/eval_*, {shared_data()}/jfk.flac) is "
-                "missing; pass --audio with recordings of speech"
+                f"no calibration audio: the default set ({default_corpus()}/audio/eval_*, and jfk.flac where "
+                "FASTSLM_SHARED_DATA points) is missing; pass --audio with recordings of speech"
             )
     files = find_audio(list(paths))
     chosen = [files[i] for i in spread(len(files), max_windows)]  # most recordings are shorter than a window

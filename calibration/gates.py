@@ -10,9 +10,9 @@
 
 Both sides are `Backend`s (runtime.backend), so the FP32 side can be the PyTorch reference or an
 fp32 bundle and the candidate any quantized bundle. The WER gate needs eval audio with
-transcripts and a model that transcribes: it is skipped, with the reason in the table, for the
-tiny random test model, when no eval audio is found, or when the FP32 WER itself is above
-MAX_REFERENCE_WER (a delta on noise means nothing).
+transcripts and a model that transcribes: it is skipped, with the reason in the table, when no
+eval audio is found, or when the FP32 WER itself is above PROBE_MAX_WER on the first utterances
+or MAX_REFERENCE_WER on all of them (a delta on noise means nothing; a random test model shows it).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..runtime.errors import FastSLMError
+from .eval_set import EvalItem, jfk_utterance, read_corpus, wer
 
 MAX_REFERENCE_WER = 50.0  # percent: above it the FP32 model does not transcribe and a WER delta is noise
 PROBE_ITEMS, PROBE_MAX_WER = 5, 90.0  # checked first, so an untrained model costs 5 transcripts, not 50
-TINY_MODEL_NAMES = ("tiny-random",)
 
 
 class GateError(FastSLMError):
@@ -163,45 +163,28 @@ def top1_agreement(reference: Any, candidate: Any, tokenizer: Any, speech: Seque
     return matches, positions
 
 
-@dataclass(frozen=True)
-class WerItem:
-    id: str
-    text: str
-    audio: Path
-
-
-def eval_items(corpus: Path | None, limit: int) -> tuple[list[WerItem], str]:
+def eval_items(corpus: Path | None, limit: int) -> tuple[list[EvalItem], str]:
     """The WER subset: the first `limit` eval_seen utterances and jfk.flac; ([], why) when there is none."""
-    from .data import default_corpus, shared_data
+    from .data import default_corpus
 
     if limit <= 0:
         return [], "WER gate off (--wer-items 0)"
     corpus = Path(corpus) if corpus is not None else default_corpus()
-    items: list[WerItem] = []
+    items: list[EvalItem] = []
     jsonl = corpus / "eval_seen.jsonl"
     if jsonl.is_file():
-        from ..models.demo.windows import read_corpus
-
-        items += [WerItem(u.id, u.text, Path(u.path)) for u in read_corpus(jsonl)[: max(limit - 1, 1)]]
+        items += [EvalItem(u.id, u.text, u.path) for u in read_corpus(jsonl)[: max(limit - 1, 1)]]
         items = [it for it in items if it.audio.is_file()]
-    jfk = shared_data() / "jfk.flac"
-    if jfk.is_file():
-        from ..models.demo.evaluate import JFK_TRANSCRIPT
-
-        items.append(WerItem("jfk", JFK_TRANSCRIPT, jfk))
+    jfk = jfk_utterance()
+    if jfk is not None:
+        items.append(EvalItem(jfk.id, jfk.text, jfk.path))
     if not items:
-        return [], f"no eval audio ({jsonl} and jfk.flac are missing)"
+        return [], f"no eval audio ({jsonl} is missing and FASTSLM_SHARED_DATA holds no jfk.flac)"
     return items[:limit], ""
 
 
-def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
-    from ..models.demo.evaluate import wer
-
-    return wer(references, hypotheses)
-
-
 # (audio-tower backend, LLM backend, items) -> greedy transcripts: the seam the WER gate runs through.
-Transcriber = Callable[[Any, Any, list[WerItem]], list[str]]
+Transcriber = Callable[[Any, Any, list[EvalItem]], list[str]]
 
 
 def pipeline_transcriber(tokenizer: Any, max_new_tokens: int = 96) -> Transcriber:
@@ -212,13 +195,13 @@ def pipeline_transcriber(tokenizer: Any, max_new_tokens: int = 96) -> Transcribe
     greedy = SamplingOptions(temperature=0.0, max_new_tokens=max_new_tokens)
     speech: dict[tuple[int, str], Any] = {}  # (audio backend, item id) -> its SpeechTokens
 
-    def tokens(audio: Any, item: WerItem) -> Any:
+    def tokens(audio: Any, item: EvalItem) -> Any:
         key = (id(audio), item.id)
         if key not in speech:
             speech[key] = Pipeline(audio, tokenizer).encode(str(item.audio))
         return speech[key]
 
-    def transcribe(audio: Any, llm: Any, items: list[WerItem]) -> list[str]:
+    def transcribe(audio: Any, llm: Any, items: list[EvalItem]) -> list[str]:
         pipe = Pipeline(audio if audio is llm else MixedBackend(audio, llm), tokenizer)
         return [pipe.generate(tokens(audio, it), "transcribe", sampling=greedy).text for it in items]
 
@@ -243,9 +226,8 @@ def run_gates(
     audio_quantized: bool,
     llm_bits: int | None,
     thresholds: GateThresholds = GateThresholds(),
-    items: list[WerItem] | None = None,
+    items: list[EvalItem] | None = None,
     no_wer_reason: str = "",
-    model_name: str = "",
     top1_prompts: int = 8,
     top1_tokens: int = 32,
     transcriber: Transcriber | None = None,
@@ -270,13 +252,13 @@ def run_gates(
         report.rows.append(GateRow(f"LLM top-1 agreement, INT{llm_bits} weights ({_count(len(speech), 'prompt')})",
                                    f"{100 * rate:.1f}% of {positions} positions", f">= {100 * limit:g}%",
                                    rate >= limit, rate))  # fmt: skip
-    report.rows += wer_rows(reference, candidate, audio_quantized, llm_bits, t, items or [], no_wer_reason, model_name,
+    report.rows += wer_rows(reference, candidate, audio_quantized, llm_bits, t, items or [], no_wer_reason,
                             transcriber or pipeline_transcriber(tokenizer), log)  # fmt: skip
     return report
 
 
 def wer_rows(reference: Any, candidate: Any, audio_quantized: bool, llm_bits: int | None, t: GateThresholds,
-             items: list[WerItem], no_wer_reason: str, model_name: str, transcribe: Transcriber,
+             items: list[EvalItem], no_wer_reason: str, transcribe: Transcriber,
              log: Callable[[str], None] = lambda line: None) -> list[GateRow]:  # fmt: skip
     """WER of each quantized stage alone and of the whole candidate, against the FP32 WER."""
     stages = []  # (label, audio backend, LLM backend, limit)
@@ -290,8 +272,6 @@ def wer_rows(reference: Any, candidate: Any, audio_quantized: bool, llm_bits: in
     def skipped(reason: str) -> list[GateRow]:
         return [GateRow(label, "", f"<= +{limit:g} pt", None, note=f"skipped: {reason}") for label, _, _, limit in stages]
 
-    if model_name in TINY_MODEL_NAMES:
-        return skipped(f"{model_name} model (random weights do not transcribe)")
     if not items:
         return skipped(no_wer_reason or "no eval audio")
     try:
@@ -304,18 +284,18 @@ def wer_rows(reference: Any, candidate: Any, audio_quantized: bool, llm_bits: in
     probe = items[:PROBE_ITEMS]
     log(f"gates: FP32 transcripts of {len(probe)} utterances")
     probe_hyps = transcribe(reference, reference, probe)
-    probe_wer = word_error_rate(refs[: len(probe)], probe_hyps)
+    probe_wer = wer(refs[: len(probe)], probe_hyps)
     if len(items) > len(probe) and math.isfinite(probe_wer) and probe_wer > PROBE_MAX_WER:
         return skipped(f"FP32 WER {probe_wer:.0f}% on the first {len(probe)} utterances: the model does not transcribe yet")
     log(f"gates: FP32 transcripts of {len(items)} utterances")
     rest = items[len(probe) :]  # the probe's transcripts are the first of the FP32 ones
-    base = word_error_rate(refs, probe_hyps + (transcribe(reference, reference, rest) if rest else []))
+    base = wer(refs, probe_hyps + (transcribe(reference, reference, rest) if rest else []))
     if not math.isfinite(base) or base > MAX_REFERENCE_WER:
         return skipped(f"FP32 WER {base:.1f}% on {len(items)} utterances: the model does not transcribe yet")
     rows = []
     for label, audio, llm, limit in stages:
         log(f"gates: {label}")
-        got = word_error_rate(refs, transcribe(audio, llm, items))
+        got = wer(refs, transcribe(audio, llm, items))
         delta = got - base
         rows.append(GateRow(f"{label} ({len(items)} utt.)", f"{got:.2f}% vs {base:.2f}% ({delta:+.2f} pt)",
                             f"<= +{limit:g} pt", delta <= limit + 1e-9, delta))  # fmt: skip

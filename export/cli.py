@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..runtime.errors import OptionError, reported_in_one_line
+from ..runtime.errors import OptionError, reported_in_one_line, run_cli
 
 _Q = "INT8 / INT4 calibration and accuracy gates"
 # --flag -> parameter, for refusing calibration flags on targets that do not calibrate.
@@ -111,7 +111,7 @@ def export(
 
 
 def main() -> None:
-    app()
+    run_cli(app, "fastslm-export")
 
 
 if __name__ == "__main__":

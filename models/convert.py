@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..runtime.bundle import TOKENIZER_FILE
-from ..runtime.errors import OptionError, reported_in_one_line
+from ..runtime.errors import OptionError, reported_in_one_line, run_cli
 from ..runtime.output_folder import OutputFolder
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -51,4 +51,4 @@ def convert(
 
 
 def main() -> None:
-    app()
+    run_cli(app, "fastslm-convert")

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import AudioError, reported_in_one_line
+from .errors import AudioError, reported_in_one_line, run_cli
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -168,7 +168,7 @@ def transcribe_one(pipe, path: Path, prompt: str, sampling, language, fmt: str, 
 
 
 def main() -> None:
-    app()
+    run_cli(app, "fastslm-run")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FASTSLM_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+# The product never guesses where shared data lies (an installed fastslm looks nowhere outside
+# itself); the test checkout names it, for the calibration defaults and the WER gate's jfk.flac.
+os.environ.setdefault("FASTSLM_SHARED_DATA", str(SHARED_DATA))
 JFK_TRANSCRIPT = (
     "And so my fellow Americans, ask not what your country can do for you, "
     "ask what you can do for your country."

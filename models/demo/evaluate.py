@@ -19,68 +19,26 @@ numbers hold for whichever backend the model is opened with.
 from __future__ import annotations
 
 import argparse
-import functools
-import os
 import random
-import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ...runtime.errors import FastSLMError
+from ...calibration.eval_set import JFK_FILE, EvalItem, EvalSetError, jfk_utterance, read_corpus, wer
+from ...runtime.errors import FastSLMError, reported_in_one_line
 from ...runtime.loading import DEMO_EVAL_SUBSET as EVAL_SUBSET  # the shipped slice of the held-out sets
 from ...runtime.sampling import SamplingOptions
 from . import tasks
 
 SPLITS = ("eval_seen", "eval_unseen", "jfk", "qa")
-JFK_TRANSCRIPT = (
-    "And so my fellow Americans, ask not what your country can do for you, "
-    "ask what you can do for your country."
-)
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def shared_data_dir() -> Path:
-    return Path(os.environ.get("FASTSLM_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
-
-
 def greedy(max_new_tokens: int = 200) -> SamplingOptions:
     return SamplingOptions(temperature=0.0, max_new_tokens=max_new_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
 # Metrics
-
-
-@functools.lru_cache(maxsize=1)
-def _normalizer():
-    from whisper_normalizer.english import EnglishTextNormalizer
-
-    return EnglishTextNormalizer()
-
-
-def normalize(text: str) -> str:
-    return " ".join(_normalizer()(text).split())
-
-
-def wer(references: list[str], hypotheses: list[str]) -> float:
-    """Corpus-level WER in percent after Whisper's English normalisation.
-
-    Pairs whose reference normalises to nothing are skipped (WER is undefined for them).
-    """
-    import jiwer
-
-    if len(references) != len(hypotheses):
-        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
-    pairs = [(normalize(r), normalize(h)) for r, h in zip(references, hypotheses)]
-    pairs = [(r, h) for r, h in pairs if r]
-    if not pairs:
-        return float("nan")
-    refs, hyps = zip(*pairs)
-    return 100.0 * jiwer.wer(list(refs), list(hyps))
 
 
 def answer_correct(expected: str, got: str) -> bool:
@@ -100,21 +58,12 @@ def question_type(question: str) -> str:
 # Data
 
 
-@dataclass(frozen=True)
-class EvalItem:
-    id: str
-    text: str
-    audio: Path
-
-
 def load_split(split: str, corpus: Path, limit: int | None = None) -> list[EvalItem]:
     if split == "jfk":
-        path = shared_data_dir() / "jfk.flac"
-        if not path.is_file():
-            raise FastSLMError(f"{path} is missing: set FASTSLM_SHARED_DATA to the folder holding jfk.flac")
-        return [EvalItem("jfk", JFK_TRANSCRIPT, path)]
-    from .windows import read_corpus
-
+        jfk = jfk_utterance()
+        if jfk is None:
+            raise EvalSetError(f"no {JFK_FILE}: set FASTSLM_SHARED_DATA to the folder holding it")
+        return [EvalItem(jfk.id, jfk.text, jfk.path)]
     name = "eval_seen" if split == "qa" else split
     items = [EvalItem(u.id, u.text, u.path) for u in read_corpus(corpus / f"{name}.jsonl")]
     return items[:limit] if limit else items
@@ -212,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--faster-whisper", action="store_true", help="evaluate faster-whisper tiny.en instead")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
-    try:
+    with reported_in_one_line("evaluate"):
         if a.faster_whisper:
             if a.split == "qa":
                 raise FastSLMError("--faster-whisper only transcribes: choose eval_seen, eval_unseen or jfk")
@@ -235,9 +184,6 @@ def main(argv: list[str] | None = None) -> None:
                 pass
             pipe = Pipeline.load(a.model, a.backend)
             result = {**evaluate_split(pipe, a.split, a.corpus, a.limit, a.show), "model": pipe.model_name}
-    except FastSLMError as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
     if "wer" in result:
         print(f"{result['split']}: WER {result['wer']:.2f}% on {result['n']} utterance(s) ({result['model']}, "
               f"{result['seconds']} s)")

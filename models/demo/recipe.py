@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...runtime.errors import FastSLMError
+from ...runtime.errors import reported_in_one_line
 from . import tasks
 from .windows import RecipeError, WindowOptions
 
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
                                  steps=a.steps or None, hours=a.hours, eval_minutes=a.eval_minutes, bf16=a.bf16,
                                  align_weight=a.align_weight, reading_batch=a.reading_batch, ctc_weight=a.ctc_weight,
                                  slot_timing=a.slot_timing)
-    try:
+    with reported_in_one_line("fastslm.models.demo", "interrupted (rerun the same command to resume)"):
         if a.steps < 0:  # 0 is meaningful (size from --hours), a negative count is not
             raise RecipeError(f"--steps must be a step count, or 0 to size the schedule from --hours; got {a.steps}")
         for stage in stages:
@@ -453,9 +453,3 @@ def main(argv: list[str] | None = None) -> None:
             elif stage == "eval":
                 stage_eval(out, a.corpus, a.limit, paths.work / "eval.json")
             print(f"[{stage}] {time.perf_counter() - t0:.1f} s", flush=True)
-    except FastSLMError as exc:
-        print(f"fastslm.models.demo: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print("fastslm.models.demo: interrupted (rerun the same command to resume)", file=sys.stderr)
-        raise SystemExit(130) from None

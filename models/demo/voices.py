@@ -272,11 +272,9 @@ def measure(voices: list[str], sentences: list[str], threads: int = 1) -> dict[s
     """Whisper tiny.en WER (%) and synthesis seconds per utterance for each voice."""
     import time  # noqa: PLC0415
 
-    import jiwer  # noqa: PLC0415
     from faster_whisper import WhisperModel  # noqa: PLC0415
-    from whisper_normalizer.english import EnglishTextNormalizer  # noqa: PLC0415
 
-    norm = EnglishTextNormalizer()
+    from ...calibration.eval_set import wer as word_error_rate  # noqa: PLC0415
     model = WhisperModel(str(whisper_model_dir()), device="cpu", compute_type="int8", cpu_threads=threads, num_workers=1)
     synth = Synthesizer(threads=threads)
     synth("piper:joe", "Warm up.", default_params("piper:joe")) if "piper:joe" in voices else None
@@ -289,9 +287,9 @@ def measure(voices: list[str], sentences: list[str], threads: int = 1) -> dict[s
             t_syn += time.perf_counter() - t0
             dur += len(audio) / SAMPLE_RATE
             segments, _ = model.transcribe(audio, beam_size=1, language="en", condition_on_previous_text=False, vad_filter=False)
-            hyps.append(norm(" ".join(seg.text for seg in segments)))
-            refs.append(norm(s))
-        wer = 100.0 * jiwer.wer(refs, hyps)
+            hyps.append(" ".join(seg.text for seg in segments))
+            refs.append(s)
+        wer = word_error_rate(refs, hyps)
         results[voice] = (wer, t_syn / len(sentences))
         print(f"{voice:26s} WER {wer:5.1f}%   synth {1000 * t_syn / len(sentences):6.0f} ms/utt   "
               f"audio {dur / len(sentences):.2f} s/utt", flush=True)

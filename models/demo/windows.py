@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...calibration.eval_set import Utterance, read_corpus  # noqa: F401 (the recipe reads its corpus through here)
 from ...runtime.audio import SAMPLE_RATE, WINDOW_SAMPLES, load_audio
 from ...runtime.errors import FastSLMError
 from ...runtime.prompt import resolve_task
@@ -45,19 +46,6 @@ _TRIM_TOLERANCE_SAMPLES = SAMPLE_RATE // 5
 
 class RecipeError(FastSLMError):
     """The recipe's inputs are missing or inconsistent; the message says what to run."""
-
-
-@dataclass(frozen=True)
-class Utterance:
-    id: str
-    text: str
-    seconds: float
-    path: Path
-
-    @property
-    def samples(self) -> int:
-        """Upper bound of the utterance's length in samples (the corpus rounds seconds to 0.01 s)."""
-        return int(np.ceil((self.seconds + 0.01) * SAMPLE_RATE))
 
 
 @dataclass(frozen=True)
@@ -77,34 +65,6 @@ class WindowOptions:
         if not 0 <= self.single_fraction <= 1:
             raise ValueError(f"single_fraction {self.single_fraction} must be in [0, 1]")
         object.__setattr__(self, "gap_seconds", tuple(self.gap_seconds))
-
-
-def read_corpus(jsonl: str | Path) -> list[Utterance]:
-    """Utterances of one corpus split; relative audio paths are resolved against the JSONL's folder."""
-    jsonl = Path(jsonl)
-    if not jsonl.is_file():
-        raise RecipeError(f"corpus split {jsonl} is missing: build the corpus first (fastslm.models.demo.corpus)")
-    out = []
-    with jsonl.open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                path = Path(d["path"])
-                out.append(Utterance(str(d["id"]), str(d["text"]), float(d["seconds"]), path))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                raise RecipeError(f"{jsonl}:{n} is not a corpus line ({exc}); rebuild the corpus split") from None
-    return [_resolved(u, jsonl.parent) for u in out]
-
-
-def _resolved(u: Utterance, root: Path) -> Utterance:
-    if u.path.is_absolute() or u.path.exists():
-        return u
-    for base in (root, root.parent):
-        if (base / u.path).exists():
-            return Utterance(u.id, u.text, u.seconds, base / u.path)
-    return Utterance(u.id, u.text, u.seconds, root / u.path)
 
 
 # ---------------------------------------------------------------------------------------------

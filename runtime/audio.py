@@ -35,6 +35,9 @@ MIN_SAMPLES = SAMPLE_RATE  # the reference zero-pads audio shorter than 1 s to 1
 
 # Rates outside this range are not recordings (soxr also spins forever on an infinite rate).
 MIN_RATE, MAX_RATE = 1_000, 384_000
+# Float audio lies in [-1, 1]; gain can push it a little past, but a peak beyond this is integer
+# PCM stored as float (30000 for int16), which the model would hear as saturated noise.
+MAX_FLOAT_PEAK = 64.0
 # A (a, b) array whose shorter side is longer than this is not channels x samples in any layout.
 MAX_CHANNELS = 64
 # Integer PCM bit depths accepted from arrays; 64-bit integers are refused (no PCM format uses
@@ -103,7 +106,8 @@ def _read_file(path: Path) -> tuple[np.ndarray, int]:
             rate = f.samplerate
             _check_rate(rate, str(path))
             data = f.read(dtype="float32", always_2d=True)
-    except (sf.SoundFileError, RuntimeError, OSError, ValueError, MemoryError) as e:
+    except (sf.SoundFileError, RuntimeError, OSError, ValueError, TypeError, MemoryError) as e:
+        # TypeError: soundfile asks for a rate and channels for headerless .raw files
         raise AudioError(
             f"cannot read {path} as audio ({_one_line(e)}): pass an uncorrupted audio file "
             "in a format libsndfile reads (wav, flac, ogg, mp3, ...)"
@@ -176,9 +180,15 @@ def load_audio(source: str | Path | np.ndarray, sample_rate: int | None = None) 
 
     if data.size == 0:
         raise AudioError("the audio has no samples: pass a non-empty recording")
-    mono = data.mean(axis=1)
-    if not np.isfinite(mono).all():
+    if not np.isfinite(data).all():
         raise AudioError("the audio contains NaN or infinite samples: fix or re-export the recording")
+    peak = float(np.abs(data).max())
+    if peak > MAX_FLOAT_PEAK:
+        raise AudioError(
+            f"the audio's samples reach {peak:.4g}, but float audio lies in [-1, 1]: pass integer PCM as its "
+            "integer array (int16, int32, ...) or scale it to [-1, 1]"
+        )
+    mono = data.mean(axis=1)
     if rate != SAMPLE_RATE:
         # soxr HQ: linear-phase, ~-100 dB aliasing; resampling the mono mix equals mixing after.
         mono = soxr.resample(mono, float(rate), SAMPLE_RATE, quality="HQ")

@@ -184,7 +184,57 @@ def read_manifest(path: Path) -> dict[str, Any]:
     for key in ("runtime", "precision", "graphs", "embeddings", "files"):
         if key not in manifest:
             raise ModelFileError(f"{file} lacks {key!r}: the manifest is damaged; re-export the bundle")
+    check_manifest_structure(manifest, file)
     return manifest
+
+
+def check_manifest_structure(manifest: dict[str, Any], file: Path) -> None:
+    """Every field the loaders read has the type they read it as, and every file name stays in the bundle.
+
+    A hand-edited or forged manifest is then one ModelFileError line, never a TypeError or KeyError
+    deep in a backend, and "../../x" can make no loader look outside the bundle folder.
+    """
+
+    def need(ok: bool, where: str, what: str) -> None:
+        if not ok:
+            raise ModelFileError(f"{file}: {where} is not {what}: the manifest is damaged; re-export the bundle")
+
+    def name_in_bundle(value: Any, where: str) -> None:
+        need(isinstance(value, str) and value not in ("", ".", "..") and "/" not in value and "\\" not in value
+             and "\x00" not in value, where, "a file name inside the bundle")  # fmt: skip
+
+    def shape(value: Any, where: str) -> None:
+        need(isinstance(value, list) and all(isinstance(d, str) or (isinstance(d, int) and not isinstance(d, bool)
+             and d >= 0) for d in value), where, "a list of sizes and symbols")  # fmt: skip
+
+    for key in ("runtime", "precision"):
+        need(isinstance(manifest[key], str), key, "a string")
+    need(isinstance(manifest.get("model", {}), dict), "model", "an object")
+    need(isinstance(manifest["graphs"], dict) and manifest["graphs"], "graphs", "an object of graphs")
+    for name, graph in manifest["graphs"].items():
+        need(isinstance(graph, dict), f"graphs.{name}", "an object")
+        name_in_bundle(graph.get("file"), f"graphs.{name}.file")
+        if graph.get("data_file") is not None:
+            name_in_bundle(graph["data_file"], f"graphs.{name}.data_file")
+        need(isinstance(graph.get("precision", ""), str), f"graphs.{name}.precision", "a string")
+        need(isinstance(graph.get("dims", {}), dict), f"graphs.{name}.dims", "an object")
+        for side in ("inputs", "outputs"):
+            need(isinstance(graph.get(side), list), f"graphs.{name}.{side}", "a list")
+            for i, tensor in enumerate(graph[side]):
+                where = f"graphs.{name}.{side}[{i}]"
+                need(isinstance(tensor, dict) and isinstance(tensor.get("name"), str)
+                     and isinstance(tensor.get("dtype"), str), where, "a {name, dtype, shape} object")  # fmt: skip
+                shape(tensor.get("shape"), f"{where}.shape")
+    embeddings = manifest["embeddings"]
+    need(isinstance(embeddings, dict), "embeddings", "an object")
+    name_in_bundle(embeddings.get("file"), "embeddings.file")
+    need(isinstance(embeddings.get("dtype"), str), "embeddings.dtype", "a string")
+    shape(embeddings.get("shape"), "embeddings.shape")
+    need(isinstance(manifest["files"], dict), "files", "an object")
+    for name, entry in manifest["files"].items():
+        name_in_bundle(name, f"files[{name!r}]")
+        need(isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("bytes"), int)
+             and not isinstance(entry.get("bytes"), bool), f"files[{name!r}]", "a {sha256, bytes} object")  # fmt: skip
 
 
 def check_files(path: Path, manifest: dict[str, Any], verify: bool) -> None:

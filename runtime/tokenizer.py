@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -79,7 +80,11 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = list(ids)
+        bad = next((i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0), None)
+        if bad is not None:  # the Rust side would raise OverflowError / TypeError
+            raise OptionError(f"token id {bad!r} is not a token id: ids are whole numbers >= 0")
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def encode_prompt(self, text: str) -> PromptIds:
         """Split a built prompt at its one <|AUDIO|>: left ends with <|audio_bos|>, right starts with <|audio_eos|>."""

@@ -340,3 +340,25 @@ def test_windows_concatenate_to_whole_log_mel():
     np.testing.assert_array_equal(joined[:, :frames], audio.log_mel_spectrogram(x))
     assert not joined[:, frames:].any()  # last window zero-padded in mel space
     assert not windows[-1, :, frames - 3 * audio.WINDOW_FRAMES :].any()
+
+
+@pytest.mark.parametrize("value", [30000.0, 3.4e38, 1e307], ids=["int16-as-float", "float32-max", "near-float64-max"])
+def test_float_audio_far_outside_unit_range_is_refused(value):
+    """Integer PCM cast to float would be heard as saturated noise; float64 extremes used to overflow
+    the channel mean (a numpy warning) or come back as inf after the float32 cast."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(AudioError, match="float audio lies in \\[-1, 1\\]"):
+            audio.load_audio(np.full((100, 2), value), sample_rate=16000)
+
+
+def test_float_audio_slightly_past_full_scale_is_kept():
+    x = audio.load_audio(np.full(1600, 1.5, dtype=np.float32), sample_rate=16000)
+    assert np.allclose(x, 1.5)
+
+
+def test_headerless_raw_file_is_one_line(tmp_path):
+    path = tmp_path / "take.raw"
+    path.write_bytes(b"\x00\x01" * 100)
+    with pytest.raises(AudioError, match="cannot read"):
+        audio.load_audio(path)

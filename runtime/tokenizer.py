@@ -102,36 +102,33 @@ class Tokenizer:
 class StreamDecoder:
     """Incremental detokenization: `add` one id at a time, print what comes back.
 
-    A byte-level token can end inside a multi-byte UTF-8 character; the decoded text then
-    ends in U+FFFD and we hold the piece back until a later token completes it. Each step
-    decodes only the ids since the emission before last (always a character boundary, and
-    one emission of context for the decoder), so the cost per token stays constant, and the
+    tokenizers' own `DecodeStream` does the work (it holds a byte-level token that ends inside a
+    multi-byte UTF-8 character back until a later one completes it). It has no end of stream,
+    so `flush` decodes the ids still held (a truncated character shows as U+FFFD), and the
     pieces plus `flush()` add up exactly to `decode(all ids)`.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self._tok = tokenizer
         self._skip = skip_special_tokens
-        self._ids: list[int] = []
-        self._prefix = 0  # window start: decoded text before it is final
-        self._read = 0  # ids before this have been emitted
+        self._stream = decoders.DecodeStream(skip_special_tokens=skip_special_tokens)
+        self._held: list[int] = []  # ids since the last piece: what flush still owes
 
     def add(self, token_id: int) -> str:
-        self._ids.append(int(token_id))
-        return self._advance(final=False)
+        if isinstance(token_id, bool) or not isinstance(token_id, (int, np.integer)) or token_id < 0:
+            raise OptionError(f"token id {token_id!r} is not a token id: ids are whole numbers >= 0")
+        piece = self._stream.step(self._tok._tok, int(token_id))
+        if not piece:
+            self._held.append(int(token_id))
+            return ""
+        self._held = []
+        return piece
 
     def flush(self) -> str:
         """Emit whatever is held back (a truncated character shows as U+FFFD)."""
-        return self._advance(final=True)
-
-    def _advance(self, final: bool) -> str:
-        window = self._ids[self._prefix:]
-        done = self._tok.decode(self._ids[self._prefix:self._read], self._skip)
-        text = self._tok.decode(window, self._skip)
-        if (text.endswith("\ufffd") and not final) or len(text) <= len(done):
-            return ""
-        self._prefix, self._read = self._read, len(self._ids)
-        return text[len(done):]
+        tail = self._tok.decode(self._held, self._skip) if self._held else ""
+        self._held = []
+        return tail
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--disable-cse", action="store_true", help="audio-tower sessions without common-subexpression elimination")
     a = p.parse_args(argv)
     with reported_in_one_line("bench"):
-        from .eval_set import jfk_utterance
+        from .evaluation import jfk_utterance
 
         jfk = jfk_utterance()
         if a.audio is None and jfk is None:

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import onnxruntime as ort
 
-from ..runtime.bundle import AUDIO_TOWER, LLM, Bundle, ModelDims
+from ..runtime.bundle import AUDIO_TOWER, CONFIG_FILE, LLM, TOKENIZER_FILE, Bundle, ModelDims
 from ..runtime.errors import OptionError
 from ..runtime.onnx_backend import OnnxBackend, session_options
 from .data import DEFAULT_MAX_WINDOWS, CalibrationSet, collect
@@ -192,20 +192,17 @@ class Quantizer:
 
     def gate(self, stage: Path, graphs: dict) -> dict:
         """Run the accuracy gates on the finished graphs in `stage`; returns the manifest's "quantization"."""
-        from ..export.bundle_writer import EMBEDDINGS_FILE
         from ..models.torch_backend import TorchBackend
         from ..runtime.tokenizer import Tokenizer
 
         o = self.options
-        config = json.loads((stage / "config.json").read_text())
-        dims = ModelDims.from_config(config, stage / "config.json")
-        # The staging folder has no manifest yet: a Bundle over what is there. fp16 graphs open with
-        # the fp16 session options (ORT_ENABLE_EXTENDED), as a bundle of that precision would.
-        manifest = {"graphs": graphs, "precision": "fp16" if self.fp16 else self.target.precision,
-                    "embeddings": {"file": EMBEDDINGS_FILE}, "files": {}}  # fmt: skip
-        candidate = CheckBackend(Bundle(stage, manifest, dims), providers=["CPUExecutionProvider"])
+        config = json.loads((stage / CONFIG_FILE).read_text())
+        dims = ModelDims.from_config(config, stage / CONFIG_FILE)
+        # fp16 graphs open with the fp16 session options (ORT_ENABLE_EXTENDED), as a bundle of that precision would.
+        precision = "fp16" if self.fp16 else self.target.precision
+        candidate = CheckBackend(Bundle.unpublished(stage, graphs, precision, dims), providers=["CPUExecutionProvider"])
         reference = TorchBackend(self.reference)
-        tokenizer = Tokenizer.from_file(stage / "tokenizer.json")
+        tokenizer = Tokenizer.from_file(stage / TOKENIZER_FILE)
         items, why = eval_items(o.eval_corpus, o.wer_items)
         report = run_gates(
             reference, candidate, tokenizer,

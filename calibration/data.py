@@ -32,7 +32,7 @@ import numpy as np
 from ..runtime.audio import SAMPLE_RATE, audio_to_windows, load_audio
 from ..runtime.bundle import CALIBRATION_FILE, CALIBRATION_FORMAT
 from ..runtime.errors import FastSLMError
-from .eval_set import jfk_utterance
+from .evaluation import jfk_utterance
 
 CALIBRATION_FORMAT_VERSION = 1
 WINDOWS_FILE = "windows.npy"

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..runtime.errors import FastSLMError
-from .eval_set import EvalItem, jfk_utterance, read_corpus, wer
+from .evaluation import EvalItem, cosine, jfk_utterance, read_corpus, wer
 
 MAX_REFERENCE_WER = 50.0  # percent: above it the FP32 model does not transcribe and a WER delta is noise
 PROBE_ITEMS, PROBE_MAX_WER = 5, 90.0  # checked first, so an untrained model costs 5 transcripts, not 50
@@ -123,13 +123,7 @@ class MixedBackend:
 
 def window_cosines(reference: Any, candidate: Any, windows: np.ndarray) -> np.ndarray:
     """Cosine of the flattened speech tokens of each window."""
-    out = []
-    for w in windows:
-        a = reference.encode_windows(w[None]).astype(np.float64).ravel()
-        b = candidate.encode_windows(w[None]).astype(np.float64).ravel()
-        den = np.linalg.norm(a) * np.linalg.norm(b)
-        out.append(float(a @ b / den) if den > 0 else float(np.array_equal(a, b)))
-    return np.asarray(out)
+    return np.asarray([cosine(reference.encode_windows(w[None]), candidate.encode_windows(w[None])) for w in windows])
 
 
 def top1_agreement(reference: Any, candidate: Any, tokenizer: Any, speech: Sequence[np.ndarray],

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .evaluation import cosine
 from .qdq import INT8_MAX
 
 
@@ -82,13 +83,9 @@ def simulated_int8(wrapper: nn.Module, amax: dict[str, float], keys: set[str] | 
             module.weight.data = data
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Mean over windows of the cosine of the flattened speech tokens."""
-    a = a.reshape(len(a), -1).astype(np.float64)
-    b = b.reshape(len(b), -1).astype(np.float64)
-    num = (a * b).sum(1)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return float(np.mean(np.where(den > 0, num / np.maximum(den, 1e-30), 1.0)))
+    return float(np.mean([cosine(x, y) for x, y in zip(a, b)]))
 
 
 def measure(
@@ -126,11 +123,11 @@ def _rank_and_choose(run, keys: list[str], amax: dict[str, float], target_cosine
     layers = []
     for key in tqdm(keys, desc="INT8 sensitivity", unit="layer", file=sys.stderr,
                     disable=None if progress is None else not progress):  # fmt: skip
-        layers.append(LayerSensitivity(key, _cosine(run([key]), reference)))
+        layers.append(LayerSensitivity(key, _mean_cosine(run([key]), reference)))
     layers.sort(key=lambda s: s.cosine)
     keep = [k for k in forced_float if k in amax]
-    all_int8 = _cosine(run(keys), reference)
-    chosen = _cosine(run([k for k in keys if k not in keep]), reference) if keep else all_int8
+    all_int8 = _mean_cosine(run(keys), reference)
+    chosen = _mean_cosine(run([k for k in keys if k not in keep]), reference) if keep else all_int8
     limit = len(keys) // 4 if max_float is None else max_float  # at most a quarter of the layers by default
     for s in layers:
         if chosen >= target_cosine or len(keep) >= limit + len(forced_float):
@@ -138,5 +135,5 @@ def _rank_and_choose(run, keys: list[str], amax: dict[str, float], target_cosine
         if s.key in keep:
             continue
         keep.append(s.key)
-        chosen = _cosine(run([k for k in keys if k not in keep]), reference)
+        chosen = _mean_cosine(run([k for k in keys if k not in keep]), reference)
     return SensitivityResult(layers, keep, all_int8, chosen, windows)

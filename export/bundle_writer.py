@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from ..models.fastslm import CONFIG_FILE, TOKENIZER_FILE, FastSLM
-from ..runtime.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST_FILE, sha256_file
+from ..models.fastslm import FastSLM
+from ..runtime.bundle import (
+    BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, CONFIG_FILE, EMBEDDINGS_FILE, MANIFEST_FILE, TOKENIZER_FILE, sha256_file,
+)
 from ..runtime.errors import ModelFileError
 from ..runtime.output_folder import OutputFolder
 from .graphs import GRAPHS, GraphSpec, graph_specs
@@ -34,8 +36,6 @@ from .targets import Target, get_target
 
 if TYPE_CHECKING:
     from .tensorrt_build import BuildOptions
-
-EMBEDDINGS_FILE = "embed_tokens.npy"
 
 
 @dataclass(frozen=True)

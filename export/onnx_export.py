@@ -26,6 +26,7 @@ from torch.export import Dim
 
 from ..runtime.errors import FastSLMError
 from ..runtime.onnx_backend import session_options
+from ..calibration.evaluation import cosine
 from .graphs import Case, GraphSpec, TensorSpec, Tolerance
 
 OPSET = 20  # measured to work with ORT 1.32 and TensorRT-RTX 1.7 (TOOLCHAIN.md)
@@ -157,9 +158,7 @@ def compare(reference: np.ndarray, got: np.ndarray) -> tuple[float, float, float
         return float("inf"), 0.0, 0.0
     if not a.size:
         return 0.0, 1.0, 0.0
-    norm = np.linalg.norm(a) * np.linalg.norm(b)
-    cosine = float(a @ b / norm) if norm > 0 else float(np.array_equal(a, b))
-    return float(np.abs(a - b).max()), cosine, float(np.abs(a).max())
+    return float(np.abs(a - b).max()), cosine(a, b), float(np.abs(a).max())
 
 
 def passes(diff: OutputDiff, tol: Tolerance) -> bool:

@@ -513,8 +513,8 @@ def build_engines(
 def build_bundle_engines(bundle_path: str | Path, target: str = "trt-fp16", options: BuildOptions = BuildOptions(),
                          **limits: Any) -> dict[str, Any]:
     """Build the engines for an ONNX bundle already on disk (see build_engines for `limits`)."""
-    from ..runtime.bundle import load_bundle
+    from ..runtime.bundle import CONFIG_FILE, load_bundle
 
     bundle = load_bundle(bundle_path, verify=False)
-    config = json.loads((bundle.path / "config.json").read_text())
+    config = json.loads((bundle.path / CONFIG_FILE).read_text())
     return build_engines(bundle.path, bundle.manifest["graphs"], config, target, options, **limits)

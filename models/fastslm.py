@@ -15,17 +15,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..runtime.bundle import CONFIG_FILE, MODEL_FORMAT, MODEL_FORMAT_VERSION, TOKENIZER_FILE, WEIGHTS_FILE
 from ..runtime.errors import ModelFileError
 from .hfq_former import HFQFormer, HFQFormerDims
 from .qwen3 import Qwen3Dims, Qwen3ForCausalLM
 from .weights import assign_checked
 from .whisper_encoder import WhisperEncoder, WhisperEncoderDims
 
-MODEL_FORMAT = "fastslm-model"
-MODEL_FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclass(frozen=True)

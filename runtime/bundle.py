@@ -39,12 +39,17 @@ from typing import Any
 from .audio import WINDOW_FRAMES
 from .errors import ModelFileError
 
+# The file names and formats of everything fastslm writes, in one place (models/, export/ and
+# calibration/ import them from here).
 MANIFEST_FILE = "manifest.json"
-CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "config.json"  # a model folder's and a bundle's
+TOKENIZER_FILE = "tokenizer.json"  # a model folder's and a bundle's
+WEIGHTS_FILE = "model.safetensors"  # a model folder's
+EMBEDDINGS_FILE = "embed_tokens.npy"  # a bundle's token-embedding table
 BUNDLE_FORMAT = "fastslm-bundle"
 BUNDLE_FORMAT_VERSION = 1
 MODEL_FORMAT = "fastslm-model"  # config.json's format (models/fastslm.py writes it)
+MODEL_FORMAT_VERSION = 1
 CALIBRATION_FILE = "calibration.json"  # a calibration folder's record (calibration/data.py writes it)
 CALIBRATION_FORMAT = "fastslm-calibration"
 
@@ -112,6 +117,15 @@ class Bundle:
     path: Path
     manifest: dict[str, Any]
     dims: ModelDims
+
+    @classmethod
+    def unpublished(cls, path: Path, graphs: dict[str, Any], precision: str, dims: ModelDims) -> "Bundle":
+        """A bundle still being written (an exporter's stage): its graphs, tables and config, no manifest yet.
+
+        What the accuracy gates open to run the candidate before the manifest is hashed.
+        """
+        manifest = {"graphs": graphs, "precision": precision, "embeddings": {"file": EMBEDDINGS_FILE}, "files": {}}
+        return cls(Path(path), manifest, dims)
 
     @property
     def precision(self) -> str:

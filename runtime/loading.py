@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .bundle import read_manifest
+from .bundle import CONFIG_FILE, MANIFEST_FILE, MODEL_FORMAT, TOKENIZER_FILE, WEIGHTS_FILE, read_manifest
 from .errors import ModelFileError, OptionError
 from .generate import Pipeline
 from .tokenizer import Tokenizer
@@ -25,16 +25,16 @@ DEFAULT_MODEL_NOTE = "the default is a small English demo model; pass --model fo
 
 def model_kind(path: Path) -> str:
     """'bundle' for an exported bundle (manifest.json), 'folder' for a fastslm model folder."""
-    if (path / "manifest.json").is_file():
+    if (path / MANIFEST_FILE).is_file():
         return "bundle"
-    if any(path.glob("*.onnx")) and not (path / "model.safetensors").is_file():
+    if any(path.glob("*.onnx")) and not (path / WEIGHTS_FILE).is_file():
         raise ModelFileError(
             f"{path} looks like an exported bundle but has no manifest.json; copy the bundle again or re-export it"
         )
-    config = path / "config.json"
+    config = path / CONFIG_FILE
     if config.is_file():
         try:
-            if json.loads(config.read_text()).get("format") == "fastslm-model":
+            if json.loads(config.read_text()).get("format") == MODEL_FORMAT:
                 return "folder"
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ModelFileError(f"{config} is not valid JSON; re-create the model folder") from None
@@ -59,7 +59,7 @@ def shipped_bundles() -> dict[str, Path]:
     """Precision -> bundle, for the bundles shipped beside the demo model (the default first)."""
     found = {}
     for path in [DEFAULT_MODEL_DIR, *sorted(SHIPPED_DIR.glob("onnx-*"))]:
-        if (path / "manifest.json").is_file():
+        if (path / MANIFEST_FILE).is_file():
             found.setdefault(read_manifest(path).get("precision", "fp32"), path)
     return found
 
@@ -131,8 +131,8 @@ def load_pipeline(model: str | Path | None = None, backend: str = "auto", precis
         if precision not in ("auto", "fp32", "fp16"):
             raise OptionError(f"the torch backend computes in fp32 or fp16, not {precision}; use an exported {precision} bundle")
         engine = TorchBackend.from_folder(path, dtype=precision, **options)
-        name = json.loads((path / "config.json").read_text()).get("name", path.name)
-        tokenizer_path = path / "tokenizer.json"
+        name = json.loads((path / CONFIG_FILE).read_text()).get("name", path.name)
+        tokenizer_path = path / TOKENIZER_FILE
     elif backend == "tensorrt":
         _check_options("tensorrt", options, ("verify", "device_index", "max_windows_per_batch", "runtime_cache",
                                              "weight_budget_mib"))  # fmt: skip

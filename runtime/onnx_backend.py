@@ -9,7 +9,6 @@ decode). The KV cache is a `KVCache` of numpy arrays in the dtype the graph decl
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -78,7 +77,9 @@ def tensorrt_profile(graph: dict[str, Any]) -> dict[str, str]:
 
 
 def _trt_cache_dir(bundle: Bundle, graph: str) -> str:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastslm" / "tensorrt"
+    from .trt_compat import tensorrt_cache_dir
+
+    base = tensorrt_cache_dir()
     key = bundle.manifest["files"][bundle.graph(graph)["file"]]["sha256"][:16]
     return str(base / key)
 

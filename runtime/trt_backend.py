@@ -17,7 +17,6 @@ which brings its own CUDA runtime, so a GPU driver is all the machine needs besi
 
 from __future__ import annotations
 
-import os
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from .bundle import AUDIO_TOWER, LLM, ModelDims, kv_input_name, kv_output_name, 
 from .errors import FastSLMError, ModelFileError, OptionError
 from .kv_cache import KVCache
 from .trt_compat import (
+    tensorrt_cache_dir,
     FLAVOUR_NAMES,
     EngineMismatchError,
     TensorRTMissingError,
@@ -450,8 +450,7 @@ def _deserialize(trt: Any, runtime: Any, logger: Any, folder: Path, manifest: di
 
 
 def _cache_file(manifest: dict, graph: str) -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastslm" / "tensorrt"
-    return base / f"{manifest['engines'][graph]['sha256'][:16]}.runtime_cache"
+    return tensorrt_cache_dir() / f"{manifest['engines'][graph]['sha256'][:16]}.runtime_cache"
 
 
 def _contexts(trt: Any, engines: dict[str, Any], device: CudaDevice, folder: Path,

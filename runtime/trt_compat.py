@@ -28,6 +28,14 @@ from typing import Any
 
 from .errors import ModelFileError, OptionError
 
+
+def tensorrt_cache_dir() -> Path:
+    """Where compiled TensorRT artefacts are kept between runs (ONNX Runtime's TensorRT EP engines,
+    TensorRT for RTX runtime caches): $XDG_CACHE_HOME/fastslm/tensorrt, by default ~/.cache/..."""
+    import os
+
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastslm" / "tensorrt"
+
 FLAVOURS = ("tensorrt", "tensorrt_rtx")
 FLAVOUR_NAMES = {"tensorrt": "TensorRT", "tensorrt_rtx": "TensorRT for RTX"}
 ENGINE_MANIFEST_FILE = "engines.json"

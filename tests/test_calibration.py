@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from fastslm.calibration.data import (
     CALIBRATION_FILE, WINDOWS_FILE, CalibrationError, CalibrationSet, collect, find_audio, spread,
 )
-from fastslm.calibration.eval_set import EvalItem
+from fastslm.calibration.evaluation import EvalItem
 from fastslm.calibration.gates import (
     GateError, GateReport, GateRow, GateThresholds, run_gates, top1_agreement, wer_rows,
 )

@@ -9,12 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastslm.models.whisper_encoder import (
-    WhisperEncoder,
-    WhisperEncoderDims,
-    read_ct2_model_bin,
-    sinusoids,
-)
+from fastslm.models.whisper_checkpoints import read_ct2_model_bin
+from fastslm.models.whisper_encoder import WhisperEncoder, WhisperEncoderDims, sinusoids
 from fastslm.runtime.errors import ModelFileError
 
 TINY = WhisperEncoderDims(n_mels=80, n_ctx=1500, width=64, n_heads=4, n_layers=2)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...calibration.eval_set import JFK_FILE, EvalItem, EvalSetError, jfk_utterance, read_corpus, wer
+from ...calibration.evaluation import JFK_FILE, EvalItem, EvalSetError, jfk_utterance, read_corpus, wer
 from ...runtime.errors import FastSLMError, reported_in_one_line
 from ...runtime.loading import DEMO_EVAL_SUBSET as EVAL_SUBSET  # the shipped slice of the held-out sets
 from ...runtime.sampling import SamplingOptions

@@ -351,10 +351,11 @@ def stage_export(paths: Paths, corpus: Path, out: Path, dtype: str, check_limit:
 
 
 def stage_eval(model: Path, corpus: Path, limit: int | None, report: Path | None = None) -> list[dict]:
+    from ...runtime.bundle import CONFIG_FILE, MANIFEST_FILE
     from ...runtime.generate import Pipeline
     from .evaluate import evaluate_split
 
-    if not (model / "config.json").is_file() and not (model / "manifest.json").is_file():
+    if not (model / CONFIG_FILE).is_file() and not (model / MANIFEST_FILE).is_file():
         raise RecipeError(f"{model} is not a model folder yet: run the export-folder stage first")
     pipe = Pipeline.load(model)
     results = []

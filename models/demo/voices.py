@@ -274,7 +274,7 @@ def measure(voices: list[str], sentences: list[str], threads: int = 1) -> dict[s
 
     from faster_whisper import WhisperModel  # noqa: PLC0415
 
-    from ...calibration.eval_set import wer as word_error_rate  # noqa: PLC0415
+    from ...calibration.evaluation import wer as word_error_rate  # noqa: PLC0415
     model = WhisperModel(str(whisper_model_dir()), device="cpu", compute_type="int8", cpu_threads=threads, num_workers=1)
     synth = Synthesizer(threads=threads)
     synth("piper:joe", "Warm up.", default_params("piper:joe")) if "piper:joe" in voices else None

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...calibration.eval_set import Utterance, read_corpus  # noqa: F401 (the recipe reads its corpus through here)
+from ...calibration.evaluation import Utterance, read_corpus  # noqa: F401 (the recipe reads its corpus through here)
 from ...runtime.audio import SAMPLE_RATE, WINDOW_SAMPLES, load_audio
 from ...runtime.errors import FastSLMError
 from ...runtime.prompt import resolve_task

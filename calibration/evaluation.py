@@ -1,12 +1,14 @@
-"""Evaluation audio with transcripts, and how transcripts are scored (WER).
+"""Evaluation audio with transcripts, and the scores fastslm holds its outputs to (WER, cosine).
 
 Product code: the accuracy gates (calibration/gates.py) and the demo model's evaluation
-(models/demo/evaluate.py) both read their utterances and score their transcripts here.
+(models/demo/evaluate.py) read their utterances and score their transcripts here; the
+exporter's validation and the sensitivity pass compare tensors with the same cosine.
 
     corpus split   CORPUS/<split>.jsonl, one {"id", "text", "seconds", "path"} per line; a relative
                    path is resolved against the JSONL's folder (or its parent)
     shared data    $FASTSLM_SHARED_DATA, the folder holding jfk.flac. Never guessed: an installed
                    fastslm looks nowhere outside itself, so without the variable there is no jfk.flac
+    cosine         of two tensors flattened, in float64; 1.0 when both are all zeros
     WER            Whisper's English normalisation (whisper_normalizer's EnglishTextNormalizer: lower
                    case, punctuation removed, numbers and spellings standardised, so "Forty-two" and
                    "42" match), then corpus-level (S + D + I) / reference words (jiwer), in percent
@@ -101,6 +103,13 @@ def _resolved(u: Utterance, root: Path) -> Utterance:
 
 # ---------------------------------------------------------------------------------------------
 # Scoring
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of `a` and `b` flattened (float64); two zero tensors count as equal (1.0)."""
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    den = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / den) if den > 0 else float(np.array_equal(a, b))
 
 
 @functools.lru_cache(maxsize=1)

@@ -28,6 +28,12 @@ def serve(
     max_audio_seconds: Annotated[float, typer.Option(help="Longest recording accepted.")] = 1800.0,
     max_new_tokens: Annotated[int, typer.Option(help="Default and largest max_tokens of a request.")] = 512,
     prefix_cache_entries: Annotated[int, typer.Option(help="Recordings whose encoded audio is kept for the next question.")] = 8,
+    ray: Annotated[bool, typer.Option("--ray", help="Serve on Ray Serve (joins RAY_ADDRESS or a `ray start` cluster, "
+                                      "else starts one here); needs fastslm[ray].")] = False,
+    min_replicas: Annotated[int, typer.Option(help="--ray: fewest replicas the autoscaler keeps.")] = 1,
+    max_replicas: Annotated[int, typer.Option(help="--ray: most replicas the autoscaler starts.")] = 1,
+    cpus_per_replica: Annotated[float, typer.Option(help="--ray: CPUs reserved per replica (its ONNX Runtime threads).")] = 1.0,
+    gpus_per_replica: Annotated[float, typer.Option(help="--ray: GPUs per replica.")] = 0.0,
 ) -> None:
     with reported_in_one_line("fastslm-serve"):
         from .options import ServeOptions
@@ -39,7 +45,10 @@ def serve(
             max_audio_bytes=int(max_audio_mb * 2**20), max_audio_seconds=max_audio_seconds, queue_size=queue_size,
             workers=workers, prefix_cache_entries=prefix_cache_entries, max_new_tokens=max_new_tokens,
         )  # fmt: skip
-        run_server(options, model, backend, providers)
+        if ray:
+            run_on_ray(options, model, backend, providers, min_replicas, max_replicas, cpus_per_replica, gpus_per_replica)
+        else:
+            run_server(options, model, backend, providers)
 
 
 def run_server(options, model, backend: str = "auto", providers: str | None = None) -> None:
@@ -50,13 +59,31 @@ def run_server(options, model, backend: str = "auto", providers: str | None = No
     from .engine import Engine
 
     pipe = Pipeline.load(model, backend, providers=providers)
-    if not options.loopback and not options.api_key:
-        typer.echo(f"fastslm-serve: warning: {options.host} is reachable from the network and no --api-key is set; "
-                   "anyone who can reach this port can use the model", err=True)  # fmt: skip
+    warn_if_exposed(options)
     typer.echo(f"fastslm-serve: model {pipe.model_name} on {pipe.backend.name}, "
                f"OpenAI API at http://{options.host}:{options.port}/v1", err=True)  # fmt: skip
     uvicorn.run(create_app(Engine(pipe, options)), host=options.host, port=options.port, log_level="warning",
                 timeout_graceful_shutdown=5)  # fmt: skip
+
+
+def run_on_ray(options, model, backend, providers, min_replicas, max_replicas, cpus, gpus) -> None:
+    try:
+        from .ray_app import ReplicaOptions, run
+    except ImportError:
+        raise OptionError("--ray needs Ray Serve: pip install 'fastslm[ray]'") from None
+    replicas = ReplicaOptions(min_replicas, max_replicas, cpus, gpus)
+    if model is not None:
+        model = model.absolute()  # replicas may run in another working directory
+    warn_if_exposed(options)
+    typer.echo(f"fastslm-serve: deploying {min_replicas}-{max_replicas} replicas on Ray Serve, "
+               f"OpenAI API at http://{options.host}:{options.port}/v1 (Ctrl-C stops it)", err=True)  # fmt: skip
+    run(model, options, replicas, backend, providers, blocking=True)
+
+
+def warn_if_exposed(options) -> None:
+    if not options.loopback and not options.api_key:
+        typer.echo(f"fastslm-serve: warning: {options.host} is reachable from the network and no --api-key is set; "
+                   "anyone who can reach this port can use the model", err=True)  # fmt: skip
 
 
 def main() -> None:

@@ -96,13 +96,19 @@ def build(args: dict) -> serve.Application:
     return application(model, ServeOptions(**typed), replicas, backend, providers)
 
 
-def run(model: str | Path | None, options: ServeOptions, replicas: ReplicaOptions, backend: str = "auto",
-        providers: str | None = None, blocking: bool = True) -> str:  # fmt: skip
-    """Start (or join) Ray, put Serve's HTTP proxy on options.host:port and deploy; returns the base URL."""
+def join_or_start_ray() -> None:
+    """Join the cluster of RAY_ADDRESS or of `ray start` on this machine, else start a local one."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+        # a cluster of our own needs no dashboard; one started by `ray start` keeps its own
+        ray.init(log_to_driver=False, include_dashboard=False)
+
+
+def run(model: str | Path | None, options: ServeOptions, replicas: ReplicaOptions, backend: str = "auto",
+        providers: str | None = None, blocking: bool = True) -> str:  # fmt: skip
+    """Start (or join) Ray, put Serve's HTTP proxy on options.host:port and deploy; returns the base URL."""
+    join_or_start_ray()
     serve.start(http_options={"host": options.host, "port": options.port})
     serve.run(application(model, options, replicas, backend, providers), name="fastslm", route_prefix="/",
               blocking=blocking)  # fmt: skip

@@ -128,11 +128,12 @@ class BatchReport:
 def run_batch(options: BatchOptions) -> BatchReport:
     import ray
 
+    from .ray_app import join_or_start_ray
+
     work = plan(options)
     if not work.todo:
         return BatchReport(0, work.done, [])
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+    join_or_start_ray()
     model = str(Path(options.model).absolute()) if options.model else None
     items = [{"audio": str(audio.absolute()), "out": str(target.absolute())} for audio, target in work.todo]
     results = ray.data.from_items(items).map_batches(

@@ -146,6 +146,11 @@ class Engine:
     def waiting(self) -> int:
         return self._queue.qsize()
 
+    def check_room(self) -> None:
+        """429 before an upload is decoded when the queue is already full (submit checks again)."""
+        if self._queue.full():
+            raise queue_full(self.options.queue_size)
+
     def submit(self, question: Question) -> Job:
         """Queue a question; ApiError 400 when it cannot fit the model, 429 when the queue is full."""
         try:

@@ -25,6 +25,7 @@ import pytest
 import soundfile as sf
 from typer.testing import CliRunner
 
+from fastslm.runtime import subtitles
 from fastslm.runtime.audio import SAMPLE_RATE, load_audio
 from fastslm.runtime.cli import app as run_app
 from fastslm.runtime.errors import OptionError
@@ -35,6 +36,7 @@ from fastslm.runtime.serve.engine import Engine, Question
 from fastslm.runtime.serve.local import LoopbackServer, free_port
 from fastslm.runtime.serve.options import ServeOptions
 from fastslm.runtime.serve.uploads import read_upload
+from fastslm.runtime.transcribe import Transcript, transcribe
 
 MAX_AUDIO_MB = 4  # the child server's byte bound (jfk.flac is 1.1 MB)
 MAX_AUDIO_SECONDS = 120  # and its length bound
@@ -72,8 +74,18 @@ def clips(jfk_path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def expected(pipe, clips) -> dict[str, str]:
-    return {name: pipe.transcribe(path) for name, path in clips.items()}
+def transcripts(pipe, clips) -> dict[str, Transcript]:
+    """What `fastslm-run` gives for each clip: segment-by-segment transcription."""
+    return {name: transcribe(pipe, path) for name, path in clips.items()}
+
+
+@pytest.fixture(scope="module")
+def two_utterances(jfk_path, clips, tmp_path_factory) -> Path:
+    """jfk.flac, 3 s of silence, one eval clip: two segments for the pause-cutting transcriber."""
+    samples = [load_audio(jfk_path), np.zeros(3 * SAMPLE_RATE, np.float32), load_audio(clips["eval_seen-000004"])]
+    path = tmp_path_factory.mktemp("audio") / "two.flac"
+    sf.write(path, np.concatenate(samples), SAMPLE_RATE)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -120,42 +132,47 @@ def chat_audio(data: bytes, text: str | None, fmt: str = "wav") -> list[dict]:
 # ---- the openai client gets fastslm-run's answers ------------------------------------------------
 
 
-def test_transcription_equals_fastslm_run(client, jfk_path):
-    result = CliRunner().invoke(run_app, [str(jfk_path), "--json"])
+def test_transcription_equals_fastslm_run(client, two_utterances):
+    result = CliRunner().invoke(run_app, [str(two_utterances), "--json"])
     assert result.exit_code == 0, result.output
-    cli_text = json.loads(result.stdout.strip().splitlines()[-1])["text"]
-    assert cli_text
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(record["segments"]) == 2 and record["text"]
 
-    with open(jfk_path, "rb") as f:
+    with open(two_utterances, "rb") as f:
         plain = client.audio.transcriptions.create(model="whisper-1", file=f)
-    assert plain.text == cli_text
+    assert plain.text == record["text"]
 
-    with open(jfk_path, "rb") as f:
+    with open(two_utterances, "rb") as f:
         events = list(client.audio.transcriptions.create(model="whisper-1", file=f, stream=True))
     deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
-    assert len(deltas) > 5  # streamed piece by piece, not in one event
+    assert len(deltas) == 2  # one event per segment, sent as each is decoded
     assert events[-1].type == "transcript.text.done"
-    assert events[-1].text == cli_text
-    assert "".join(deltas).strip() == cli_text
+    assert events[-1].text == record["text"] == "".join(deltas)
 
 
-def test_transcription_response_formats(client, jfk_path, expected):
-    with open(jfk_path, "rb") as f:
-        text = client.audio.transcriptions.create(model="whisper-1", file=f, response_format="text")
-    assert text == expected["jfk"] + "\n"
-    with open(jfk_path, "rb") as f:
-        verbose = client.audio.transcriptions.create(model="whisper-1", file=f, response_format="verbose_json")
-    assert verbose.text == expected["jfk"]
-    assert verbose.duration == pytest.approx(11.0, abs=0.01)
-    assert verbose.segments[0].start == 0.0
-    assert verbose.segments[-1].end == pytest.approx(11.0, abs=0.01)
-    assert " ".join(s.text for s in verbose.segments) == expected["jfk"]
+def test_transcription_response_formats(client, clips, transcripts):
+    name = "eval_seen-000000"  # a short clip: four formats, four requests
+    expected = transcripts[name]
+
+    def create(fmt: str):
+        with open(clips[name], "rb") as f:
+            return client.audio.transcriptions.create(model="whisper-1", file=f, response_format=fmt)
+
+    assert create("text") == expected.text + "\n"
+    assert create("srt") == subtitles.render("srt", expected)
+    assert create("vtt") == subtitles.render("vtt", expected)
+    verbose = create("verbose_json")
+    assert verbose.text == expected.text
+    assert verbose.duration == pytest.approx(sf.info(clips[name]).duration, abs=0.01)
+    assert [(s.start, s.end, s.text) for s in verbose.segments] == [
+        (round(s.start, 3), round(s.end, 3), s.text) for s in expected.segments]
+    assert verbose.segments[0].tokens == expected.segments[0].token_ids
 
 
-def test_chat_completion_with_input_audio(client, pipe, jfk_path, expected):
+def test_chat_completion_with_input_audio(client, pipe, jfk_path, transcripts):
     data = wav_bytes(jfk_path)
     reply = client.chat.completions.create(model="fastslm", messages=chat_audio(data, "Transcribe the audio."))
-    assert reply.choices[0].message.content == expected["jfk"]
+    assert reply.choices[0].message.content == transcripts["jfk"].text  # a transcription, as fastslm-run's
     assert reply.choices[0].finish_reason == "stop"
 
     reference = pipe.generate(jfk_path, QUESTION)
@@ -171,7 +188,7 @@ def test_chat_completion_with_input_audio(client, pipe, jfk_path, expected):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].usage.completion_tokens == len(reference.token_ids)
 
-    short = client.chat.completions.create(model="fastslm", messages=chat_audio(data, "transcribe"), max_tokens=2)
+    short = client.chat.completions.create(model="fastslm", messages=chat_audio(data, "summarize"), max_tokens=2)
     assert short.choices[0].finish_reason == "length"
     assert short.usage.completion_tokens == 2
 
@@ -187,23 +204,25 @@ def test_second_question_about_the_same_audio_skips_encoding(server, client, jfk
     assert after["prefix_cache_hits"] == before["prefix_cache_hits"] + 1
 
 
-def test_sixteen_concurrent_clients(server, client, clips, expected):
+def test_sixteen_concurrent_clients(server, client, pipe, clips, transcripts):
+    """Each clip transcribed once and asked about three times (two from the prefix cache), all at once."""
     names = list(clips)
     encoded = {name: wav_bytes(path) for name, path in clips.items()}
+    answers = {name: pipe.generate(path, QUESTION).text for name, path in clips.items()}
 
-    def one(i: int) -> tuple[str, str]:
+    def one(i: int) -> tuple[str, str, str]:
         name = names[i % len(names)]
-        if i % 2:
+        if i < len(names):
             with open(clips[name], "rb") as f:
-                return name, client.audio.transcriptions.create(model="whisper-1", file=f).text
-        reply = client.chat.completions.create(model="fastslm", messages=chat_audio(encoded[name], "transcribe"))
-        return name, reply.choices[0].message.content
+                return name, client.audio.transcriptions.create(model="whisper-1", file=f).text, transcripts[name].text
+        reply = client.chat.completions.create(model="fastslm", messages=chat_audio(encoded[name], QUESTION))
+        return name, reply.choices[0].message.content, answers[name]
 
     with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(one, range(16)))
-    assert len(answers) == 16
-    for name, text in answers:
-        assert text == expected[name], name
+        results = list(pool.map(one, range(16)))
+    assert len(results) == 16
+    for name, got, want in results:
+        assert got == want, name
     assert health(server)["failed"] == 0
 
 
@@ -216,7 +235,7 @@ def silent_flac(seconds: float) -> bytes:
     return out.getvalue()
 
 
-def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client, jfk_path, expected):
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client, jfk_path, transcripts):
     jfk = jfk_path.read_bytes()
     url = f"{server}/v1/audio/transcriptions"
     chat = f"{server}/v1/chat/completions"
@@ -259,7 +278,7 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client, jfk_p
     with pytest.raises(openai.BadRequestError, match="not audio"):
         client.audio.transcriptions.create(model="whisper-1", file=("notes.txt", b"hello"))
     with open(jfk_path, "rb") as f:
-        assert client.audio.transcriptions.create(model="whisper-1", file=f).text == expected["jfk"]
+        assert client.audio.transcriptions.create(model="whisper-1", file=f).text == transcripts["jfk"].text
     assert health(server)["failed"] == 0
 
 
@@ -278,29 +297,29 @@ def wait_for(url: str, condition, seconds: float = 60) -> dict:
 
 def test_full_queue_gets_429_key_is_required_and_disconnects_cancel(jfk_path):
     options = ServeOptions(queue_size=1, workers=1, api_key="sesame", max_audio_seconds=600)
-    # 4 min = 8 windows encoded one at a time: the worker is busy long enough to fill the queue,
-    # and a cancelled encoding stops after the window in progress
+    # A question about 4 min = 8 windows encoded one at a time: the worker is busy long enough to
+    # fill the queue, and a cancelled encoding stops after the window in progress
     pipe = Pipeline.load(max_windows_per_batch=1)
     long_audio = io.BytesIO()
     samples = np.concatenate([load_audio(jfk_path), np.zeros(229 * SAMPLE_RATE, np.float32)])
     sf.write(long_audio, samples, SAMPLE_RATE, format="FLAC")
-    files = {"file": ("long.flac", long_audio.getvalue())}
+    body = {"messages": chat_audio(long_audio.getvalue(), QUESTION, fmt="flac"), "stream": True}
     auth = {"Authorization": "Bearer sesame"}
     with LoopbackServer(Engine(pipe, options)) as url:
-        endpoint = f"{url}/v1/audio/transcriptions"
-        refused = httpx.post(endpoint, files=files)
+        endpoint = f"{url}/v1/chat/completions"
+        refused = httpx.post(endpoint, json=body)
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
-        assert httpx.post(endpoint, files=files, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.post(endpoint, json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert httpx.get(f"{url}/health").status_code == 200  # probes need no key
 
         with httpx.Client(timeout=120, headers=auth) as first, httpx.Client(timeout=120, headers=auth) as second:
-            with first.stream("POST", endpoint, files=files, data={"stream": "true"}) as running:
+            with first.stream("POST", endpoint, json=body) as running:
                 assert running.status_code == 200
                 wait_for(url, lambda s: s["running"] == 1)
-                with second.stream("POST", endpoint, files=files, data={"stream": "true"}) as waiting:
+                with second.stream("POST", endpoint, json=body) as waiting:
                     assert waiting.status_code == 200
                     assert health(url)["waiting"] == 1
-                    full = httpx.post(endpoint, files=files, headers=auth)
+                    full = httpx.post(endpoint, json=body, headers=auth)
                     assert full.status_code == 429, full.text
                     assert full.json()["error"]["code"] == "queue_full"
                 # `waiting` closed before it started, `running` closes while it encodes
@@ -309,16 +328,11 @@ def test_full_queue_gets_429_key_is_required_and_disconnects_cancel(jfk_path):
 
         with open(jfk_path, "rb") as f:  # and it still answers
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="sesame", max_retries=0)
-            assert client.audio.transcriptions.create(model="whisper-1", file=f).text == pipe.transcribe(jfk_path)
+            assert client.audio.transcriptions.create(model="whisper-1", file=f).text == transcribe(pipe, jfk_path).text
 
 
-def test_engine_stops_decoding_when_its_client_is_gone(pipe, jfk_path):
+def test_engine_stops_when_its_client_is_gone(pipe, jfk_path, two_utterances):
     engine = Engine(pipe, ServeOptions())
-    upload = read_upload(jfk_path.read_bytes(), max_bytes=2**25, max_seconds=60)
-    question = Question(upload, "transcribe", SamplingOptions())
-    full = engine.answer(question, lambda piece: None, threading.Event())
-    assert full.finish_reason == "stop" and full.completion_tokens > 20
-
     cancelled = threading.Event()
     pieces = []
 
@@ -326,11 +340,25 @@ def test_engine_stops_decoding_when_its_client_is_gone(pipe, jfk_path):
         pieces.append(piece)
         cancelled.set()
 
-    stopped = engine.answer(question, emit, cancelled)
+    # a whole-recording answer stops between tokens (the demo model answers questions in a few
+    # tokens, so the long answer here is the one-prefill transcription)
+    question = Question(read_upload(jfk_path.read_bytes(), max_bytes=2**25, max_seconds=60), "transcribe",
+                        SamplingOptions())  # fmt: skip
+    full = engine._ask(question, lambda piece: None, threading.Event())
+    assert full.finish_reason == "stop" and full.completion_tokens > 20
+    stopped = engine._ask(question, emit, cancelled)
     assert stopped.finish_reason == "cancelled"
     assert stopped.audio_cached  # the first answer's speech tokens were reused
     assert stopped.completion_tokens <= 3 and len(pieces) == 1
     assert full.text.startswith(pieces[0])
+
+    # a transcription stops between segments
+    cancelled.clear()
+    pieces.clear()
+    upload = read_upload(two_utterances.read_bytes(), max_bytes=2**25, max_seconds=60)
+    stopped = engine.answer(Question(upload, "transcribe", SamplingOptions()), emit, cancelled)
+    assert stopped.finish_reason == "cancelled"
+    assert len(stopped.transcript.segments) == 1 and pieces == [stopped.transcript.text]
 
 
 def test_options_refuse_absurd_values():
@@ -352,7 +380,8 @@ def test_load_test_reports_rates_and_percentiles(server, clips):
     from fastslm.runtime.serve.loadtest import app as bench_app
 
     result = CliRunner().invoke(bench_app, [str(clips["eval_seen-000000"]), "--url", server, "--clients", "1,2",
-                                            "--requests", "2", "--max-seconds", "60"])  # fmt: skip
+                                            "--requests", "2", "--max-seconds", "60", "--prompt", QUESTION,
+                                            "--cache", "hit"])  # fmt: skip
     assert result.exit_code == 0, result.output
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [int(r[0]) for r in rows] == [1, 2]

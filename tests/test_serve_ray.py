@@ -18,6 +18,7 @@ from fastslm.runtime.generate import Pipeline
 from fastslm.runtime.loading import DEMO_EVAL_SUBSET
 from fastslm.runtime.serve.local import free_port
 from fastslm.runtime.serve.options import ServeOptions
+from fastslm.runtime.transcribe import transcribe
 
 ray = pytest.importorskip("ray", reason="Ray is in the [ray] extra")
 pytestmark = pytest.mark.slow
@@ -47,7 +48,7 @@ def test_ray_serve_deployment_answers_like_fastslm_serve(local_ray, pipe, jfk_pa
     assert url == f"http://127.0.0.1:{options.port}"
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
     with open(jfk_path, "rb") as f:
-        assert client.audio.transcriptions.create(model="whisper-1", file=f).text == pipe.transcribe(jfk_path)
+        assert client.audio.transcriptions.create(model="whisper-1", file=f).text == transcribe(pipe, jfk_path).text
     assert client.models.list().data[0].id == pipe.model_name
 
     deployment = replicas.deployment_options(options)
@@ -76,7 +77,8 @@ def test_ray_data_batch_writes_one_json_per_recording_and_resumes(local_ray, pip
     for row in rows:
         path = next(p for p in jsons if p.stem == row["id"])
         record = json.loads(path.read_text())
-        assert record["text"] == pipe.transcribe(DEMO_EVAL_SUBSET / row["path"])
+        transcript = transcribe(pipe, DEMO_EVAL_SUBSET / row["path"])
+        assert record["text"] == transcript.text and len(record["segments"]) == len(transcript.segments)
 
     # A crash mid-run leaves finished JSONs, maybe a partial write, and recordings without a JSON;
     # a recording that cannot be read gets an error line and no JSON, so the next run tries it again.

@@ -2,8 +2,9 @@
 
     GET  /health                     liveness, queue depth and cache counters (no key needed)
     GET  /v1/models                  the one model served
-    POST /v1/audio/transcriptions    multipart `file`; response_format json|text|verbose_json;
-                                     `stream=true` -> server-sent transcript.text.delta/done events
+    POST /v1/audio/transcriptions    multipart `file`; response_format json|text|srt|vtt|verbose_json;
+                                     `stream=true` -> server-sent transcript.text.delta/done events,
+                                     one delta per segment
     POST /v1/chat/completions        messages with `input_audio` and text parts; `stream: true` -> SSE chunks
 
 Any model name in a request is accepted (apps hard-code "whisper-1"): this server has one model.
@@ -28,6 +29,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import subtitles
 from .api_errors import ApiError, bad_request, too_large, unauthorized
 from .engine import Answer, Engine, Job, Question
 from .requests import ChatRequest, TranscriptionRequest
@@ -262,27 +264,26 @@ def transcription_events(request: Request, job: Job) -> AsyncIterator[str]:
     async def events():
         async for piece in job.pieces():
             yield {"type": "transcript.text.delta", "delta": piece}
-        yield {"type": "transcript.text.done", "text": job.answer.text, "usage": token_usage(job.answer)}
+        yield {"type": "transcript.text.done", "text": job.answer.text}
 
     return sse_events(request, job, events(), done=None)
 
 
-def token_usage(answer: Answer) -> dict:
-    return {"type": "tokens", "input_tokens": answer.prompt_tokens, "output_tokens": answer.completion_tokens,
-            "total_tokens": answer.prompt_tokens + answer.completion_tokens}  # fmt: skip
-
-
 def transcription_response(params: TranscriptionRequest, answer: Answer) -> Response:
-    fmt, text = params.response_format, answer.text
+    fmt, transcript = params.response_format, answer.transcript
     if fmt == "text":
-        return PlainTextResponse(text + "\n")
+        return PlainTextResponse(transcript.text + "\n")
+    if fmt in ("srt", "vtt"):  # the same files `fastslm-run --format srt|vtt` writes
+        return PlainTextResponse(subtitles.render(fmt, transcript))
+    usage = {"type": "duration", "seconds": round(answer.audio_seconds, 3)}
     if fmt == "json":
-        return JSONResponse({"text": text, "usage": {"type": "duration", "seconds": round(answer.audio_seconds, 3)}})
-    segments = [{"id": 0, "seek": 0, "start": 0.0, "end": round(answer.audio_seconds, 3), "text": text,
-                 "temperature": params.sampling.temperature}]  # fmt: skip
+        return JSONResponse({"text": transcript.text, "usage": usage})
+    segments = [{"id": i, "seek": int(round(s.start * 100)), "start": round(s.start, 3), "end": round(s.end, 3),
+                 "text": s.text, "tokens": s.token_ids, "temperature": params.sampling.temperature}
+                for i, s in enumerate(transcript.segments)]  # fmt: skip
     return JSONResponse({"task": "transcribe", "language": params.language or "unknown",
-                         "duration": round(answer.audio_seconds, 3), "text": text, "segments": segments,
-                         "usage": {"type": "duration", "seconds": round(answer.audio_seconds, 3)}})  # fmt: skip
+                         "duration": round(answer.audio_seconds, 3), "text": transcript.text, "segments": segments,
+                         "usage": usage})  # fmt: skip
 
 
 # ---- chat completions ------------------------------------------------------------------------

@@ -4,10 +4,11 @@
          ^                                                                   |
          +------ text pieces, then one Answer (asyncio queue, thread-safe) <-+
 
-A request's audio goes through the audio tower once: the speech tokens are kept, keyed by the
+A question's audio goes through the audio tower once: the speech tokens are kept, keyed by the
 upload's sha256, so the next question about the same recording (from any client) skips its
-encoding. A job that its client gave up on is cancelled: skipped if still waiting, stopped
-between windows while encoding and between tokens while decoding.
+encoding. Transcription runs segment by segment (runtime.transcribe), as `fastslm-run` does. A
+job that its client gave up on is cancelled: skipped if still waiting, stopped between windows
+while encoding, between tokens while answering and between segments while transcribing.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from dataclasses import dataclass, field
 from ..audio import SAMPLE_RATE
 from ..errors import FastSLMError
 from ..generate import Pipeline, SpeechTokens
+from ..prompt import Task, resolve_task
 from ..sampling import SamplingOptions
+from ..transcribe import Transcriber, TranscribeOptions, Transcript
 from .api_errors import ApiError, bad_request, queue_full
 from .options import ServeOptions
 from .uploads import Upload
@@ -45,6 +48,7 @@ class Answer:
     finish_reason: str  # "stop" (end token), "length" (max tokens) or "cancelled"
     audio_seconds: float
     audio_cached: bool  # the speech tokens came from the prefix cache
+    transcript: Transcript | None = None  # transcription only: its segments and skipped spans
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -153,11 +157,12 @@ class Engine:
 
     def submit(self, question: Question) -> Job:
         """Queue a question; ApiError 400 when it cannot fit the model, 429 when the queue is full."""
-        try:
-            self.pipe.check_context(question.upload.seconds, question.prompt, question.language,
-                                    question.sampling.max_new_tokens)  # fmt: skip
-        except FastSLMError as exc:
-            raise bad_request(str(exc), code="context_length_exceeded") from None
+        if resolve_task(question.prompt)[0] != Task.ASR:  # transcription takes any length, segment by segment
+            try:
+                self.pipe.check_context(question.upload.seconds, question.prompt, question.language,
+                                        question.sampling.max_new_tokens)  # fmt: skip
+            except FastSLMError as exc:
+                raise bad_request(str(exc), code="context_length_exceeded") from None
         job = Job(question, asyncio.get_running_loop())
         try:
             self._queue.put_nowait(job)
@@ -190,9 +195,41 @@ class Engine:
                 self._count("running", -1)
 
     def answer(self, question: Question, emit: Callable[[str], None], cancelled: threading.Event) -> Answer:
-        """Run one question to the end (or until `cancelled`), calling `emit` with each text piece."""
+        """Run one question to the end (or until `cancelled`), calling `emit` with each text piece.
+
+        Transcription goes segment by segment as `fastslm-run` does (runtime.transcribe: any
+        length, one piece per segment); any other prompt is one prefill over the whole recording
+        after its cached audio, streamed token by token.
+        """
         if cancelled.is_set():
             raise Cancelled
+        if resolve_task(question.prompt)[0] == Task.ASR:
+            return self._transcribe(question, emit, cancelled)
+        return self._ask(question, emit, cancelled)
+
+    def _transcribe(self, question: Question, emit: Callable[[str], None], cancelled: threading.Event) -> Answer:
+        t0 = time.perf_counter()
+        options = TranscribeOptions(sampling=question.sampling, language=question.language, prompt=question.prompt)
+        transcriber = Transcriber(self.pipe, question.upload.samples, options, sample_rate=SAMPLE_RATE)
+        stopped, shown = False, 0
+        for segment in transcriber.segments():
+            if segment.text:  # the pieces join to Transcript.text: segment texts with one space between
+                emit(segment.text if shown == 0 else " " + segment.text)
+                shown += 1
+            if cancelled.is_set():
+                stopped = True
+                break
+        transcript = transcriber.transcript()
+        tokens = sum(len(s.token_ids) for s in transcript.segments)
+        cut = any(len(s.token_ids) >= question.sampling.max_new_tokens for s in transcript.segments)
+        reason = "cancelled" if stopped else "length" if cut else "stop"
+        return Answer(
+            text=transcript.text, prompt_tokens=0, completion_tokens=tokens, finish_reason=reason,
+            audio_seconds=question.upload.seconds, audio_cached=False, transcript=transcript,
+            timings={"transcribe_s": time.perf_counter() - t0},
+        )  # fmt: skip
+
+    def _ask(self, question: Question, emit: Callable[[str], None], cancelled: threading.Event) -> Answer:
         t0 = time.perf_counter()
         speech, cached = self._speech(question.upload, cancelled)
         t1 = time.perf_counter()

@@ -2,13 +2,16 @@
 
 Bounded twice (a request count and a time budget per client count) and loopback only: it
 either starts its own server on 127.0.0.1 or drives one given by --url on this machine. Each
-client is a thread sending transcription requests back to back. With `--cache miss` (the
+client is a thread sending requests back to back: transcriptions (`--prompt transcribe`, the
+default) or chat completions asking `--prompt` about the recording. With `--cache miss` (the
 default) every request's audio differs in one sample by 1e-9, so each one runs the audio tower,
-as distinct recordings would; `--cache hit` sends the same bytes, measuring the prefix-cache path.
+as distinct recordings would; `--cache hit` sends the same bytes, so questions take the
+prefix-cache path (transcription always encodes: it goes segment by segment).
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import platform
@@ -23,6 +26,7 @@ import numpy as np
 import typer
 
 from ..errors import OptionError, reported_in_one_line
+from ..prompt import Task, resolve_task
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -70,7 +74,16 @@ class RequestAudio:
         return out.getvalue()
 
 
-def run_level(url: str, clients: int, audio: RequestAudio, requests: int, max_seconds: float) -> Level:
+def send(http, url: str, body: bytes, prompt: str):
+    """One request: a transcription, or a chat completion asking `prompt` about the recording."""
+    if resolve_task(prompt)[0] == Task.ASR:
+        return http.post(f"{url}/v1/audio/transcriptions", files={"file": ("audio.wav", body)})
+    audio = {"type": "input_audio", "input_audio": {"data": base64.b64encode(body).decode(), "format": "wav"}}
+    message = {"role": "user", "content": [audio, {"type": "text", "text": prompt}]}
+    return http.post(f"{url}/v1/chat/completions", json={"model": "fastslm", "messages": [message]})
+
+
+def run_level(url: str, clients: int, audio: RequestAudio, prompt: str, requests: int, max_seconds: float) -> Level:
     import httpx
 
     level = Level(clients)
@@ -89,9 +102,8 @@ def run_level(url: str, clients: int, audio: RequestAudio, requests: int, max_se
                 body = audio.next()
                 t0 = time.perf_counter()
                 try:
-                    response = http.post(f"{url}/v1/audio/transcriptions", files={"file": ("audio.wav", body)})
-                    ok = response.status_code == 200
-                    error = None if ok else f"{response.status_code}: {response.text[:200]}"
+                    response = send(http, url, body, prompt)
+                    error = None if response.status_code == 200 else f"{response.status_code}: {response.text[:200]}"
                 except httpx.HTTPError as exc:
                     error = f"{type(exc).__name__}: {exc}"
                 with lock:
@@ -127,6 +139,7 @@ def bench(
     clients: Annotated[str, typer.Option(help="Client counts, comma-separated.")] = "1,4,16",
     requests: Annotated[int, typer.Option(help="Requests per client count (at most).")] = 32,
     max_seconds: Annotated[float, typer.Option(help="Time budget per client count.")] = 120.0,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="transcribe, or a question asked by chat completion.")] = "transcribe",
     cache: Annotated[str, typer.Option(help="miss: every request a distinct recording; hit: the same bytes.")] = "miss",
     workers: Annotated[int, typer.Option(help="Worker threads of the server it starts.")] = 1,
 ) -> None:
@@ -140,11 +153,12 @@ def bench(
             raise OptionError(f"audio file {audio} does not exist: check the path")
         sent = RequestAudio(audio, distinct=cache == "miss")
         with server_at(url, model, workers, queue_size=max(counts) * 2) as base:
-            run_level(base, 1, sent, 1, max_seconds)  # warm-up, not counted
-            levels = [run_level(base, n, sent, requests, max_seconds) for n in counts]
+            run_level(base, 1, sent, prompt, 1, max_seconds)  # warm-up, not counted
+            levels = [run_level(base, n, sent, prompt, requests, max_seconds) for n in counts]
         load = os.getloadavg()[0]  # other work on the machine shares its cores: say how much there was
-        typer.echo(f"fastslm-serve-bench: {audio.name}, cache {cache}, {requests} requests or {max_seconds:g} s per level, "
-                   f"{os.cpu_count()} CPUs {platform.machine()}, load average {load:.1f} at the end")  # fmt: skip
+        typer.echo(f"fastslm-serve-bench: {audio.name}, prompt {prompt!r}, cache {cache}, {requests} requests or "
+                   f"{max_seconds:g} s per level, {os.cpu_count()} CPUs {platform.machine()}, "
+                   f"load average {load:.1f} at the end")  # fmt: skip
         typer.echo("| clients | requests | errors | req/s | p50 s | p95 s |")
         typer.echo("|---:|---:|---:|---:|---:|---:|")
         for level in levels:

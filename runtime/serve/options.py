@@ -33,10 +33,12 @@ class ServeOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OptionError(f"{name.replace('_', '-')} {value!r} is invalid: use a whole number >= 1")
-        if isinstance(self.prefix_cache_entries, bool) or not isinstance(self.prefix_cache_entries, int) or self.prefix_cache_entries < 0:
-            raise OptionError(f"prefix-cache-entries {self.prefix_cache_entries!r} is invalid: use a whole number >= 0")
-        if not isinstance(self.max_audio_seconds, (int, float)) or not math.isfinite(self.max_audio_seconds) or self.max_audio_seconds <= 0:
-            raise OptionError(f"max-audio-seconds {self.max_audio_seconds!r} is invalid: use a positive number")
+        entries = self.prefix_cache_entries
+        if isinstance(entries, bool) or not isinstance(entries, int) or entries < 0:
+            raise OptionError(f"prefix-cache-entries {entries!r} is invalid: use a whole number >= 0")
+        seconds = self.max_audio_seconds
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0:
+            raise OptionError(f"max-audio-seconds {seconds!r} is invalid: use a positive number")
 
     @property
     def max_body_bytes(self) -> int:

@@ -2,7 +2,8 @@
 
     fastslm-ray-batch recordings/ --out answers/ --replicas 4
 
-    recordings/a/x.flac -> answers/a/x.json   (the record `fastslm-run --json` prints)
+    recordings/a/x.flac -> answers/a/x.json   (the record `fastslm-run --json` prints: for
+                                               transcription, the segments and skipped spans too)
 
 Each replica is a Ray Data actor holding one Pipeline; it writes a recording's JSON the moment
 the answer is done (to a temporary name, then renamed), so a crash or Ctrl-C loses only the
@@ -25,7 +26,10 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
+from .. import subtitles
 from ..errors import FastSLMError, OptionError, reported_in_one_line
+from ..prompt import Task, resolve_task
+from ..transcribe import TranscribeOptions, transcribe
 
 # What libsndfile reads (runtime.audio); anything else in the folder is not a recording.
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".aif", ".aiff", ".au", ".caf", ".w64")
@@ -109,13 +113,17 @@ class RecordingWriter:
         return {"audio": list(batch["audio"]), "error": errors}
 
     def record(self, audio: Path) -> dict:
+        """What `fastslm-run --json` prints for this recording and prompt."""
+        fields = {"audio": str(audio), "prompt": self.prompt, "model": self.pipe.model_name,
+                  "backend": self.pipe.backend.name}  # fmt: skip
+        if resolve_task(self.prompt)[0] == Task.ASR:  # any length, segment by segment
+            transcript = transcribe(self.pipe, audio, TranscribeOptions(prompt=self.prompt))
+            return subtitles.record(transcript, **fields, windows=len(transcript.segments),
+                                    answer_tokens=sum(len(s.token_ids) for s in transcript.segments))  # fmt: skip
         result = self.pipe.generate(audio, self.prompt)
-        return {
-            "audio": str(audio), "prompt": self.prompt, "text": result.text,
-            "audio_seconds": round(result.audio_seconds, 3), "windows": result.n_windows,
-            "prompt_tokens": result.prompt_tokens, "answer_tokens": len(result.token_ids),
-            "model": self.pipe.model_name, "backend": self.pipe.backend.name,
-        }  # fmt: skip
+        return {**fields, "text": result.text, "audio_seconds": round(result.audio_seconds, 3),
+                "windows": result.n_windows, "prompt_tokens": result.prompt_tokens,
+                "answer_tokens": len(result.token_ids)}  # fmt: skip
 
 
 @dataclass

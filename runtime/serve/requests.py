@@ -20,7 +20,7 @@ from .api_errors import bad_request
 from .options import ServeOptions
 from .uploads import CHAT_AUDIO_FORMATS, decode_base64_audio
 
-TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json")
+TRANSCRIPTION_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 STREAMABLE_FORMATS = ("json", "text")
 
 

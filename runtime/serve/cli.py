@@ -21,6 +21,7 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option(
         help="Require `Authorization: Bearer KEY` on /v1 requests [default: $FASTSLM_API_KEY, else none].")] = None,
     backend: Annotated[str, typer.Option(help="auto, onnx, tensorrt or torch.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (as fastslm-run), fp32, fp16, int8 or int4.")] = "auto",
     providers: Annotated[Optional[str], typer.Option(help="onnx backend: execution providers in order.")] = None,
     workers: Annotated[int, typer.Option(help="Generations at once (one already uses every CPU core).")] = 1,
     queue_size: Annotated[int, typer.Option(help="Requests that may wait; one more gets 429.")] = 32,
@@ -46,19 +47,20 @@ def serve(
             workers=workers, prefix_cache_entries=prefix_cache_entries, max_new_tokens=max_new_tokens,
         )  # fmt: skip
         if ray:
-            run_on_ray(options, model, backend, providers, min_replicas, max_replicas, cpus_per_replica, gpus_per_replica)
+            run_on_ray(options, model, backend, precision, providers, min_replicas, max_replicas, cpus_per_replica,
+                       gpus_per_replica)  # fmt: skip
         else:
-            run_server(options, model, backend, providers)
+            run_server(options, model, backend, precision, providers)
 
 
-def run_server(options, model, backend: str = "auto", providers: str | None = None) -> None:
+def run_server(options, model, backend: str = "auto", precision: str = "auto", providers: str | None = None) -> None:
     import uvicorn
 
     from ..generate import Pipeline
     from .app import create_app
     from .engine import Engine
 
-    pipe = Pipeline.load(model, backend, providers=providers)
+    pipe = Pipeline.load(model, backend, precision, providers=providers)
     warn_if_exposed(options)
     typer.echo(f"fastslm-serve: model {pipe.model_name} on {pipe.backend.name}, "
                f"OpenAI API at http://{options.host}:{options.port}/v1", err=True)  # fmt: skip
@@ -66,7 +68,7 @@ def run_server(options, model, backend: str = "auto", providers: str | None = No
                 timeout_graceful_shutdown=5)  # fmt: skip
 
 
-def run_on_ray(options, model, backend, providers, min_replicas, max_replicas, cpus, gpus) -> None:
+def run_on_ray(options, model, backend, precision, providers, min_replicas, max_replicas, cpus, gpus) -> None:
     try:
         from .ray_app import ReplicaOptions, run
     except ImportError:
@@ -77,7 +79,7 @@ def run_on_ray(options, model, backend, providers, min_replicas, max_replicas, c
     warn_if_exposed(options)
     typer.echo(f"fastslm-serve: deploying {min_replicas}-{max_replicas} replicas on Ray Serve, "
                f"OpenAI API at http://{options.host}:{options.port}/v1 (Ctrl-C stops it)", err=True)  # fmt: skip
-    run(model, options, replicas, backend, providers, blocking=True)
+    run(model, options, replicas, backend, precision, providers, blocking=True)
 
 
 def warn_if_exposed(options) -> None:

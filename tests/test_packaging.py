@@ -79,6 +79,8 @@ def test_test_only_tools_sit_in_dev():
          ["--checkpoint", "{tmp}/c.pt", "--qwen", "{tmp}", "--out", "{tmp}/o"]),
         ("fastslm.calibration.cli", "fastslm-calibrate", "onnx", "export", ["--model", "{tmp}", "--out", "{tmp}/o"]),
         ("fastslm.runtime.cli", "fastslm-run", "onnxruntime", "cpu", ["{tmp}/a.wav"]),  # the default (ONNX) model
+        ("fastslm.runtime.serve.cli", "fastslm-serve", "uvicorn", "serve", []),
+        ("fastslm.runtime.serve.cli", "fastslm-serve", "ray", "ray", ["--ray"]),
     ],
 )
 def test_a_missing_extra_is_one_line(tmp_path, module, tool, blocked, extra, args):

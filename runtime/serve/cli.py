@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import OptionError, reported_in_one_line
+from ..errors import OptionError, reported_in_one_line, run_cli
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -69,10 +69,7 @@ def run_server(options, model, backend: str = "auto", precision: str = "auto", p
 
 
 def run_on_ray(options, model, backend, precision, providers, min_replicas, max_replicas, cpus, gpus) -> None:
-    try:
-        from .ray_app import ReplicaOptions, run
-    except ImportError:
-        raise OptionError("--ray needs Ray Serve: pip install 'fastslm[ray]'") from None
+    from .ray_app import ReplicaOptions, run  # without Ray: one line naming fastslm[ray] (runtime.errors)
     replicas = ReplicaOptions(min_replicas, max_replicas, cpus, gpus)
     if model is not None:
         model = model.absolute()  # replicas may run in another working directory
@@ -89,7 +86,7 @@ def warn_if_exposed(options) -> None:
 
 
 def main() -> None:
-    app()
+    run_cli(app, "fastslm-serve")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import numpy as np
 import typer
 
-from ..errors import OptionError, reported_in_one_line
+from ..errors import OptionError, reported_in_one_line, run_cli
 from ..prompt import Task, resolve_task
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -203,7 +203,7 @@ class server_at:
 
 
 def main() -> None:
-    app()
+    run_cli(app, "fastslm-serve-bench")
 
 
 if __name__ == "__main__":

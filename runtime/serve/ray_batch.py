@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 import typer
 
 from .. import subtitles
-from ..errors import FastSLMError, OptionError, reported_in_one_line
+from ..errors import FastSLMError, OptionError, reported_in_one_line, run_cli
 from ..prompt import Task, resolve_task
 from ..transcribe import TranscribeOptions, transcribe
 
@@ -190,8 +189,8 @@ def batch(
 
 
 def main() -> None:
-    app()
+    run_cli(app, "fastslm-ray-batch")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

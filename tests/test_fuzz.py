@@ -260,14 +260,22 @@ def test_fuzz_bundle_manifest(bundle_copy, mutation, verify):
 @settings(max_examples=120, **FUZZ)
 @given(mutation=_json_mutation(CONFIG), relist=st.booleans())
 def test_fuzz_bundle_config(bundle_copy, mutation, relist):
-    with restored(bundle_copy, "manifest.json", "config.json"):
-        (bundle_copy / "config.json").write_text(json.dumps(_mutate(CONFIG, *mutation)))
+    def write(path: Path) -> None:
+        path.write_text(json.dumps(_mutate(CONFIG, *mutation)))
+
+    _load_with_replaced_file(bundle_copy, "config.json", write, relist)
+
+
+def _load_with_replaced_file(bundle: Path, name: str, write, relist: bool) -> None:
+    """Replace one bundle file (`write(path)`), re-hash it into the manifest or not, and load the bundle."""
+    with restored(bundle, "manifest.json", name):
+        write(bundle / name)
         manifest = copy.deepcopy(MANIFEST)
         if relist:  # a careful forger re-hashes what they changed
-            _relist(bundle_copy, manifest, "config.json")
-        (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+            _relist(bundle, manifest, name)
+        (bundle / "manifest.json").write_text(json.dumps(manifest))
         with refused_in_one_line_or_fine():
-            load_bundle(bundle_copy, runtime="onnx", verify=False)
+            load_bundle(bundle, runtime="onnx", verify=False)
 
 
 @settings(max_examples=80, **FUZZ)
@@ -279,17 +287,14 @@ def test_fuzz_bundle_config(bundle_copy, mutation, relist):
     relist=st.booleans(),
 )
 def test_fuzz_bundle_embedding_table(bundle_copy, table, relist):
-    with restored(bundle_copy, "manifest.json", "embed_tokens.npy"):
+    def write(path: Path) -> None:
         if isinstance(table, bytes):
-            (bundle_copy / "embed_tokens.npy").write_bytes(table)
+            path.write_bytes(table)
         else:
-            np.save(bundle_copy / "embed_tokens.npy", table)
-        manifest = copy.deepcopy(MANIFEST)
-        if relist:
-            _relist(bundle_copy, manifest, "embed_tokens.npy")
-        (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
-        with refused_in_one_line_or_fine():
-            load_bundle(bundle_copy, runtime="onnx", verify=False)
+            with open(path, "wb") as f:  # np.save(path) would add ".npy" to a name without it
+                np.save(f, table)
+
+    _load_with_replaced_file(bundle_copy, "embed_tokens.npy", write, relist)
 
 
 @settings(max_examples=12, **FUZZ)

@@ -19,7 +19,7 @@ from .bundle import AUDIO_TOWER, LLM, Bundle, kv_input_name, kv_output_name, loa
 from .errors import ModelFileError, OptionError
 from .kv_cache import KVCache
 
-# Fastest first. TensorRT and CUDA come with onnxruntime-gpu (pip install 'fastslm[gpu]').
+# Fastest first. TensorRT and CUDA come with onnxruntime-gpu (the [gpu] extra, instead of [cpu]).
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
                     "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}  # fmt: skip
@@ -40,7 +40,8 @@ def resolve_providers(requested: Sequence[str] | str | None = None) -> list[str]
         raise OptionError("the provider list is empty: name at least one, e.g. CPUExecutionProvider")
     for p in chosen:
         if p not in available:
-            hint = " (install onnxruntime-gpu: pip install 'fastslm[gpu]')" if p in PROVIDER_PREFERENCE[:2] else ""
+            hint = (" (switch to the CUDA build: pip uninstall -y onnxruntime && pip install 'fastslm[gpu]')"
+                    if p in PROVIDER_PREFERENCE[:2] else "")
             raise OptionError(f"execution provider {p} is not available here{hint}; available: {', '.join(available)}")
     return chosen
 

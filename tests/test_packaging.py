@@ -108,3 +108,23 @@ def test_installed_defaults_look_nowhere_outside_the_package(monkeypatch):
         assert Path(path).resolve().is_relative_to(package), path
     source = "\n".join(p.read_text() for p in package.rglob("*.py") if "tests" not in p.parts)
     assert '"shared"' not in source and "parents[2]" not in source
+
+
+def _relative_imports(path: Path) -> set[str]:
+    """Modules a file imports relative to its package, as dotted paths under fastslm."""
+    package = ["fastslm", *path.relative_to(REPO).parent.parts]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - node.level + 1]
+            found.add(".".join(base + ([node.module] if node.module else [])))
+    return found
+
+
+def test_product_code_imports_no_demo_and_calibration_no_exporter_names():
+    """The gates score with calibration/evaluation.py, not the demo recipe; bundle names live in
+    runtime/bundle.py, so calibration no longer reaches into export/bundle_writer.py (the old cycle)."""
+    for path in (REPO / "calibration").glob("*.py"):
+        imports = _relative_imports(path)
+        assert not any(m.startswith("fastslm.models.demo") for m in imports), path
+        assert "fastslm.export.bundle_writer" not in imports, path

@@ -47,7 +47,7 @@ def main(which: str, work: Path) -> int:
     reqs = requirements(which)
     upgrade = ["--upgrade"] if which == "newest" else []
     subprocess.run([str(python), "-m", "pip", "install", "-q", *upgrade, *reqs, *TEST_TOOLS], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(REPO)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(REPO)], check=True)
     versions = subprocess.run([str(python), "-m", "pip", "freeze"], capture_output=True, text=True, check=True).stdout
     names = {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower().replace("_", "-") for r in reqs}
     print(f"{which}: " + ", ".join(line for line in versions.splitlines()

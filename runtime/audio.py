@@ -238,14 +238,32 @@ def log_mel_spectrogram(samples: np.ndarray, n_mels: int = 128) -> np.ndarray:
     # torch.stft(center=True) reflect-pads n_fft // 2 on both sides; numpy's reflect is the same.
     padded = np.pad(x, N_FFT // 2, mode="reflect")
     # whisper drops the last STFT frame, leaving exactly len // hop frames.
-    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH][:-1]
-    spectrum = np.fft.rfft(frames * _hann(), axis=-1)  # (T, 201)
+    n_frames = x.size // HOP_LENGTH
+    # One 30 s window of frames at a time: the streaming path (mel_stream) computes the very same
+    # chunks as samples arrive, so both give bit-identical windows.
+    log_spec = np.concatenate(
+        [log10_mel(padded, start, min(start + WINDOW_FRAMES, n_frames), n_mels) for start in range(0, n_frames, WINDOW_FRAMES)]
+        or [np.zeros((n_mels, 0))],
+        axis=1,
+    )
+    return normalize_log_mel(log_spec, log_spec.max(initial=-np.inf))
+
+
+def log10_mel(padded: np.ndarray, first: int, last: int, n_mels: int, offset: int = 0) -> np.ndarray:
+    """float64 (n_mels, last - first) log10 mel power of STFT frames first..last-1.
+
+    `padded` is the reflect-padded signal, or a piece of it starting at sample `offset` of it.
+    """
+    start = first * HOP_LENGTH - offset
+    frames = np.lib.stride_tricks.sliding_window_view(padded[start : start + (last - first - 1) * HOP_LENGTH + N_FFT], N_FFT)
+    spectrum = np.fft.rfft(frames[::HOP_LENGTH] * _hann(), axis=-1)  # (T, 201)
     power = spectrum.real**2 + spectrum.imag**2
-    mel = mel_filters(n_mels) @ power.T  # (n_mels, T)
-    log_spec = np.log10(np.maximum(mel, 1e-10))
-    # The clamp is global over the input: this is why windows are cut after the log-mel.
-    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
-    return ((log_spec + 4.0) / 4.0).astype(np.float32)
+    return np.log10(np.maximum(mel_filters(n_mels) @ power.T, 1e-10))  # (n_mels, T)
+
+
+def normalize_log_mel(log_spec: np.ndarray, peak: float) -> np.ndarray:
+    """Whisper's clamp to 8 decades below `peak` (the loudest value of the whole input) and scaling."""
+    return ((np.maximum(log_spec, peak - 8.0) + 4.0) / 4.0).astype(np.float32)
 
 
 def window_count(num_samples: int) -> int:

@@ -30,6 +30,10 @@ class ModelFileError(FastSLMError):
     """A model folder or bundle is missing files, altered, or for another model."""
 
 
+class CacheFileError(FastSLMError):
+    """A saved audio-prefix cache is unreadable, or was made for other audio or another model."""
+
+
 class OptionError(FastSLMError):
     """A command-line or API option is out of range or inconsistent."""
 

@@ -8,19 +8,24 @@ prefill -> KV cache -> sample one token at a time -> streamed text pieces
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, WINDOW_SECONDS, audio_to_windows, load_audio, window_count
+from .audio import SAMPLE_RATE, audio_to_windows, load_audio, window_count
 from .backend import Backend
 from .errors import AudioError, OptionError
 from .kv_cache import KVCache
-from .prompt import build_prompt, resolve_task
+from .prompt import Task, build_prompt, resolve_task
 from .sampling import Sampler, SamplingOptions
+from .session import AudioSession, samples_sha256
 from .tokenizer import StreamDecoder, Tokenizer
+
+if TYPE_CHECKING:
+    from .streaming import StreamingSession
 
 ProgressCallback = Callable[[int, int], None]  # (windows done, windows total)
 
@@ -51,6 +56,8 @@ class GenerationResult:
     n_windows: int
     audio_seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    strategy: str | None = None  # set when the recording was past the context and answered in parts
+    parts: list[dict] = field(default_factory=list)  # those parts: start, end (s) and each part's answer
 
 
 class Pipeline:
@@ -61,10 +68,28 @@ class Pipeline:
     >>> for piece in pipe.stream("meeting.wav", "summarize"): print(piece, end="")
     """
 
-    def __init__(self, backend: Backend, tokenizer: Tokenizer, *, model_name: str = "fastslm"):
+    def __init__(
+        self,
+        backend: Backend,
+        tokenizer: Tokenizer,
+        *,
+        model_name: str = "fastslm",
+        identity: "str | Callable[[], str] | None" = None,
+    ):
         self.backend = backend
         self.tokenizer = tokenizer
         self.model_name = model_name
+        self._identity = identity
+
+    @property
+    def identity(self) -> str | None:
+        """What a saved audio-prefix cache is keyed by besides the audio: these exact weights and tokenizer.
+
+        None for a pipeline built by hand (its caches cannot be saved); computed on first use.
+        """
+        if callable(self._identity):
+            self._identity = self._identity()
+        return self._identity
 
     @classmethod
     def load(cls, model: str | Path | None = None, backend: str = "auto", precision: str = "auto",
@@ -100,7 +125,10 @@ class Pipeline:
         sample_rate: int | None = None,
         progress: ProgressCallback | None = None,
     ) -> SpeechTokens:
-        samples = load_audio(audio, sample_rate)
+        return self.encode_samples(load_audio(audio, sample_rate), progress)
+
+    def encode_samples(self, samples: np.ndarray, progress: ProgressCallback | None = None) -> SpeechTokens:
+        """16 kHz float32 mono samples (load_audio's output) -> speech tokens."""
         windows = audio_to_windows(samples, n_mels=self.backend.n_mels)  # (W, n_mels, 3000)
         batch = max(1, self.backend.max_windows_per_batch)
         parts = []
@@ -119,14 +147,20 @@ class Pipeline:
 
     def check_context(
         self, seconds: float, prompt: str | None, language: str | None, max_new_tokens: int, source: str = "the audio"
-    ) -> None:
-        """Raise AudioError when `seconds` of audio + the prompt + the answer overflow the LLM's context."""
+    ) -> bool:
+        """Whether `seconds` of audio + the prompt + the answer fit the LLM's context in one prefill.
+
+        Past the context a question is answered in parts (`beyond_context`); raises when the answer
+        alone leaves no room for audio, or the recording is longer than that strategy takes on.
+        """
+        from .beyond_context import MAX_HOURS
+
         max_context = self.backend.max_context
         per_window = self.backend.tokens_per_window
         speech = window_count(int(round(seconds * SAMPLE_RATE))) * per_window
         text = len(self.prompt_ids(prompt, language))
         if speech + text + max_new_tokens <= max_context:
-            return
+            return True
         room = (max_context - text - max_new_tokens) // per_window  # whole windows that still fit
         if room < 1 and text + per_window + 1 > max_context:  # not even a one-token answer fits: the prompt's fault
             raise OptionError(
@@ -138,11 +172,13 @@ class Pipeline:
                 f"max_new_tokens {max_new_tokens} with the {text}-token prompt leaves no room for audio in the model's "
                 f"{max_context}-token context; lower it to at most {max_context - text - per_window}"
             )
-        length = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
-        raise AudioError(
-            f"{source} is {length}: {speech} speech tokens + {text} prompt + {max_new_tokens} answer tokens exceed the "
-            f"model's {max_context}-token context; split the audio into parts of at most {room * WINDOW_SECONDS / 60:.0f} min"
-        )
+        if seconds > MAX_HOURS * 3600:
+            length = f"{seconds / 3600:.1f} h"
+            raise AudioError(
+                f"{source} is {length}: past the model's {max_context}-token context fastslm answers in parts, but only "
+                f"up to {MAX_HOURS:g} h; split the audio into parts of at most {MAX_HOURS:g} h"
+            )
+        return False
 
     # ---- stage 2: LLM ---------------------------------------------------------------------
 
@@ -168,27 +204,9 @@ class Pipeline:
             if step + 1 < sampling.max_new_tokens:
                 logits, cache = self.backend.decode(self.backend.embed_tokens(np.array([token], dtype=np.int64)), cache)
 
-    # ---- one-call API ---------------------------------------------------------------------
-
-    def stream(
-        self,
-        audio: "str | Path | np.ndarray | SpeechTokens",
-        prompt: str | None = None,
-        *,
-        sample_rate: int | None = None,
-        sampling: SamplingOptions | None = None,
-        language: str | None = None,
-    ) -> Iterator[str]:
-        """Yield the answer as text pieces while it is being decoded (their join equals generate's text
-        up to trailing whitespace)."""
-        sampling = sampling or SamplingOptions()
-        speech = self._speech(audio, sample_rate, prompt, language, sampling)
-        prefill = self.prefill(speech, prompt, language)
-        yield from self.text_pieces(self.decode_tokens(prefill, sampling))
-
     def text_pieces(self, tokens: Iterable[int]) -> Iterator[str]:
-        """Answer token ids -> text pieces as soon as they are whole characters (for callers that
-        watch the tokens themselves, e.g. to count them or to stop early)."""
+        """Answer tokens -> text pieces as soon as they decode (their join equals the decoded text up to
+        trailing whitespace)."""
         decoder = StreamDecoder(self.tokenizer)
         started = False
         for token in tokens:
@@ -202,6 +220,64 @@ class Pipeline:
         if tail and (started or tail.strip()):
             yield tail if started else tail.lstrip()
 
+    # ---- sessions: many questions, one encoding --------------------------------------------
+
+    def open(
+        self,
+        audio: "str | Path | np.ndarray | SpeechTokens",
+        sample_rate: int | None = None,
+        *,
+        cache: "str | Path | None" = None,
+        progress: ProgressCallback | None = None,
+    ) -> AudioSession:
+        """Encode a recording once and return a session to `ask` it any number of questions.
+
+        With `cache` (a file path, e.g. `prefix_cache.cache_path_for(recording)`), a cache saved there for
+        this audio and this model is loaded instead of running the audio tower; a cache for other audio
+        or another model raises CacheFileError. A missing file just means "encode"; save with `session.save`.
+        """
+        t0 = time.perf_counter()
+        if isinstance(audio, SpeechTokens):
+            return AudioSession(self, audio, None, opened_at=t0)
+        samples = load_audio(audio, sample_rate)
+        content = samples_sha256(samples)
+        if cache is not None and Path(cache).exists():
+            from .prefix_cache import load_session
+
+            session = load_session(self, Path(cache), content)
+            session._opened_at = t0
+            session._opening = {"cache_load_s": time.perf_counter() - t0}
+            return session
+        t1 = time.perf_counter()
+        speech = self.encode_samples(samples, progress)
+        return AudioSession(self, speech, content, opened_at=t0, opening={"audio_tower_s": time.perf_counter() - t1})
+
+    def open_stream(self, prepare: "Sequence[Task | str | None]" = (Task.SQQA,), language: str | None = None, **options) -> "StreamingSession":
+        """A recording still being made: `feed` it PCM chunks, `finish` it for an AudioSession.
+
+        `prepare`: prompts (or just their kind: "transcribe", "summarize", any question) whose audio prefix is
+        prefilled window by window while recording; other tasks are prefilled from the kept speech tokens
+        when first asked. `options`: sample_rate, channels (see StreamingSession).
+        """
+        from .streaming import StreamingSession
+
+        return StreamingSession(self, prepare=prepare, language=language, **options)
+
+    # ---- one-call API ---------------------------------------------------------------------
+
+    def stream(
+        self,
+        audio: "str | Path | np.ndarray | SpeechTokens",
+        prompt: str | None = None,
+        *,
+        sample_rate: int | None = None,
+        sampling: SamplingOptions | None = None,
+        language: str | None = None,
+    ) -> Iterator[str]:
+        """Yield the answer as text pieces while it is being decoded (their join equals generate's text
+        up to trailing whitespace)."""
+        yield from self.open(audio, sample_rate).stream(prompt, sampling=sampling, language=language)
+
     def generate(
         self,
         audio: "str | Path | np.ndarray | SpeechTokens",
@@ -212,29 +288,8 @@ class Pipeline:
         language: str | None = None,
         progress: ProgressCallback | None = None,
     ) -> GenerationResult:
-        t0 = time.perf_counter()
-        sampling = sampling or SamplingOptions()
-        speech = self._speech(audio, sample_rate, prompt, language, sampling, progress)
-        t1 = time.perf_counter()
-        prefill = self.prefill(speech, prompt, language)
-        t2 = time.perf_counter()
-        ids = list(self.decode_tokens(prefill, sampling))
-        t3 = time.perf_counter()
-        return GenerationResult(
-            text=self.tokenizer.decode(ids).strip(),
-            token_ids=ids,
-            prompt_tokens=prefill.prompt_tokens,
-            n_windows=speech.n_windows,
-            audio_seconds=speech.seconds,
-            timings={"audio_tower_s": t1 - t0, "prefill_s": t2 - t1, "decode_s": t3 - t2},
-        )
-
-    def _speech(self, audio, sample_rate, prompt, language, sampling: SamplingOptions, progress=None) -> SpeechTokens:
-        """Encode (unless given speech tokens) and make sure prompt + speech + answer fit the context."""
-        speech = audio if isinstance(audio, SpeechTokens) else self.encode(audio, sample_rate, progress)
-        self.check_context(speech.seconds, prompt, language, sampling.max_new_tokens)
-        return speech
+        session = self.open(audio, sample_rate, progress=progress)
+        return session.ask(prompt, sampling=sampling, language=language)
 
     def transcribe(self, audio: "str | Path | np.ndarray", sample_rate: int | None = None) -> str:
         return self.generate(audio, "transcribe", sample_rate=sample_rate).text
-

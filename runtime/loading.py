@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
-from .bundle import CONFIG_FILE, MANIFEST_FILE, MODEL_FORMAT, TOKENIZER_FILE, WEIGHTS_FILE, read_manifest
+from .bundle import CONFIG_FILE, MANIFEST_FILE, MODEL_FORMAT, TOKENIZER_FILE, WEIGHTS_FILE, read_manifest, sha256_file
 from .errors import ModelFileError, OptionError
 from .generate import Pipeline
 from .tokenizer import Tokenizer
@@ -133,6 +134,7 @@ def load_pipeline(model: str | Path | None = None, backend: str = "auto", precis
         engine = TorchBackend.from_folder(path, dtype=precision, **options)
         name = json.loads((path / CONFIG_FILE).read_text()).get("name", path.name)
         tokenizer_path = path / TOKENIZER_FILE
+        identity = lambda: folder_identity(path)  # noqa: E731  (hashing the weights waits until a cache needs it)
     elif backend == "tensorrt":
         _check_options("tensorrt", options, ("verify", "device_index", "max_windows_per_batch", "runtime_cache",
                                              "weight_budget_mib"))  # fmt: skip
@@ -146,6 +148,7 @@ def load_pipeline(model: str | Path | None = None, backend: str = "auto", precis
         engine = TrtBackend.from_bundle(path, **options)
         name = engine.bundle.model_name
         tokenizer_path = engine.bundle.tokenizer_path
+        identity = bundle_identity(engine.bundle.manifest)
     else:  # onnx
         _check_options("onnx", options, ("verify", "providers", "max_windows_per_batch", "threads"))
         if kind != "bundle":
@@ -158,6 +161,7 @@ def load_pipeline(model: str | Path | None = None, backend: str = "auto", precis
         engine = OnnxBackend.from_bundle(path, **options)
         name = engine.bundle.model_name
         tokenizer_path = engine.bundle.tokenizer_path
+        identity = bundle_identity(engine.bundle.manifest)
     tokenizer = Tokenizer.from_file(tokenizer_path)
     bundle = getattr(engine, "bundle", None)
     if bundle is not None and tokenizer.vocab_size > bundle.dims.vocab_size:
@@ -165,4 +169,18 @@ def load_pipeline(model: str | Path | None = None, backend: str = "auto", precis
             f"{tokenizer_path} has {tokenizer.vocab_size} tokens, more than the model's {bundle.dims.vocab_size} "
             "embeddings: the tokenizer comes from another model; re-export the bundle"
         )
-    return Pipeline(engine, tokenizer, model_name=name)
+    return Pipeline(engine, tokenizer, model_name=name, identity=identity)
+
+
+def bundle_identity(manifest: dict) -> str:
+    """A bundle's identity for saved caches: the sha256 of every file it holds (verified when it loads)."""
+    files = json.dumps(manifest["files"], sort_keys=True).encode()
+    return f"bundle:{manifest['model']['name']}:{manifest.get('target')}:{hashlib.sha256(files).hexdigest()}"
+
+
+def folder_identity(folder: Path) -> str:
+    """A model folder's identity for saved caches: the sha256 of its config, weights and tokenizer."""
+    digest = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE):
+        digest.update(sha256_file(folder / name).encode())
+    return f"folder:{digest.hexdigest()}"

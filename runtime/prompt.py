@@ -163,6 +163,13 @@ def build_prompt(
     return text
 
 
+def build_text_prompt(instruction: str) -> str:
+    """A user turn without audio (no task token): for the text-only step of answering past the context."""
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise OptionError("the instruction is empty")
+    return f"{IM_START}user\n{instruction}{IM_END}\n{IM_START}assistant\n"
+
+
 @dataclass(frozen=True)
 class PromptIds:
     """A prompt's ids split at <|AUDIO|>, which is replaced by the speech tokens.

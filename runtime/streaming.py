@@ -1,0 +1,185 @@
+"""A recording still being made: encode and prefill each 30 s window as soon as it is complete.
+
+    live = pipe.open_stream(prepare=["What was decided?"])
+    for chunk in microphone():          # PCM chunks of any size
+        live.feed(chunk)
+    session = live.finish()             # only the last partial window is left to do here
+    print(session.ask("What was decided?").text)
+
+The result is the AudioSession `Pipeline.open` makes from the whole recording: the same windows
+(mel_stream), the same speech tokens, the same prefix chunks, so the same answer tokens.
+
+Two things tie earlier windows to later audio, and both are handled here:
+- The task token precedes the audio in FastSLM's prompt, so the prefix depends on the task. The
+  tasks to expect are given up front (`prepare`); any other task is prefilled from the kept
+  speech tokens when first asked (no audio tower).
+- Whisper's clamp floors the log-mel at 8 decades below the loudest value of the whole recording.
+  Each window is encoded with the peak known so far; when a louder window arrives, the earlier
+  windows whose mel that changes are encoded again and the prefixes rebuilt, as audio arrives.
+  The work left at `finish` is the last window, plus such a repair only if the last window is the
+  loudest of the recording (`reencoded_windows` counts them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .audio import SAMPLE_RATE, load_audio
+from .errors import OptionError
+from .mel_stream import MelWindowStream, RawWindow
+from .prompt import AUDIO_EOS, Task
+from .sampling import SamplingOptions
+from .session import AudioSession, PrefixBuilder, PrefixKey, prefix_ids, prefix_key
+
+if TYPE_CHECKING:
+    from .generate import Pipeline
+
+# Raw PCM sample formats `fastslm-run -` reads (little-endian, interleaved channels).
+PCM_FORMATS = {"s16le": np.dtype("<i2"), "s32le": np.dtype("<i4"), "f32le": np.dtype("<f4")}
+
+
+def pcm_from_bytes(data: bytes, fmt: str, channels: int) -> np.ndarray:
+    """Raw interleaved PCM bytes -> (samples, channels) array in the format's dtype (whole frames only)."""
+    if fmt not in PCM_FORMATS:
+        raise OptionError(f"unknown input format {fmt!r}: use one of {', '.join(PCM_FORMATS)}")
+    frame = PCM_FORMATS[fmt].itemsize * channels
+    if len(data) % frame:
+        raise OptionError(f"the raw audio ends in the middle of a {frame}-byte sample frame: check --input-format and channels")
+    return np.frombuffer(data, dtype=PCM_FORMATS[fmt]).reshape(-1, channels)
+
+
+class StreamingSession:
+    """Feed PCM chunks as they arrive; `finish` returns the AudioSession of the whole recording."""
+
+    def __init__(
+        self,
+        pipe: "Pipeline",
+        *,
+        prepare: Sequence[Task | str | None] = (Task.SQQA,),
+        language: str | None = None,
+        sample_rate: int = SAMPLE_RATE,
+        reserve_tokens: int = SamplingOptions().max_new_tokens + 64,
+    ):
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
+            raise OptionError(f"sample rate {sample_rate!r} is invalid: give the input's rate in Hz, e.g. 16000")
+        self.pipe = pipe
+        self.sample_rate = sample_rate
+        self._keys: list[PrefixKey] = []
+        for item in prepare:
+            key = (item, prefix_key(None, language)[1]) if isinstance(item, Task) else prefix_key(item, language)
+            if key not in self._keys:
+                self._keys.append(key)
+        self._reserve = reserve_tokens
+        self._mel = MelWindowStream(pipe.backend.n_mels)
+        self._raw: list[RawWindow] = []  # kept so a louder later window can re-clamp them
+        self._tokens: list[np.ndarray] = []  # speech tokens per window
+        self._peak = -np.inf
+        self._builders = {key: PrefixBuilder(pipe, prefix_ids(pipe, *key)[0]) for key in self._keys}
+        self._beyond_context = False
+        self._hash = hashlib.sha256()
+        self._resampler = None
+        if sample_rate != SAMPLE_RATE:
+            import soxr
+
+            self._resampler = soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float64", quality="HQ")
+        self.reencoded_windows = 0
+        self.tower_s = 0.0
+        self.prefill_s = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return self._mel.samples_seen / SAMPLE_RATE
+
+    def feed(self, samples: np.ndarray) -> int:
+        """Add PCM samples (1-D, or (samples, channels); float, or int16/int32 PCM) at the session's rate.
+
+        Encodes and prefills every window this completes; returns how many windows are done so far.
+        """
+        samples = np.asarray(samples)
+        if samples.size == 0:
+            return len(self._tokens)
+        mono = load_audio(samples, SAMPLE_RATE)  # scaling and channel mixing as for a whole recording
+        if self._resampler is not None:
+            mono = self._resampler.resample_chunk(mono.astype(np.float64)).astype(np.float32)
+        self._add(mono)
+        return len(self._tokens)
+
+    def finish(self) -> AudioSession:
+        """The recording has ended: do what is left and return the session to ask."""
+        t0 = time.perf_counter()
+        tower, prefill = self.tower_s, self.prefill_s
+        if self._resampler is not None:
+            self._add(self._resampler.resample_chunk(np.zeros(0), last=True).astype(np.float32))
+        if self._mel.samples_seen == 0:
+            from .errors import AudioError
+
+            raise AudioError("the audio stream has no samples: pass a non-empty recording")
+        seconds = self.seconds
+        self._take(self._mel.finish())
+        from .generate import SpeechTokens
+
+        t1 = time.perf_counter()
+        eos = self.pipe.tokenizer.token_id(AUDIO_EOS)
+        prefixes = {key: builder.close(eos) for key, builder in self._builders.items()}
+        self.prefill_s += time.perf_counter() - t1
+        speech = SpeechTokens(np.concatenate(self._tokens), len(self._tokens), seconds)
+        opening = {"audio_tower_s": self.tower_s - tower, "prefill_s": self.prefill_s - prefill}
+        return AudioSession(self.pipe, speech, self._hash.hexdigest(), prefixes=prefixes, opened_at=t0, opening=opening)
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _add(self, mono: np.ndarray) -> None:
+        mono = np.ascontiguousarray(mono, dtype=np.float32)
+        self._hash.update(mono.tobytes())
+        self._take(self._mel.feed(mono))
+
+    def _take(self, windows: list[RawWindow]) -> None:
+        for window in windows:
+            new_peak = max(self._peak, window.peak)
+            changed = [w.index for w in self._raw if w.changed_by(self._peak, new_peak)]
+            self._peak = new_peak
+            self._raw.append(window)
+            if changed:  # a louder window moved the clamp: what the one-shot mel would hold has changed
+                self.reencoded_windows += len(changed)
+                for index, tokens in zip(changed, self._encode([self._raw[i] for i in changed])):
+                    self._tokens[index] = tokens
+                self._rebuild_prefixes()
+            (tokens,) = self._encode([window])
+            self._tokens.append(tokens)
+            self._extend_prefixes(tokens)
+
+    def _encode(self, windows: list[RawWindow]) -> list[np.ndarray]:
+        t0 = time.perf_counter()
+        mel = np.stack([w.clamped(self._peak) for w in windows])
+        out = self.pipe.backend.encode_windows(mel)  # (W, tokens_per_window, hidden)
+        self.tower_s += time.perf_counter() - t0
+        return list(out)
+
+    def _extend_prefixes(self, tokens: np.ndarray) -> None:
+        if self._beyond_context:
+            return
+        per_window = self.pipe.backend.tokens_per_window
+        longest_left = max((len(prefix_ids(self.pipe, *key)[0]) for key in self._keys), default=0)
+        if longest_left + len(self._tokens) * per_window + 1 + self._reserve > self.pipe.backend.max_context:
+            # Past one context the session answers in parts (beyond_context); it builds their prefixes then.
+            self._beyond_context, self._builders = True, {}
+            return
+        t0 = time.perf_counter()
+        for builder in self._builders.values():
+            builder.add(tokens)
+        self.prefill_s += time.perf_counter() - t0
+
+    def _rebuild_prefixes(self) -> None:
+        if self._beyond_context:
+            return
+        t0 = time.perf_counter()
+        self._builders = {key: PrefixBuilder(self.pipe, prefix_ids(self.pipe, *key)[0]) for key in self._keys}
+        for tokens in self._tokens:
+            for builder in self._builders.values():
+                builder.add(tokens)
+        self.prefill_s += time.perf_counter() - t0

@@ -55,5 +55,7 @@ class TorchBackend:
     @torch.inference_mode()
     def decode(self, embeds: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
         x = torch.from_numpy(np.ascontiguousarray(embeds)).to(self._dtype)[None]  # (1, T, H)
+        if any(isinstance(a, np.ndarray) for a in cache.keys + cache.values):  # e.g. a KVCache.load or a saved prefix
+            cache = KVCache([torch.from_numpy(np.asarray(k)) for k in cache.keys], [torch.from_numpy(np.asarray(v)) for v in cache.values])
         out = self.model.llm(inputs_embeds=x, past=cache, last_only=True)
         return out.logits[0, -1].float().numpy(), out.past

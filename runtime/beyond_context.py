@@ -55,14 +55,14 @@ def describe(session: "AudioSession", prompt: str | None, language: str | None, 
     task, _ = resolve_task(prompt)
     longest = max(end - start for start, end in parts) * 30 / 60
     head = (
-        f"the recording is {_length(session.speech.seconds)}, past the model's {session.pipe.backend.max_context}-token "
+        f"the recording is {duration_text(session.speech.seconds)}, past the model's {session.pipe.backend.max_context}-token "
         f"context: "
     )
     if task in JOINED_TASKS:
         verb = "transcribed" if task is Task.ASR else "translated"
-        return head + f"{verb} in {len(parts)} parts of at most {longest:.0f} min, joined in order"
+        return head + f"{verb} in {len(parts)} parts of at most {longest:g} min, joined in order"
     return head + (
-        f"map-reduce: answered for each of {len(parts)} parts of at most {longest:.0f} min alone, "
+        f"map-reduce: answered for each of {len(parts)} parts of at most {longest:g} min alone, "
         f"then once more over the {len(parts)} partial answers as text"
     )
 
@@ -164,15 +164,12 @@ def _drain(gen):
 
 def _reduce_instruction(instruction: str, task: Task, parts: list[dict]) -> str:
     what = "summarized" if task is Task.SSUM else f'asked "{instruction}"'
-    lines = [
-        f"A recording was too long to hear at once, so it was cut into {len(parts)} consecutive parts and each "
-        f"part was {what} on its own:"
-    ]
+    lines = [f"A long recording was cut into {len(parts)} parts and each part was {what} alone:"]
     lines += [f"Part {i + 1} ({_clock(p['start'])}-{_clock(p['end'])}): {p['text'] or '(no answer)'}" for i, p in enumerate(parts)]
     if task is Task.SSUM:
         lines.append(f"From these, for the whole recording: {instruction}")
     else:
-        lines.append(f"From these answers, answer for the whole recording: {instruction}")
+        lines.append(f"Answer for the whole recording: {instruction}")
     return "\n".join(lines)
 
 
@@ -181,5 +178,6 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _length(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
+    """'25.5 min' or '2.0 h'."""
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"

@@ -5,20 +5,25 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from .errors import AudioError, reported_in_one_line, run_cli
+from .errors import AudioError, CacheFileError, reported_in_one_line, run_cli
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+STDIN = Path("-")
 
 
 @app.command()
 def run(
-    audio: Annotated[list[Path], typer.Argument(help="Audio files (any format libsndfile reads).")],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help='"transcribe", "summarize", or a question.')] = "transcribe",
+    audio: Annotated[list[Path], typer.Argument(
+        help="Audio files (any format libsndfile reads), or - for raw PCM on stdin (see --input-format).")],
+    prompt: Annotated[Optional[list[str]], typer.Option(
+        "--prompt", "-p", help='"transcribe", "summarize", or a question; repeat it to ask several '
+        "(the recording is encoded once for all questions). [default: transcribe]")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Model folder or exported bundle [default: shipped demo].")] = None,
     backend: Annotated[str, typer.Option(help="auto, onnx or torch.")] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per file instead of streamed text (= --format json).")] = False,
@@ -36,6 +41,12 @@ def run(
     providers: Annotated[Optional[str], typer.Option(
         help="onnx backend: execution providers in order, e.g. CUDAExecutionProvider,CPUExecutionProvider "
         "[default: the best available].")] = None,
+    cache: Annotated[bool, typer.Option(
+        "--cache", help="Keep each recording's encoded audio prefix next to it (FILE.fastslm-cache.npz) for questions: "
+        "load it when present, save it otherwise; a cache for other audio or another model is refused.")] = False,
+    input_rate: Annotated[int, typer.Option(help="Sample rate of raw PCM on stdin (audio -), in Hz.")] = 16000,
+    input_format: Annotated[str, typer.Option(help="Raw PCM sample format on stdin: s16le, s32le or f32le.")] = "s16le",
+    input_channels: Annotated[int, typer.Option(help="Interleaved channels of raw PCM on stdin.")] = 1,
 ) -> None:
     with reported_in_one_line("fastslm-run"), ExitStack() as closing:
         from .errors import OptionError
@@ -45,12 +56,25 @@ def run(
         from .sampling import SamplingOptions
         from .subtitles import FORMATS, check_outputs
 
+        from .streaming import PCM_FORMATS
+
+        prompts = prompt or ["transcribe"]
         fmt = "json" if json_output else output_format
         if fmt not in FORMATS:
             raise OptionError(f"--format {output_format!r} is unknown; choose one of {', '.join(FORMATS)}")
-        transcribing = resolve_task(prompt)[0] == Task.ASR
-        if not transcribing and (fmt in ("srt", "vtt") or output_dir is not None):
-            raise OptionError(f"--format {fmt} and --output-dir are for transcription; drop them for the prompt {prompt!r}")
+        questions = [p for p in prompts if resolve_task(p)[0] != Task.ASR]
+        if questions and (fmt in ("srt", "vtt") or output_dir is not None):
+            raise OptionError(
+                f"--format {fmt} and --output-dir are for transcription; drop them for the prompt {questions[0]!r}"
+            )
+        if audio.count(STDIN) > 1:
+            raise OptionError("stdin (-) can be read once: give - at most once")
+        if STDIN in audio and (cache or output_dir is not None):
+            raise OptionError("--cache and --output-dir write next to or named after a recording file; stdin (-) has none")
+        if input_format not in PCM_FORMATS:
+            raise OptionError(f"unknown --input-format {input_format!r}: use one of {', '.join(PCM_FORMATS)}")
+        if input_rate <= 0 or input_channels <= 0:
+            raise OptionError("--input-rate and --input-channels must be positive whole numbers")
         if output_dir is not None:
             check_outputs(output_dir, list(audio), overwrite)
         sampling = SamplingOptions(
@@ -61,14 +85,22 @@ def run(
         where = getattr(pipe.backend, "providers", None)
         where = f" ({', '.join(where)})" if where else ""
         typer.echo(f"fastslm-run: model {pipe.model_name} on {pipe.variant}{where}{note}", err=True)
+        raw_input = RawInput(input_rate, input_format, input_channels)
         failed = 0
         for path in audio:
             try:
-                if transcribing:
-                    transcribe_one(pipe, path, prompt, sampling, language, fmt, output_dir, several=len(audio) > 1)
-                else:
-                    answer_one(pipe, path, prompt, sampling, language, fmt == "json", several=len(audio) > 1)
-            except AudioError as exc:
+                several = len(audio) > 1
+                # Transcription goes segment by segment at the recording's pauses (transcribe); questions
+                # share one encoding of the recording (session). Raw PCM on stdin is one stream: a session.
+                if path != STDIN:
+                    for p in prompts:
+                        if p not in questions:
+                            transcribe_one(pipe, path, p, sampling, language, fmt, output_dir, several, len(prompts) > 1)
+                asked = prompts if path == STDIN else questions
+                if asked:
+                    answer_one(pipe, path, asked, sampling, language, fmt == "json", several, cache, raw_input,
+                               titled=len(prompts) > 1)
+            except (AudioError, CacheFileError) as exc:
                 # One unreadable file should not cost the answers for the others.
                 message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
                 typer.echo(f"fastslm-run: error: {message}", err=True)
@@ -79,27 +111,42 @@ def run(
             raise typer.Exit(2)
 
 
+@dataclass(frozen=True)
+class RawInput:
+    """How to read raw PCM from stdin."""
+
+    rate: int
+    format: str
+    channels: int
+
+
 def check_fits_context(pipe, path: Path, prompt: str, language, max_new_tokens: int) -> None:
-    """Fail before reading any samples when the recording cannot fit the LLM's context.
+    """Fail before reading any samples when the recording is too long to answer at all.
 
     The file header gives the duration for free; decoding a 10 h file, its log-mel and 1200
-    windows of speech tokens would take minutes and gigabytes only to overflow the context.
+    windows of speech tokens would take minutes and gigabytes only to be refused.
     """
     import soundfile as sf
 
     try:
         info = sf.info(str(path))
-    except Exception:  # unreadable or missing: pipe.encode reports it with the proper one-line error
+    except Exception:  # unreadable or missing: pipe.open reports it with the proper one-line error
         return
     if info.samplerate > 0:
-        pipe.check_context(info.frames / info.samplerate, prompt, language, max_new_tokens, source=str(path))
+        pipe.check_answerable(info.frames / info.samplerate, prompt, language, max_new_tokens, source=str(path))
 
 
-def answer_one(pipe, path: Path, prompt: str, sampling, language, json_output: bool, several: bool) -> None:
+def open_recording(pipe, path: Path, prompts: list[str], language, max_new_tokens: int, use_cache: bool,
+                   raw_input: RawInput):
+    """An AudioSession for a file (from its saved cache when there is one) or for PCM streamed on stdin."""
     from tqdm import tqdm
 
-    check_fits_context(pipe, path, prompt, language, sampling.max_new_tokens)
+    from .prefix_cache import cache_path_for
 
+    if path == STDIN:
+        return read_stdin(pipe, prompts, language, raw_input)
+    for prompt in prompts:
+        check_fits_context(pipe, path, prompt, language, max_new_tokens)
     with tqdm(desc=f"encoding {path.name}", unit="window", leave=False, disable=None, file=sys.stderr) as bar:
 
         def progress(done: int, total: int) -> None:
@@ -107,32 +154,79 @@ def answer_one(pipe, path: Path, prompt: str, sampling, language, json_output: b
             bar.n = done
             bar.refresh()
 
-        speech = pipe.encode(path, progress=progress)
-    if json_output:
-        result = pipe.generate(speech, prompt, sampling=sampling, language=language)
-        record = {
-            "audio": str(path),
-            "prompt": prompt,
-            "text": result.text,
-            "audio_seconds": round(result.audio_seconds, 3),
-            "windows": result.n_windows,
-            "prompt_tokens": result.prompt_tokens,
-            "answer_tokens": len(result.token_ids),
-            "model": pipe.model_name,
-            "backend": pipe.backend.name,
-        }
-        typer.echo(json.dumps(record, ensure_ascii=False))
-        return
-    if several:
-        typer.echo(f"== {path}")
-    for piece in pipe.stream(speech, prompt, sampling=sampling, language=language):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+        return pipe.open(path, cache=cache_path_for(path) if use_cache else None, progress=progress)
+
+
+def read_stdin(pipe, prompts: list[str], language, raw_input: RawInput):
+    """Encode and prefill PCM from stdin window by window while it arrives; the session once it ends."""
+    from .streaming import PCM_FORMATS, pcm_from_bytes
+
+    live = pipe.open_stream(prepare=prompts, language=language, sample_rate=raw_input.rate)
+    frame = PCM_FORMATS[raw_input.format].itemsize * raw_input.channels
+    block = frame * max(1, raw_input.rate // 10)  # about 0.1 s per read: small enough to follow a live source
+    pending = b""
+    stream = sys.stdin.buffer
+    while chunk := stream.read1(block) if hasattr(stream, "read1") else stream.read(block):
+        pending += chunk
+        whole = len(pending) - len(pending) % frame
+        if whole:
+            live.feed(pcm_from_bytes(pending[:whole], raw_input.format, raw_input.channels))
+            pending = pending[whole:]
+    if pending:
+        pcm_from_bytes(pending, raw_input.format, raw_input.channels)  # raises: a partial sample frame at the end
+    return live.finish()
+
+
+def answer_one(pipe, path: Path, prompts: list[str], sampling, language, json_output: bool, several: bool,
+               use_cache: bool = False, raw_input: RawInput = RawInput(16000, "s16le", 1), titled: bool = False) -> None:
+    """Questions about one recording, encoded once (or loaded from its cache); answers streamed or as JSON."""
+    from .beyond_context import describe
+    from .prefix_cache import cache_path_for
+
+    session = open_recording(pipe, path, prompts, language, sampling.max_new_tokens, use_cache, raw_input)
+    for prompt in prompts:
+        if not session.fits(prompt, language, sampling.max_new_tokens):
+            typer.echo(f"fastslm-run: {describe(session, prompt, language, sampling.max_new_tokens)}", err=True)
+        if json_output:
+            result = session.ask(prompt, sampling=sampling, language=language)
+            typer.echo(json.dumps(json_record(pipe, path, prompt, result), ensure_ascii=False))
+            continue
+        title(path, prompt, several, titled)
+        for piece in session.stream(prompt, sampling=sampling, language=language):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    if use_cache and set(session.prefixes) != set(session.loaded_prefixes):
+        session.save(cache_path_for(path))
+
+
+def json_record(pipe, path: Path, prompt: str, result) -> dict:
+    record = {
+        "audio": str(path),
+        "prompt": prompt,
+        "text": result.text,
+        "audio_seconds": round(result.audio_seconds, 3),
+        "windows": result.n_windows,
+        "prompt_tokens": result.prompt_tokens,
+        "answer_tokens": len(result.token_ids),
+        "model": pipe.model_name,
+        "backend": pipe.backend.name,
+        "timings": {name: round(seconds, 4) for name, seconds in result.timings.items()},
+    }
+    if result.strategy:
+        record["strategy"] = result.strategy
+        record["parts"] = result.parts
+    return record
+
+
+def title(path: Path, prompt: str, several: bool, titled: bool) -> None:
+    """The line before an answer when there are several files (== FILE) or prompts (== [PROMPT])."""
+    if several or titled:
+        typer.echo("== " + " ".join(([str(path)] if several else []) + ([f"[{prompt}]"] if titled else [])))
 
 
 def transcribe_one(pipe, path: Path, prompt: str, sampling, language, fmt: str, output_dir: Path | None,
-                   several: bool) -> None:
+                   several: bool, titled: bool = False) -> None:
     """Segment by segment, each printed (txt, srt, vtt) as soon as it is decoded; json prints one record at the end."""
     from tqdm import tqdm
 
@@ -141,9 +235,8 @@ def transcribe_one(pipe, path: Path, prompt: str, sampling, language, fmt: str, 
 
     options = TranscribeOptions(sampling=sampling, language=language, prompt=prompt)
     transcriber = Transcriber(pipe, path, options)
-    if several and fmt != "json":
-        typer.echo(f"== {path}")
     if fmt != "json":
+        title(path, prompt, several, titled)
         sys.stdout.write(header(fmt))
     shown = 0
     total = transcriber.reader.seconds or None

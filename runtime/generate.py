@@ -17,6 +17,7 @@ import numpy as np
 
 from .audio import SAMPLE_RATE, audio_to_windows, load_audio, window_count
 from .backend import Backend
+from .bundle import sha256_file
 from .errors import AudioError, OptionError
 from .kv_cache import KVCache
 from .prompt import Task, build_prompt, resolve_task
@@ -153,7 +154,7 @@ class Pipeline:
         Past the context a question is answered in parts (`beyond_context`); raises when the answer
         alone leaves no room for audio, or the recording is longer than that strategy takes on.
         """
-        from .beyond_context import MAX_HOURS
+        from .beyond_context import MAX_HOURS, duration_text
 
         max_context = self.backend.max_context
         per_window = self.backend.tokens_per_window
@@ -173,9 +174,8 @@ class Pipeline:
                 f"{max_context}-token context; lower it to at most {max_context - text - per_window}"
             )
         if seconds > MAX_HOURS * 3600:
-            length = f"{seconds / 3600:.1f} h"
             raise AudioError(
-                f"{source} is {length}: past the model's {max_context}-token context fastslm answers in parts, but only "
+                f"{source} is {duration_text(seconds)}: past the model's {max_context}-token context fastslm answers in parts, but only "
                 f"up to {MAX_HOURS:g} h; split the audio into parts of at most {MAX_HOURS:g} h"
             )
         return False
@@ -239,18 +239,21 @@ class Pipeline:
         t0 = time.perf_counter()
         if isinstance(audio, SpeechTokens):
             return AudioSession(self, audio, None, opened_at=t0)
-        samples = load_audio(audio, sample_rate)
-        content = samples_sha256(samples)
+        # A file's bytes hash lets a saved cache be trusted without decoding the audio at all.
+        file_key = sha256_file(Path(audio)) if isinstance(audio, (str, Path)) and Path(audio).is_file() else None
         if cache is not None and Path(cache).exists():
             from .prefix_cache import load_session
 
-            session = load_session(self, Path(cache), content)
+            session = load_session(self, Path(cache), file_key, lambda: samples_sha256(load_audio(audio, sample_rate)))
             session._opened_at = t0
             session._opening = {"cache_load_s": time.perf_counter() - t0}
             return session
+        samples = load_audio(audio, sample_rate)
         t1 = time.perf_counter()
         speech = self.encode_samples(samples, progress)
-        return AudioSession(self, speech, content, opened_at=t0, opening={"audio_tower_s": time.perf_counter() - t1})
+        tower = time.perf_counter() - t1
+        return AudioSession(self, speech, samples_sha256(samples), file_sha256=file_key, opened_at=t0,
+                            opening={"audio_tower_s": tower})
 
     def open_stream(self, prepare: "Sequence[Task | str | None]" = (Task.SQQA,), language: str | None = None, **options) -> "StreamingSession":
         """A recording still being made: `feed` it PCM chunks, `finish` it for an AudioSession.

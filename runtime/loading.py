@@ -134,7 +134,8 @@ def load_pipeline(model: str | Path | None = None, backend: str = "auto", precis
         engine = TorchBackend.from_folder(path, dtype=precision, **options)
         name = json.loads((path / CONFIG_FILE).read_text()).get("name", path.name)
         tokenizer_path = path / TOKENIZER_FILE
-        identity = lambda: folder_identity(path)  # noqa: E731  (hashing the weights waits until a cache needs it)
+        # Hashing the weights waits until a cache needs it; the compute dtype changes the KV values too.
+        identity = lambda: f"{folder_identity(path)}:{engine.precision}"  # noqa: E731
     elif backend == "tensorrt":
         _check_options("tensorrt", options, ("verify", "device_index", "max_windows_per_batch", "runtime_cache",
                                              "weight_budget_mib"))  # fmt: skip

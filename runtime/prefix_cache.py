@@ -18,6 +18,7 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -52,6 +53,7 @@ def save_session(session: "AudioSession", path: Path) -> Path:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "audio_sha256": session.audio_sha256,
+        "file_sha256": session.file_sha256,
         "model": pipe.identity,
         "audio_seconds": session.speech.seconds,
         "n_windows": session.speech.n_windows,
@@ -70,6 +72,9 @@ def save_session(session: "AudioSession", path: Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a cache is as readable as any new file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -77,8 +82,12 @@ def save_session(session: "AudioSession", path: Path) -> Path:
     return path
 
 
-def load_session(pipe: "Pipeline", path: Path, audio_sha256: str) -> "AudioSession":
-    """The saved session for this audio and this pipeline's model; CacheFileError (one line) otherwise."""
+def load_session(pipe: "Pipeline", path: Path, file_sha256: str | None, audio_sha256: Callable[[], str]) -> "AudioSession":
+    """The saved session for this audio and this pipeline's model; CacheFileError (one line) otherwise.
+
+    The audio matches when the recording file's bytes hash is the one saved (no decoding), or else
+    when its decoded samples hash is (`audio_sha256` is called only then).
+    """
     from .generate import SpeechTokens
     from .session import AudioSession
 
@@ -93,7 +102,8 @@ def load_session(pipe: "Pipeline", path: Path, audio_sha256: str) -> "AudioSessi
                     f"{path} is an audio-prefix cache of format version {header.get('format_version')}, this fastslm "
                     f"reads version {FORMAT_VERSION}; {fix}"
                 )
-            if header.get("audio_sha256") != audio_sha256:
+            same_file = file_sha256 is not None and header.get("file_sha256") == file_sha256
+            if not same_file and header.get("audio_sha256") != audio_sha256():
                 raise CacheFileError(f"{path} was saved for other audio (the recording changed since); {fix}")
             if pipe.identity is None or header.get("model") != pipe.identity:
                 raise CacheFileError(f"{path} was saved by another model or bundle than {pipe.model_name}; {fix}")
@@ -118,7 +128,8 @@ def load_session(pipe: "Pipeline", path: Path, audio_sha256: str) -> "AudioSessi
     n_windows, per_window = header["n_windows"], pipe.backend.tokens_per_window
     if speech.shape != (n_windows * per_window, pipe.backend.hidden_size):
         raise CacheFileError(f"{path} holds speech tokens shaped {list(speech.shape)}, not this model's; {fix}")
-    session = AudioSession(pipe, SpeechTokens(speech, n_windows, float(header["audio_seconds"])), audio_sha256)
+    session = AudioSession(pipe, SpeechTokens(speech, n_windows, float(header["audio_seconds"])), header["audio_sha256"],
+                           file_sha256=file_sha256)
     for key, (entry, cache) in prefixes.items():
         left, _ = session.prefix_ids(key)
         # The tokenizer or prompt layout changed since: the KV positions would not mean the same text.

@@ -63,13 +63,15 @@ class AudioSession:
         speech: "SpeechTokens",
         audio_sha256: str | None,
         *,
+        file_sha256: str | None = None,
         prefixes: dict[PrefixKey, KVCache] | None = None,
         opened_at: float | None = None,
         opening: dict[str, float] | None = None,
     ):
         self.pipe = pipe
         self.speech = speech
-        self.audio_sha256 = audio_sha256
+        self.audio_sha256 = audio_sha256  # sha256 of the 16 kHz float32 samples: the content key
+        self.file_sha256 = file_sha256  # sha256 of the file's bytes, when opened from a file
         self.prefixes: dict[PrefixKey, KVCache] = dict(prefixes or {})
         self.loaded_prefixes = frozenset(self.prefixes)  # what came from a saved cache
         self.last_result: GenerationResult | None = None

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, audio_to_windows, load_audio, window_count
+from .audio import SAMPLE_RATE, WINDOW_SECONDS, audio_to_windows, load_audio, window_count
 from .backend import Backend
+from .beyond_context import MAX_HOURS, duration_text
 from .bundle import sha256_file
 from .errors import AudioError, OptionError
 from .kv_cache import KVCache
@@ -148,14 +149,28 @@ class Pipeline:
 
     def check_context(
         self, seconds: float, prompt: str | None, language: str | None, max_new_tokens: int, source: str = "the audio"
+    ) -> None:
+        """Raise AudioError when `seconds` of audio + the prompt + the answer overflow the LLM's context
+        (for callers that prefill in one go, like `prefill`; sessions answer past it in parts instead)."""
+        if not self.check_answerable(seconds, prompt, language, max_new_tokens, source):
+            max_context, per_window = self.backend.max_context, self.backend.tokens_per_window
+            speech = window_count(int(round(seconds * SAMPLE_RATE))) * per_window
+            text = len(self.prompt_ids(prompt, language))
+            room = (max_context - text - max_new_tokens) // per_window  # whole windows that still fit
+            raise AudioError(
+                f"{source} is {duration_text(seconds)}: {speech} speech tokens + {text} prompt + {max_new_tokens} answer "
+                f"tokens exceed the model's {max_context}-token context; split the audio into parts of at most "
+                f"{room * WINDOW_SECONDS / 60:.0f} min"
+            )
+
+    def check_answerable(
+        self, seconds: float, prompt: str | None, language: str | None, max_new_tokens: int, source: str = "the audio"
     ) -> bool:
         """Whether `seconds` of audio + the prompt + the answer fit the LLM's context in one prefill.
 
-        Past the context a question is answered in parts (`beyond_context`); raises when the answer
+        Past the context a session answers in parts (`beyond_context`); this raises only when the answer
         alone leaves no room for audio, or the recording is longer than that strategy takes on.
         """
-        from .beyond_context import MAX_HOURS, duration_text
-
         max_context = self.backend.max_context
         per_window = self.backend.tokens_per_window
         speech = window_count(int(round(seconds * SAMPLE_RATE))) * per_window
@@ -175,8 +190,8 @@ class Pipeline:
             )
         if seconds > MAX_HOURS * 3600:
             raise AudioError(
-                f"{source} is {duration_text(seconds)}: past the model's {max_context}-token context fastslm answers in parts, but only "
-                f"up to {MAX_HOURS:g} h; split the audio into parts of at most {MAX_HOURS:g} h"
+                f"{source} is {duration_text(seconds)}: past the model's {max_context}-token context fastslm answers in "
+                f"parts, but only up to {MAX_HOURS:g} h; split the audio into parts of at most {MAX_HOURS:g} h"
             )
         return False
 

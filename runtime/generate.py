@@ -275,7 +275,7 @@ class Pipeline:
 
         `prepare`: prompts (or just their kind: "transcribe", "summarize", any question) whose audio prefix is
         prefilled window by window while recording; other tasks are prefilled from the kept speech tokens
-        when first asked. `options`: sample_rate, channels (see StreamingSession).
+        when first asked. `options`: sample_rate, reserve_tokens (see StreamingSession).
         """
         from .streaming import StreamingSession
 

@@ -79,8 +79,10 @@ class StreamingSession:
         self._raw: list[RawWindow] = []  # kept so a louder later window can re-clamp them
         self._tokens: list[np.ndarray] = []  # speech tokens per window
         self._peak = -np.inf
-        self._builders = {key: PrefixBuilder(pipe, prefix_ids(pipe, *key)[0]) for key in self._keys}
+        self._left = {key: prefix_ids(pipe, *key)[0] for key in self._keys}
+        self._builders = {key: PrefixBuilder(pipe, left) for key, left in self._left.items()}
         self._beyond_context = False
+        self._finished = False
         self._hash = hashlib.sha256()
         self._resampler = None
         if sample_rate != SAMPLE_RATE:
@@ -100,6 +102,8 @@ class StreamingSession:
 
         Encodes and prefills every window this completes; returns how many windows are done so far.
         """
+        if self._finished:
+            raise OptionError("this stream is finished: open a new one with pipe.open_stream() for another recording")
         samples = np.asarray(samples)
         if samples.size == 0:
             return len(self._tokens)
@@ -111,6 +115,9 @@ class StreamingSession:
 
     def finish(self) -> AudioSession:
         """The recording has ended: do what is left and return the session to ask."""
+        if self._finished:
+            raise OptionError("this stream is already finished: keep the session its finish() returned")
+        self._finished = True
         t0 = time.perf_counter()
         tower, prefill = self.tower_s, self.prefill_s
         if self._resampler is not None:
@@ -164,7 +171,7 @@ class StreamingSession:
         if self._beyond_context:
             return
         per_window = self.pipe.backend.tokens_per_window
-        longest_left = max((len(prefix_ids(self.pipe, *key)[0]) for key in self._keys), default=0)
+        longest_left = max(map(len, self._left.values()), default=0)
         if longest_left + len(self._tokens) * per_window + 1 + self._reserve > self.pipe.backend.max_context:
             # Past one context the session answers in parts (beyond_context); it builds their prefixes then.
             self._beyond_context, self._builders = True, {}
@@ -178,7 +185,7 @@ class StreamingSession:
         if self._beyond_context:
             return
         t0 = time.perf_counter()
-        self._builders = {key: PrefixBuilder(self.pipe, prefix_ids(self.pipe, *key)[0]) for key in self._keys}
+        self._builders = {key: PrefixBuilder(self.pipe, left) for key, left in self._left.items()}
         for tokens in self._tokens:
             for builder in self._builders.values():
                 builder.add(tokens)

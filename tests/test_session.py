@@ -20,7 +20,7 @@ from fastslm.models.torch_backend import TorchBackend
 from fastslm.runtime.audio import SAMPLE_RATE, audio_to_windows, load_audio
 from fastslm.runtime.beyond_context import _reduce_instruction, plan_parts
 from fastslm.runtime.cli import app as run_app
-from fastslm.runtime.errors import CacheFileError
+from fastslm.runtime.errors import CacheFileError, OptionError
 from fastslm.runtime.generate import Pipeline, Prefill, SpeechTokens
 from fastslm.runtime.loading import DEFAULT_MODEL_DIR, DEMO_EVAL_SUBSET
 from fastslm.runtime.mel_stream import MelWindowStream
@@ -223,6 +223,8 @@ def test_streaming_gives_the_plain_tokens(tiny, recording, expected, whole_speec
         live.feed(pcm[i : i + step])
         i += step
     session = live.finish()
+    with pytest.raises(OptionError, match="finished"):
+        live.feed(pcm[:100])
     assert live.reencoded_windows > 0  # the louder second in window 3 moved the clamp
     # One window at a time against batches of four: equal up to the GEMM's rounding.
     assert np.abs(session.speech.embeddings - whole_speech.embeddings).max() <= 1e-5

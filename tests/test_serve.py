@@ -379,6 +379,7 @@ def test_serve_cli_refuses_bad_options_in_one_line():
 def test_load_test_reports_rates_and_percentiles(server, clips):
     from fastslm.runtime.serve.loadtest import app as bench_app
 
+    before = health(server)
     result = CliRunner().invoke(bench_app, [str(clips["eval_seen-000000"]), "--url", server, "--clients", "1,2",
                                             "--requests", "2", "--max-seconds", "60", "--prompt", QUESTION,
                                             "--cache", "hit"])  # fmt: skip
@@ -388,6 +389,8 @@ def test_load_test_reports_rates_and_percentiles(server, clips):
     for clients, requests, errors, rate, p50, p95 in rows:
         assert int(requests) == 2 and int(errors) == 0
         assert float(rate) > 0 and 0 < float(p50) <= float(p95)
+    # --cache hit sends the very same bytes: all but the first of the 5 questions (warm-up included) hit
+    assert health(server)["prefix_cache_hits"] - before["prefix_cache_hits"] >= 4
 
     refused = CliRunner().invoke(bench_app, [str(clips["jfk"]), "--url", "http://192.0.2.1:8000"])
     assert refused.exit_code == 2

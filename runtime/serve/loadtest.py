@@ -47,7 +47,7 @@ class Level:
 
 
 class RequestAudio:
-    """WAV bytes of the recording for request number i: all the same, or (distinct) each differing
+    """WAV bytes of the recording for each request: all the same bytes, or (distinct) each differing
     from every other in its first sample, so no request, in any level, finds another's cache entry."""
 
     def __init__(self, audio: Path, distinct: bool):
@@ -56,21 +56,27 @@ class RequestAudio:
         self.samples, self.distinct = load_audio(audio), distinct
         self.count = 0
         self._lock = threading.Lock()
+        # written once: libsndfile stamps the write time into a WAV's PEAK chunk
+        self._same = None if distinct else self._wav(self.samples)
 
     def next(self) -> bytes:
+        if self._same is not None:
+            return self._same
+        with self._lock:
+            self.count += 1
+            i = self.count
+        x = self.samples.copy()
+        x[0] += np.float32(1e-9 * i)
+        return self._wav(x)
+
+    @staticmethod
+    def _wav(samples: np.ndarray) -> bytes:
         import soundfile as sf
 
         from ..audio import SAMPLE_RATE
 
-        with self._lock:
-            self.count += 1
-            i = self.count
-        x = self.samples
-        if self.distinct:
-            x = x.copy()
-            x[0] += np.float32(1e-9 * i)
         out = io.BytesIO()
-        sf.write(out, x, SAMPLE_RATE, format="WAV", subtype="FLOAT")
+        sf.write(out, samples, SAMPLE_RATE, format="WAV", subtype="FLOAT")
         return out.getvalue()
 
 

@@ -4,9 +4,9 @@
          ^                                                                   |
          +------ text pieces, then one Answer (asyncio queue, thread-safe) <-+
 
-A question's audio goes through the audio tower once: the speech tokens are kept, keyed by the
-upload's sha256, so the next question about the same recording (from any client) skips its
-encoding. Transcription runs segment by segment (runtime.transcribe), as `fastslm-run` does. A
+A question's audio goes through the audio tower once: its session (runtime.session: the speech
+tokens and the KV cache of the audio prefix) is kept, keyed by the upload's sha256, so the next
+question about the same recording, from any client, skips its encoding and its audio prefill. Transcription runs segment by segment (runtime.transcribe), as `fastslm-run` does. A
 job that its client gave up on is cancelled: skipped if still waiting, stopped between windows
 while encoding, between tokens while answering and between segments while transcribing.
 """
@@ -18,12 +18,13 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from ..audio import SAMPLE_RATE
 from ..errors import FastSLMError
-from ..generate import Pipeline, SpeechTokens
+from ..generate import Pipeline
+from ..session import AudioSession
 from ..prompt import Task, resolve_task
 from ..sampling import SamplingOptions
 from ..transcribe import Transcriber, TranscribeOptions, Transcript
@@ -47,7 +48,7 @@ class Answer:
     completion_tokens: int
     finish_reason: str  # "stop" (end token), "length" (max tokens) or "cancelled"
     audio_seconds: float
-    audio_cached: bool  # the speech tokens came from the prefix cache
+    audio_cached: bool  # the recording's session (speech tokens, audio prefix) came from the cache
     transcript: Transcript | None = None  # transcription only: its segments and skipped spans
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -95,26 +96,32 @@ class Job:
         return "".join([piece async for piece in self.pieces()])
 
 
+@dataclass
+class CachedSession:
+    session: AudioSession  # the recording's speech tokens and its audio-prefix KV cache per task
+    lock: threading.Lock
+
+
 class PrefixCache:
-    """Least-recently-used speech tokens by upload sha256 (thread-safe)."""
+    """Least-recently-used audio sessions by upload sha256 (thread-safe)."""
 
     def __init__(self, entries: int):
         self.entries = entries
-        self._items: OrderedDict[str, SpeechTokens] = OrderedDict()
+        self._items: OrderedDict[str, CachedSession] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> SpeechTokens | None:
+    def get(self, key: str) -> CachedSession | None:
         with self._lock:
             item = self._items.get(key)
             if item is not None:
                 self._items.move_to_end(key)
             return item
 
-    def put(self, key: str, speech: SpeechTokens) -> None:
+    def put(self, key: str, entry: CachedSession) -> None:
         if self.entries == 0:
             return
         with self._lock:
-            self._items[key] = speech
+            self._items[key] = entry
             self._items.move_to_end(key)
             while len(self._items) > self.entries:
                 self._items.popitem(last=False)
@@ -156,13 +163,8 @@ class Engine:
             raise queue_full(self.options.queue_size)
 
     def submit(self, question: Question) -> Job:
-        """Queue a question; ApiError 400 when it cannot fit the model, 429 when the queue is full."""
-        if resolve_task(question.prompt)[0] != Task.ASR:  # transcription takes any length, segment by segment
-            try:
-                self.pipe.check_context(question.upload.seconds, question.prompt, question.language,
-                                        question.sampling.max_new_tokens)  # fmt: skip
-            except FastSLMError as exc:
-                raise bad_request(str(exc), code="context_length_exceeded") from None
+        """Queue a question; ApiError 429 when the queue is full. Any length is answered: transcription
+        segment by segment, a question past the model's context in parts (runtime.beyond_context)."""
         job = Job(question, asyncio.get_running_loop())
         try:
             self._queue.put_nowait(job)
@@ -198,8 +200,8 @@ class Engine:
         """Run one question to the end (or until `cancelled`), calling `emit` with each text piece.
 
         Transcription goes segment by segment as `fastslm-run` does (runtime.transcribe: any
-        length, one piece per segment); any other prompt is one prefill over the whole recording
-        after its cached audio, streamed token by token.
+        length, one piece per segment); any other prompt is asked of the recording's session
+        (cached across requests), streamed token by token.
         """
         if cancelled.is_set():
             raise Cancelled
@@ -231,53 +233,45 @@ class Engine:
 
     def _ask(self, question: Question, emit: Callable[[str], None], cancelled: threading.Event) -> Answer:
         t0 = time.perf_counter()
-        speech, cached = self._speech(question.upload, cancelled)
+        entry, cached = self._session(question.upload, cancelled)
         t1 = time.perf_counter()
-        prefill = self.pipe.prefill(speech, question.prompt, question.language)
-        t2 = time.perf_counter()
-        counter = TokenCounter(self.pipe.decode_tokens(prefill, question.sampling), cancelled)
-        text = []
-        for piece in self.pipe.text_pieces(counter):
-            text.append(piece)
-            emit(piece)
-        t3 = time.perf_counter()
-        if counter.stopped:
-            reason = "cancelled"
-        else:
-            reason = "length" if counter.count >= question.sampling.max_new_tokens else "stop"
+        with entry.lock:  # a session keeps its prefixes and last result: one question at a time
+            session = entry.session
+            pieces = session.stream(question.prompt, sampling=question.sampling, language=question.language)
+            text, stopped = [], False
+            for piece in pieces:
+                text.append(piece)
+                emit(piece)
+                if cancelled.is_set():  # stop between tokens: no more decode steps
+                    stopped = True
+                    pieces.close()
+                    break
+            result = session.last_result
+        if stopped or result is None:
+            return Answer(text="".join(text).strip(), prompt_tokens=0, completion_tokens=0, finish_reason="cancelled",
+                          audio_seconds=question.upload.seconds, audio_cached=cached)  # fmt: skip
+        limit = question.sampling.max_new_tokens
         return Answer(
-            text="".join(text).strip(), prompt_tokens=prefill.prompt_tokens, completion_tokens=counter.count,
-            finish_reason=reason, audio_seconds=question.upload.seconds, audio_cached=cached,
-            timings={"audio_tower_s": t1 - t0, "prefill_s": t2 - t1, "decode_s": t3 - t2},
+            text=result.text, prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids),
+            finish_reason="length" if len(result.token_ids) >= limit else "stop",
+            audio_seconds=question.upload.seconds, audio_cached=cached,
+            timings={"open_s": t1 - t0, **result.timings},
         )  # fmt: skip
 
-    def _speech(self, upload: Upload, cancelled: threading.Event) -> tuple[SpeechTokens, bool]:
-        speech = self.cache.get(upload.sha256)
-        if speech is not None:
+    def _session(self, upload: Upload, cancelled: threading.Event) -> tuple[CachedSession, bool]:
+        entry = self.cache.get(upload.sha256)
+        if entry is not None:
             self._count("prefix_cache_hits")
-            return speech, True
+            return entry, True
 
         def progress(done: int, total: int) -> None:
             if cancelled.is_set():  # stop between audio-tower batches
                 raise Cancelled
 
-        speech = self.pipe.encode(upload.samples, SAMPLE_RATE, progress=progress)
+        session = self.pipe.open(upload.samples, SAMPLE_RATE, progress=progress)
         self._count("audio_encoded")
-        self.cache.put(upload.sha256, speech)
-        return speech, False
+        entry = CachedSession(session, threading.Lock())
+        self.cache.put(upload.sha256, entry)
+        return entry, False
 
 
-class TokenCounter:
-    """Passes answer tokens through, counting them, and stops early once `cancelled` is set."""
-
-    def __init__(self, tokens: Iterator[int], cancelled: threading.Event):
-        self.tokens, self.cancelled = tokens, cancelled
-        self.count, self.stopped = 0, False
-
-    def __iter__(self) -> Iterator[int]:
-        for token in self.tokens:
-            if self.cancelled.is_set():
-                self.stopped = True
-                return
-            self.count += 1
-            yield token

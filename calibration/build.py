@@ -34,7 +34,7 @@ from ..runtime.errors import OptionError
 from ..runtime.onnx_backend import OnnxBackend, session_options
 from .data import DEFAULT_MAX_WINDOWS, CalibrationSet, collect
 from .gates import GateThresholds, eval_items, run_gates
-from .qdq import find_layers, insert_int8_qdq, insert_weight_only, load_graph, save_graph
+from .qdq import INT8_MAX, INT8_SATURATION_FREE_MAX, find_layers, insert_int8_qdq, insert_weight_only, load_graph, save_graph
 from .ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS, RANGES_FILE, Ranges, collect_ranges, weights_fingerprint
 
 # Every calibrated target has an INT8 audio tower; its LLM weights take these bits.
@@ -124,6 +124,8 @@ class Quantizer:
             raise OptionError(f"--llm-bits is fixed by --target {target.name} (INT{bits}); choose the other target instead")
         self.llm_bits = self.options.llm_bits or bits
         self.fp16 = target.float_dtype == "float16"
+        # ONNX Runtime's CPU kernels saturate 8-bit weights on CPUs without VNNI (qdq.INT8_SATURATION_FREE_MAX).
+        self.weight_qmax = INT8_SATURATION_FREE_MAX if target.runtime == "onnx" else INT8_MAX
         self.records: dict[str, dict] = {}
         self._calibration: CalibrationSet | None = None
         self.calibration()  # bad calibration input fails now, before any graph is exported
@@ -261,17 +263,19 @@ class Quantizer:
         if o.sensitivity_windows:
             result = measure(spec.wrap(self.reference), amax, data.subset(o.sensitivity_windows),
                              target_cosine=o.target_cosine, max_float=o.max_float_layers, forced_float=o.keep_float,
-                             progress=o.progress)  # fmt: skip
+                             progress=o.progress, weight_qmax=self.weight_qmax)  # fmt: skip
             keep, sensitivity = result.keep_float, result.to_dict()
             worst = ", ".join(f"{s.key} {s.cosine:.5f}" for s in result.layers[:3])
             self.log(f"audio_tower: INT8 sensitivity on {result.windows} windows: most sensitive {worst}; all INT8 "
                      f"{result.cosine_all_int8:.5f}; {len(keep)} layer(s) kept float -> {result.cosine_chosen:.5f}")  # fmt: skip
-        graph, int8 = insert_int8_qdq(graph, amax, set(keep))
+        graph, int8 = insert_int8_qdq(graph, amax, set(keep), self.weight_qmax)
         save_graph(graph, path)
         self.log(f"audio_tower: {len(int8)} of {len(layers)} layers INT8 ({o.method} ranges), {len(keep)} float")
         self.records[AUDIO_TOWER] = {
             "precision": "int8",
-            "scheme": "Q/DQ: int8 symmetric activations (per tensor) and weights (per output channel); float biases",
+            "scheme": f"Q/DQ: int8 symmetric activations (per tensor) and weights in [-{self.weight_qmax}, "
+                      f"{self.weight_qmax}] (per output channel); float biases",
+            "weight_qmax": self.weight_qmax,
             "method": o.method,
             "percentile": o.percentile if o.method == "percentile" else None,
             "calibration": {"folder": str(o.calibration) if o.calibration else None, "windows": len(data.windows),

@@ -34,6 +34,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
 INT8_MAX = 127  # symmetric: [-127, 127], TensorRT's INT8 range for explicit quantization
+# ONNX Runtime's x86 INT8 GEMMs take uint8 activations (int8 ones are shifted by 128) times int8
+# weights. Without VNNI (AVX2, AVX-512 without VNNI) they use vpmaddubsw, which adds two adjacent
+# products into an int16 and saturates once 255 * (|w0| + |w1|) > 32767: measured on an AVX2 EPYC,
+# the demo tower's cosine fell to 0.989 and its WER rose 2.6 points. Weights within +-64 can
+# never saturate (255 * 128 = 32640), so the CPU targets quantize weights to that range (7 bits,
+# as ONNX Runtime's own reduce_range); TensorRT accumulates in int32 and keeps the full range.
+INT8_SATURATION_FREE_MAX = 64
+INT16_MAX = 32767
+U8_MAX = 255
 INT4_MAX = 7  # [-8, 7] stored; symmetric scales use 7
 BLOCK_OPSET = 21  # DequantizeLinear block_size and the INT4 type
 _FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
@@ -196,7 +205,7 @@ class _Rewriter:
             self.model.ir_version = max(self.model.ir_version, 10)  # opset 21 and INT4 came with IR version 10
         return self.model
 
-    def dequantized_weight(self, layer: Layer, bits: int, block_size: int | None) -> str:
+    def dequantized_weight(self, layer: Layer, bits: int, block_size: int | None, qmax: int = INT8_MAX) -> str:
         """A DequantizeLinear of the layer's weight; returns the tensor that replaces the float weight."""
         if (layer.weight, bits) in self.weights:
             return self.weights[(layer.weight, bits)]
@@ -205,7 +214,7 @@ class _Rewriter:
         w = numpy_helper.to_array(tensor)
         base = layer.weight
         if bits == 8:
-            q, scale = quantize_per_channel(w, layer.channel_axis)
+            q, scale = quantize_per_channel(w, layer.channel_axis, qmax)
             q_name = self.add_init(numpy_helper.from_array(q, self.unique(f"{base}_int8")))
             attrs = {"axis": layer.channel_axis}
         else:
@@ -225,12 +234,14 @@ class _Rewriter:
 
 
 def insert_int8_qdq(
-    model: onnx.ModelProto, amax: dict[str, float], keep_float: frozenset[str] | set[str] = frozenset()
+    model: onnx.ModelProto, amax: dict[str, float], keep_float: frozenset[str] | set[str] = frozenset(),
+    weight_qmax: int = INT8_MAX,
 ) -> tuple[onnx.ModelProto, list[str]]:
     """INT8 Q/DQ on the activations and weights of every layer with a range in `amax` (by layer key).
 
     Returns the model (rewritten in place) and the keys of the layers now computed in INT8.
-    Layers without a range or in `keep_float` stay float.
+    Layers without a range or in `keep_float` stay float. Weights take [-weight_qmax, weight_qmax]:
+    INT8_SATURATION_FREE_MAX for graphs that ONNX Runtime runs on CPUs.
     """
     rw = _Rewriter(model)
     quantized, scale_of = [], {}  # activation tensor -> (scale, zero point) initializers
@@ -252,7 +263,7 @@ def insert_int8_qdq(
             helper.make_node("DequantizeLinear", [q, s, z], [dq], name=f"{dq}_node"),
         ])  # fmt: skip
         rw.renamed[(layer.index, 0)] = dq
-        rw.renamed[(layer.index, 1)] = rw.dequantized_weight(layer, 8, None)
+        rw.renamed[(layer.index, 1)] = rw.dequantized_weight(layer, 8, None, weight_qmax)
         quantized.append(layer.key)
     return rw.finish(), quantized
 
@@ -273,6 +284,35 @@ def insert_weight_only(
         rw.renamed[(layer.index, 1)] = rw.dequantized_weight(layer, bits, block_size)
         quantized.append(layer.key)
     return rw.finish(BLOCK_OPSET if bits == 4 else None), quantized
+
+
+def worst_u8s8_pair_sum(model: onnx.ModelProto) -> dict[str, int]:
+    """Per INT8 layer (activation and weight both int8 Q/DQ): the largest sum that vpmaddubsw could
+    form from two uint8 activations and two of the layer's weights, 255 * 2 * max|w|.
+
+    Which weights a kernel pairs depends on its packing, so the bound takes the worst pair. Above
+    INT16_MAX the layer computes differently on CPUs without VNNI; the bound is read from the
+    graph alone, so it holds or fails the same on every machine.
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    return {key: U8_MAX * 2 * int(np.abs(numpy_helper.to_array(inits[q]).astype(np.int32)).max(initial=0))
+            for key, q in int8_layers(model)}
+
+
+def int8_layers(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(layer key, int8 weight initializer) of the Conv / MatMul / Gemm nodes whose activation and
+    weight both come from DequantizeLinear of int8: what ONNX Runtime fuses into integer GEMMs."""
+    inits = {i.name: i for i in model.graph.initializer}
+    produced = {o: n for n in model.graph.node for o in n.output}
+    layers = []
+    for node in model.graph.node:
+        if node.op_type not in QUANTIZABLE_OPS or len(node.input) < 2:
+            continue
+        x, w = (produced.get(name) for name in node.input[:2])
+        if x and w and x.op_type == w.op_type == "DequantizeLinear" and w.input[0] in inits \
+                and inits[w.input[0]].data_type == TensorProto.INT8:  # fmt: skip
+            layers.append((module_path(node) or node.name, w.input[0]))
+    return layers
 
 
 # ---------------------------------------------------------------------------------------------

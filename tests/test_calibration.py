@@ -24,7 +24,7 @@ from fastslm.calibration.gates import (
     GateError, GateReport, GateRow, GateThresholds, run_gates, top1_agreement, wer_rows,
 )
 from fastslm.calibration.qdq import (
-    BLOCK_OPSET, find_layers, insert_int8_qdq, insert_weight_only, pack_int4, quantize_blocks, quantize_per_channel,
+    BLOCK_OPSET, INT8_SATURATION_FREE_MAX, INT16_MAX, find_layers, insert_int8_qdq, insert_weight_only, pack_int4, quantize_blocks, quantize_per_channel, worst_u8s8_pair_sum,
 )
 from fastslm.calibration.ranges import HIST_BINS, AbsHistogram, Ranges, entropy_threshold
 from fastslm.runtime.audio import SAMPLE_RATE, audio_to_windows, load_audio
@@ -140,6 +140,34 @@ def test_int8_qdq_follows_tensorrt_rules_and_stays_accurate():
     assert [a.i for a in head_dq.attribute if a.name == "axis"] == [0]
     assert numpy_helper.to_array(inits[head_dq.input[1]]).shape == (4,)
     assert cosine(run(quantized, x), run(model, x)) > 0.999
+
+
+def vpmaddubsw_gemm(a_u8: np.ndarray, w_s8: np.ndarray) -> np.ndarray:
+    """(M, K) uint8 x (K, N) int8 as x86 CPUs without VNNI compute it: each two neighbouring products
+    along K are added into a saturating int16 (vpmaddubsw), then accumulated in int32."""
+    a, w = a_u8.astype(np.int32), w_s8.astype(np.int32)
+    pairs = a[:, 0::2, None] * w[None, 0::2, :] + a[:, 1::2, None] * w[None, 1::2, :]  # (M, K/2, N)
+    return np.clip(pairs, -INT16_MAX - 1, INT16_MAX).sum(axis=1)
+
+
+def test_cpu_int8_weights_cannot_saturate_on_cpus_without_vnni():
+    """The bound read from the graph matches the arithmetic: full-range weights saturate the AVX2
+    kernel's int16 pairs, weights within INT8_SATURATION_FREE_MAX give the exact int32 GEMM."""
+    model = small_graph()
+    amax = {l.key: 4.0 for l in find_layers(model)}
+    w = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "wq"))  # (K, N)
+    loud = np.full((1, w.shape[0]), 255, np.uint8)  # every activation at the top of its range
+    speech = RNG.integers(0, 256, size=(64, w.shape[0])).astype(np.uint8)
+    q127, _ = quantize_per_channel(w, axis=1)
+    assert not np.array_equal(vpmaddubsw_gemm(loud, q127), loud.astype(np.int32) @ q127.astype(np.int32))
+    q64, _ = quantize_per_channel(w, axis=1, qmax=INT8_SATURATION_FREE_MAX)
+    for a in (loud, speech):
+        np.testing.assert_array_equal(vpmaddubsw_gemm(a, q64), a.astype(np.int32) @ q64.astype(np.int32))
+    full = worst_u8s8_pair_sum(insert_int8_qdq(clone(model), amax)[0])
+    safe = worst_u8s8_pair_sum(insert_int8_qdq(clone(model), amax, weight_qmax=INT8_SATURATION_FREE_MAX)[0])
+    assert set(full) == set(safe) == {"net.conv", "net.attn.q", "net.attn.k", "net.attn.v", "net.attn.out", "head"}
+    assert max(full.values()) == 255 * 2 * 127 > INT16_MAX
+    assert max(safe.values()) == 255 * 2 * INT8_SATURATION_FREE_MAX <= INT16_MAX
 
 
 def test_int8_qdq_in_an_fp16_graph_uses_fp16_scales():

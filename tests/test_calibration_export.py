@@ -23,6 +23,7 @@ from fastslm.calibration.build import QuantOptions
 from fastslm.calibration.cli import app as calibrate_app
 from fastslm.calibration.data import CalibrationSet
 from fastslm.calibration.gates import GateError, GateThresholds
+from fastslm.calibration.qdq import INT8_MAX, INT16_MAX, worst_u8s8_pair_sum
 from fastslm.calibration.ranges import RANGES_FILE, Ranges
 from fastslm.export.bundle_writer import ExportOptions, export_bundle
 from fastslm.export.cli import app as export_app
@@ -151,6 +152,16 @@ def test_int8_graphs_follow_the_explicit_quantization_rules(int8, tmp_path):
     assert {a.i for n in fused for a in n.attribute if a.name == "bits"} == {8}
 
 
+def test_cpu_int8_audio_towers_cannot_saturate_on_any_x86_cpu(int8, int4):
+    """onnx-int8 / onnx-int4 run on ONNX Runtime's CPU kernels: no INT8 layer may hold a weight that
+    saturates vpmaddubsw on CPUs without VNNI, whatever CPU runs this test."""
+    for bundle, manifest, _ in (int8, int4):
+        worst = worst_u8s8_pair_sum(onnx.load(str(bundle / "audio_tower.onnx")))
+        assert len(worst) == manifest["quantization"]["audio_tower"]["layers_int8"] > 0
+        assert max(worst.values()) <= INT16_MAX, {k: v for k, v in worst.items() if v > INT16_MAX}
+        assert manifest["quantization"]["audio_tower"]["weight_qmax"] == 64
+
+
 def test_int8_bundle_runs_on_the_onnx_runtime_backend(int8, fp32, jfk_path):
     backend = OnnxBackend.from_bundle(int8[0], threads=1)
     reference = OnnxBackend.from_bundle(fp32, threads=1)
@@ -248,6 +259,9 @@ def test_trt_int8_engines_build_from_the_qdq_graphs(tiny, calib, tmp_path, llm_b
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["graphs"]["llm"]["precision"] == f"int{llm_bits}" and manifest["quantization"]["gates"]["passed"]
     assert manifest["graphs"]["llm"]["inputs"][3]["dtype"] == "float16"  # fp16 around the quantized GEMMs
+    # TensorRT accumulates INT8 in int32: its weights keep the full range.
+    assert manifest["quantization"]["audio_tower"]["weight_qmax"] == INT8_MAX
+    assert max(worst_u8s8_pair_sum(onnx.load(str(out / "audio_tower.onnx"))).values()) == 255 * 2 * INT8_MAX
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,11 @@ JFK = (
 
 @pytest.fixture(scope="module")
 def sets() -> texts.SentenceSets:
+    """The real sentence sets; skipped, naming the packages, where Debian's fortunes / WordNet are not installed."""
+    try:
+        texts.require_sources()
+    except texts.MissingTextSources as exc:
+        pytest.skip(f"needs Debian packages: {exc}")
     return texts.load_sentences(seed=0)
 
 

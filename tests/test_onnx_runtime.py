@@ -1,7 +1,7 @@
 """The ONNX Runtime backend against the PyTorch reference, and fastslm-run on bundles.
 
 Parity (per model folder in MODEL_FOLDERS; the shipped demo model joins once it exists):
-speech tokens and LLM logits from ORT vs PyTorch (fp32: max |diff| <= 1e-4; fp16: cosine >=
+speech tokens and LLM logits from ORT vs PyTorch (fp32: max |diff| <= 5e-5 of the largest output; fp16: cosine >=
 0.999), and the first 64 greedy tokens through the same `Pipeline` loop. fp16 sessions are
 created only in a child process, so an onnxruntime crash fails a test instead of the run.
 """
@@ -39,7 +39,13 @@ from fastslm.runtime.onnx_backend import OnnxBackend, resolve_providers, session
 from fastslm.runtime.sampling import SamplingOptions
 from fastslm.runtime.tokenizer import Tokenizer
 
-FP32_TOL = 1e-4
+# fp32 parity as the largest difference over the largest magnitude of the reference output: the
+# rounding of a deep fp32 network scales with its activations, and x86 kernels (AVX2 vs AVX-512,
+# MKL vs MLAS) round differently. Measured on the demo model's 95 s speech tokens (up to 17.7):
+# 1.6e-6 with torch's AVX-512 kernels, 1.2e-5 with its AVX2 ones (ATEN_CPU_CAPABILITY=avx2
+# MKL_ENABLE_INSTRUCTIONS=AVX2), as on an AVX2-only EPYC (2.07e-4 absolute). A broken graph is
+# off by 1e-2 or more.
+FP32_RTOL = 5e-5
 FP16_MIN_COSINE = 0.999
 GREEDY_TOKENS = 64
 # A greedy choice may legitimately flip where PyTorch's top two logits are closer than the
@@ -150,6 +156,12 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+def relative_error(got: np.ndarray, expected: np.ndarray) -> float:
+    """max |got - expected| over max |expected| (see FP32_RTOL)."""
+    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+    return float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-30))
+
+
 # ---- fp32 parity -----------------------------------------------------------------------------
 
 
@@ -161,9 +173,9 @@ def test_speech_tokens_fp32(which, reference, ort_fp32, jfk_path, long_audio):
         expected = reference.encode_audio(torch.from_numpy(windows)).numpy()
     got = ort_fp32.encode_windows(windows)  # 4 windows run as batches of 3 + 1
     assert got.shape == expected.shape == (len(windows), reference.config.tokens_per_window, reference.config.qwen3.hidden_size)
-    diff = float(np.abs(got - expected).max())
-    print(f"speech tokens fp32 {which}: max |ORT - PyTorch| {diff:.2e}")
-    assert diff <= FP32_TOL
+    error = relative_error(got, expected)
+    print(f"speech tokens fp32 {which}: max |ORT - PyTorch| / max |PyTorch| {error:.2e}")
+    assert error <= FP32_RTOL
 
 
 def prompt_embeds(reference: FastSLM, tokenizer_path: Path, windows: np.ndarray) -> np.ndarray:
@@ -182,8 +194,8 @@ def test_llm_logits_fp32_prefill_then_decode(reference, ort_fp32, bundles, jfk_p
     with torch.no_grad():
         ref = llm(inputs_embeds=torch.from_numpy(embeds)[None])  # every position's logits
     logits, cache = ort_fp32.run_llm(embeds, ort_fp32.empty_cache())  # zero-length past
-    diffs = {"prefill logits": np.abs(logits - ref.logits[0].numpy()).max()}
-    diffs["prefill KV"] = max(np.abs(a - b.numpy()).max() for a, b in zip(cache.keys + cache.values, ref.past.keys + ref.past.values))
+    diffs = {"prefill logits": relative_error(logits, ref.logits[0].numpy())}
+    diffs["prefill KV"] = max(relative_error(a, b.numpy()) for a, b in zip(cache.keys + cache.values, ref.past.keys + ref.past.values))
     ref_cache = ref.past
     token = int(ref.logits[0, -1].argmax())
     for step in range(8):  # decode steps with a growing past
@@ -193,12 +205,12 @@ def test_llm_logits_fp32_prefill_then_decode(reference, ort_fp32, bundles, jfk_p
         with torch.no_grad():
             out = llm(inputs_embeds=torch.from_numpy(x)[None], past=ref_cache, last_only=True)
         ref_cache = out.past
-        diffs[f"decode {step}"] = np.abs(got - out.logits[0, -1].numpy()).max()
+        diffs[f"decode {step}"] = relative_error(got, out.logits[0, -1].numpy())
         token = int(out.logits[0, -1].argmax())
-    diffs["final KV"] = max(np.abs(a - b.numpy()).max() for a, b in zip(cache.keys + cache.values, ref_cache.keys + ref_cache.values))
-    print("LLM fp32 max |ORT - PyTorch|:", {k: f"{v:.2e}" for k, v in diffs.items()})
+    diffs["final KV"] = max(relative_error(a, b.numpy()) for a, b in zip(cache.keys + cache.values, ref_cache.keys + ref_cache.values))
+    print("LLM fp32 max |ORT - PyTorch| / max |PyTorch|:", {k: f"{v:.2e}" for k, v in diffs.items()})
     assert cache.length == len(embeds) + 8
-    assert max(diffs.values()) <= FP32_TOL, diffs
+    assert max(diffs.values()) <= FP32_RTOL, diffs
 
 
 def test_chunked_prefill_equals_one_prefill(ort_fp32, reference, bundles, jfk_path):
@@ -208,9 +220,9 @@ def test_chunked_prefill_equals_one_prefill(ort_fp32, reference, bundles, jfk_pa
     whole, _ = ort_fp32.run_llm(embeds, ort_fp32.empty_cache())
     _, cache = ort_fp32.run_llm(embeds[:7], ort_fp32.empty_cache())
     tail, cache = ort_fp32.run_llm(embeds[7:], cache)
-    assert np.abs(tail - whole[7:]).max() <= FP32_TOL and cache.length == len(embeds)
+    assert relative_error(tail, whole[7:]) <= FP32_RTOL and cache.length == len(embeds)
     only_last, _ = ort_fp32.run_llm(embeds, ort_fp32.empty_cache(), np.array([len(embeds) - 1]))
-    assert only_last.shape == (1, whole.shape[1]) and np.abs(only_last[0] - whole[-1]).max() <= FP32_TOL
+    assert only_last.shape == (1, whole.shape[1]) and relative_error(only_last[0], whole[-1]) <= FP32_RTOL
 
 
 @pytest.mark.parametrize("which", ["jfk", "95 s"])

@@ -84,6 +84,7 @@ def answer_in_parts(
     per_window = pipe.backend.tokens_per_window
     total = session.speech.seconds
     parts = []
+    prefilled: list[int] = []  # positions prefilled per LLM call (each part, each reduce turn)
     first_at: float | None = None
     for index, (start, end) in enumerate(plan_parts(session, prompt, language, sampling.max_new_tokens)):
         seconds = min(end * 30.0, total) - start * 30.0
@@ -100,6 +101,7 @@ def answer_in_parts(
                 pass
         result = part.last_result
         timings["prefill_s"] += result.timings["prefill_s"]
+        prefilled.append(result.prompt_tokens)
         parts.append({"start": start * 30.0, "end": start * 30.0 + seconds, "text": result.text, "token_ids": result.token_ids})
 
     decode_start = time.perf_counter()
@@ -107,7 +109,7 @@ def answer_in_parts(
         text = " ".join(p["text"] for p in parts if p["text"])
         ids = [t for p in parts for t in p["token_ids"]]
     else:
-        reduced = yield from _reduce(session, instruction, task, parts, sampling, timings)
+        reduced = yield from _reduce(session, instruction, task, parts, sampling, timings, prefilled)
         first_at = reduced.first_at
         text, ids = pipe.tokenizer.decode(reduced.ids).strip(), reduced.ids
     timings["time_to_first_token_s"] = (first_at or time.perf_counter()) - asked
@@ -115,7 +117,7 @@ def answer_in_parts(
     return GenerationResult(
         text=text,
         token_ids=ids,
-        prompt_tokens=0,
+        prompt_tokens=sum(prefilled),  # every position prefilled: the parts' prompts and the reduce turns'
         n_windows=session.speech.n_windows,
         audio_seconds=total,
         timings=timings,
@@ -124,7 +126,7 @@ def answer_in_parts(
     )
 
 
-def _reduce(session, instruction: str, task: Task, parts: list[dict], sampling, timings):
+def _reduce(session, instruction: str, task: Task, parts: list[dict], sampling, timings, prefilled: list[int]):
     """One text-only turn over the partial answers (recursively over groups when they do not fit)."""
     from .generate import Prefill
     from .session import TimedTokens
@@ -141,11 +143,12 @@ def _reduce(session, instruction: str, task: Task, parts: list[dict], sampling, 
         half = len(parts) // 2
         merged = []
         for group in (parts[:half], parts[half:]):
-            inner = _drain(_reduce(session, instruction, task, group, sampling, timings))
+            inner = _drain(_reduce(session, instruction, task, group, sampling, timings, prefilled))
             text = pipe.tokenizer.decode(inner.ids).strip()
             merged.append({"start": group[0]["start"], "end": group[-1]["end"], "text": text})
-        return (yield from _reduce(session, instruction, task, merged, sampling, timings))
+        return (yield from _reduce(session, instruction, task, merged, sampling, timings, prefilled))
     t0 = time.perf_counter()
+    prefilled.append(len(ids))
     logits, cache = backend.decode(backend.embed_tokens(np.asarray(ids, dtype=np.int64)), backend.empty_cache())
     timings["prefill_s"] += time.perf_counter() - t0
     tokens = TimedTokens(pipe.decode_tokens(Prefill(cache, logits, cache.length), sampling))

@@ -281,12 +281,14 @@ def test_past_the_context_questions_are_answered_in_parts(tmp_path):
         assert all(r.token_ids for r in per_part)
         if prompt == "transcribe":  # joined in order
             assert result.token_ids == [t for r in per_part for t in r.token_ids]
+            assert result.prompt_tokens == sum(r.prompt_tokens for r in per_part)
         else:  # reduce: one text-only turn over the partial answers
             reduce_prompt = build_text_prompt(_reduce_instruction(prompt, Task.SQQA, result.parts))
             ids = pipe.tokenizer.encode(reduce_prompt)
             assert len(ids) + 8 <= 224
             logits, cache = pipe.backend.decode(pipe.backend.embed_tokens(np.asarray(ids)), pipe.backend.empty_cache())
             assert result.token_ids == list(pipe.decode_tokens(Prefill(cache, logits, cache.length), sampling))
+            assert result.prompt_tokens == sum(r.prompt_tokens for r in per_part) + len(ids)
             assert result.token_ids != per_part[0].token_ids or result.token_ids != per_part[1].token_ids
 
 

@@ -40,7 +40,7 @@ def resolve_providers(requested: Sequence[str] | str | None = None) -> list[str]
         raise OptionError("the provider list is empty: name at least one, e.g. CPUExecutionProvider")
     for p in chosen:
         if p not in available:
-            hint = (" (switch to the CUDA build: pip uninstall -y onnxruntime && pip install 'fastslm[gpu]')"
+            hint = (" (switch to the CUDA build, onnxruntime-gpu: pip uninstall -y onnxruntime && pip install 'fastslm[gpu]')"
                     if p in PROVIDER_PREFERENCE[:2] else "")
             raise OptionError(f"execution provider {p} is not available here{hint}; available: {', '.join(available)}")
     return chosen

@@ -84,6 +84,22 @@ def test_export_cli_force_on_a_user_folder_loses_nothing(tmp_path):
     assert _tree(out) == before
 
 
+def test_export_of_a_real_model_with_force_keeps_a_user_folder(tmp_path):
+    """As reported: a valid model, --force, and an --out full of the user's files. Before, the export
+    ran and replaced the folder (exit 0); now it is refused before the model is even loaded."""
+    pytest.importorskip("torch")
+    from fastslm.export.cli import app
+    from fastslm.models.tiny import build_tiny_model
+
+    model = tmp_path / "tiny"
+    build_tiny_model(model, seed=0)
+    out = _user_folder(tmp_path / "out")
+    before = _tree(out)
+    result = runner.invoke(app, ["--model", str(model), "--out", str(out), "--force"])
+    assert result.exit_code == 2 and "fastslm did not write" in result.stderr, result.output
+    assert _tree(out) == before and _stages(tmp_path) == []
+
+
 # ---- defect 3: --out is checked before any work --------------------------------------------
 
 

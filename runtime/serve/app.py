@@ -77,7 +77,9 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": engine.pipe.model_name, "waiting": engine.waiting, **engine.stats}
+        pipe = engine.pipe
+        return {"status": "ok", "model": pipe.model_name, "variant": pipe.variant, "waiting": engine.waiting,
+                **engine.stats}  # fmt: skip
 
     @app.get("/v1/models")
     async def models() -> dict:

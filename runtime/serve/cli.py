@@ -60,12 +60,12 @@ def run_server(options, model, backend: str = "auto", precision: str = "auto", p
     from .app import create_app
     from .engine import Engine
 
-    pipe = Pipeline.load(model, backend, precision, providers=providers)
-    warn_if_exposed(options)
-    typer.echo(f"fastslm-serve: model {pipe.model_name} on {pipe.backend.name}, "
-               f"OpenAI API at http://{options.host}:{options.port}/v1", err=True)  # fmt: skip
-    uvicorn.run(create_app(Engine(pipe, options)), host=options.host, port=options.port, log_level="warning",
-                timeout_graceful_shutdown=5)  # fmt: skip
+    with Pipeline.load(model, backend, precision, providers=providers) as pipe:  # TensorRT saves its cache on close
+        warn_if_exposed(options)
+        typer.echo(f"fastslm-serve: model {pipe.model_name} on {pipe.variant}, "
+                   f"OpenAI API at http://{options.host}:{options.port}/v1", err=True)  # fmt: skip
+        uvicorn.run(create_app(Engine(pipe, options)), host=options.host, port=options.port, log_level="warning",
+                    timeout_graceful_shutdown=5)  # fmt: skip
 
 
 def run_on_ray(options, model, backend, precision, providers, min_replicas, max_replicas, cpus, gpus) -> None:

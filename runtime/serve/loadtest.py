@@ -157,12 +157,15 @@ def bench(
             raise OptionError(f"--cache {cache!r} is unknown: use miss or hit")
         if not audio.is_file():
             raise OptionError(f"audio file {audio} does not exist: check the path")
+        import httpx
         sent = RequestAudio(audio, distinct=cache == "miss")
         with server_at(url, model, workers, queue_size=max(counts) * 2) as base:
+            served = httpx.get(f"{base}/health", timeout=30).json()
             run_level(base, 1, sent, prompt, 1, max_seconds)  # warm-up, not counted
             levels = [run_level(base, n, sent, prompt, requests, max_seconds) for n in counts]
         load = os.getloadavg()[0]  # other work on the machine shares its cores: say how much there was
-        typer.echo(f"fastslm-serve-bench: {audio.name}, prompt {prompt!r}, cache {cache}, {requests} requests or "
+        typer.echo(f"fastslm-serve-bench: {served['model']} on {served['variant']}, {audio.name}, prompt {prompt!r}, "
+                   f"cache {cache}, {requests} requests or "
                    f"{max_seconds:g} s per level, {os.cpu_count()} CPUs {platform.machine()}, "
                    f"load average {load:.1f} at the end")  # fmt: skip
         typer.echo("| clients | requests | errors | req/s | p50 s | p95 s |")

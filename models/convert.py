@@ -2,6 +2,7 @@
 
     fastslm-convert --checkpoint Stage3_FastSLM.pt --qwen Qwen3-4B/ --out fastslm-4b/
     fastslm-convert --checkpoint adapter_lora.pt --whisper large-v3.pt --qwen Qwen3-4B/ --out fastslm-4b/
+    fastslm-convert --random-init published --out fastslm-4b-random/ [--llm-layers 2 --encoder-layers 2]
 """
 
 from __future__ import annotations
@@ -22,18 +23,31 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 @app.command()
 def convert(
-    checkpoint: Annotated[Path, typer.Option(help="Published FastSLM state dict (.pt), full or adapter+LoRA only.")],
-    qwen: Annotated[Path, typer.Option(help="Qwen3-4B folder: config.json, tokenizer.json (+ safetensors if needed).")],
     out: Annotated[Path, typer.Option(help="Model folder to write.")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Published FastSLM state dict (.pt), full or adapter+LoRA only.")] = None,
+    qwen: Annotated[Optional[Path], typer.Option(help="Qwen3-4B folder: config.json, tokenizer.json (+ safetensors if needed).")] = None,
     whisper: Annotated[Optional[Path], typer.Option(help="Whisper large-v3 (.pt or HF folder) for adapter-only checkpoints.")] = None,
     lora_alpha: Annotated[float, typer.Option(help="LoRA alpha used in training.")] = 64.0,
     lora_r: Annotated[int, typer.Option(help="LoRA rank used in training.")] = 16,
     dtype: Annotated[str, typer.Option(help="Stored weight precision: float32, float16 or bfloat16.")] = "float16",
     force: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
+    random_init: Annotated[Optional[str], typer.Option(help="Instead of a checkpoint: random weights at these shapes ('published').", rich_help_panel="Random weights")] = None,
+    llm_layers: Annotated[Optional[int], typer.Option(help="--random-init: LLM layers (default: the preset's).", rich_help_panel="Random weights")] = None,
+    encoder_layers: Annotated[Optional[int], typer.Option(help="--random-init: Whisper encoder layers (default: the preset's).", rich_help_panel="Random weights")] = None,
+    seed: Annotated[int, typer.Option(help="--random-init: seed of every tensor's generator.", rich_help_panel="Random weights")] = 0,
 ) -> None:
     with reported_in_one_line("fastslm-convert", "interrupted; nothing was written"):
         if dtype not in DTYPES:
             raise OptionError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        if random_init is not None:
+            if checkpoint is not None or qwen is not None or whisper is not None:
+                raise OptionError("--random-init makes weights itself: leave out --checkpoint, --qwen and --whisper")
+            _write_random(out, random_init, llm_layers, encoder_layers, seed, getattr(torch, dtype), force)
+            return
+        if llm_layers is not None or encoder_layers is not None:
+            raise OptionError("--llm-layers and --encoder-layers apply to --random-init only")
+        if checkpoint is None or qwen is None:
+            raise OptionError("pass --checkpoint and --qwen (the published files), or --random-init published")
         if lora_r < 1 or lora_alpha <= 0:
             raise OptionError("--lora-r must be >= 1 and --lora-alpha > 0")
         import torch
@@ -48,6 +62,37 @@ def convert(
             model.save_pretrained(output.path)
             output.publish()
         typer.echo(f"fastslm-convert: wrote {out} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {dtype})")
+
+
+def _write_random(out: Path, preset: str, llm_layers: int | None, encoder_layers: int | None, seed: int,
+                  dtype, force: bool) -> None:  # fmt: skip
+    import sys
+
+    from tqdm import tqdm
+
+    from .random_init import PRESETS, published_config, weight_bytes, write_random_model
+
+    if preset not in PRESETS:
+        raise OptionError(f"--random-init {preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    for flag, n in (("--llm-layers", llm_layers), ("--encoder-layers", encoder_layers)):
+        if n is not None and not 1 <= n <= 64:
+            raise OptionError(f"{flag} must be between 1 and 64, got {n}")
+    out = out.resolve()
+    prepare_output_dir(out, force)
+    config = published_config(llm_layers, encoder_layers)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with tqdm(total=weight_bytes(config, dtype), unit="B", unit_scale=True, desc="random weights",
+                  file=sys.stderr, disable=None) as bar:  # fmt: skip
+            total = write_random_model(staging, config, seed=seed, dtype=dtype, progress=bar.update)
+        staging.chmod(0o755)
+        publish_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    typer.echo(f"fastslm-convert: wrote {out} ({config.description}; {total / 1e9:.2f} GB of "
+               f"{str(dtype).removeprefix('torch.')} weights, seed {seed})")  # fmt: skip
 
 
 def main() -> None:

@@ -12,16 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ..runtime.bundle import CONFIG_FILE, MODEL_FORMAT, MODEL_FORMAT_VERSION, TOKENIZER_FILE, WEIGHTS_FILE
+from ..runtime.bundle import (
+    CONFIG_FILE, MODEL_FORMAT, MODEL_FORMAT_VERSION, TOKENIZER_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE,
+)  # fmt: skip
 from ..runtime.errors import ModelFileError
 from .hfq_former import HFQFormer, HFQFormerDims
 from .qwen3 import Qwen3Dims, Qwen3ForCausalLM
 from .weights import assign_checked
 from .whisper_encoder import WhisperEncoder, WhisperEncoderDims
 
+PARTS = ("encoder", "llm")  # the model's two top-level modules: the audio tower and the LLM
 
 
 @dataclass(frozen=True)
@@ -120,25 +123,59 @@ class FastSLM(nn.Module):
                 (folder / TOKENIZER_FILE).write_bytes(source.read_bytes())
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> "FastSLM":
+    def from_pretrained(
+        cls, folder: str | Path, dtype: torch.dtype = torch.float32, parts: tuple[str, ...] = PARTS
+    ) -> "FastSLM":
+        """Load a model folder (model.safetensors, or shards with model.safetensors.index.json).
+
+        Only the named `parts` ("encoder", "llm") are read, each tensor cast to `dtype` as it is
+        read; the others stay on the meta device (an exporter that streams the LLM's weights
+        itself needs the audio tower only).
+        """
         folder = Path(folder)
-        config_path = folder / CONFIG_FILE
-        if not config_path.is_file():
-            raise ModelFileError(f"{folder} has no {CONFIG_FILE}: give a fastslm model folder (see `fastslm-convert`)")
-        try:
-            config = FastSLMConfig.from_dict(json.loads(config_path.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise ModelFileError(f"{config_path} is unreadable ({exc}); re-create the model folder") from None
-        weights = folder / WEIGHTS_FILE
-        if not weights.is_file():
+        config = read_config(folder)
+        if not (folder / WEIGHTS_FILE).is_file() and not (folder / WEIGHTS_INDEX_FILE).is_file():
             raise ModelFileError(f"{folder} has no {WEIGHTS_FILE}; re-create the model folder")
-        model = cls(config)
-        try:
-            tensors = load_file(str(weights))
-        except Exception as exc:  # safetensors raises several types for damaged files
-            raise ModelFileError(f"{weights} is damaged ({exc}); re-create the model folder") from None
-        assign_checked(model, tensors, ignore=_derived_keys(model), source=str(weights))
-        return model.to(dtype).eval()
+        unknown = [p for p in parts if p not in PARTS]
+        if unknown:
+            raise ValueError(f"unknown model parts {unknown}; choose from {PARTS}")
+        from .weights import SafetensorsFolder
+
+        store = SafetensorsFolder(folder)
+        with torch.device("meta"):
+            model = cls(config)
+        derived = _derived_keys(model)
+        for part in parts:
+            prefix = part + "."
+            tensors = {k[len(prefix) :]: store.get(k, dtype) for k in store.keys() if k.startswith(prefix)}
+            ignore = [n[len(prefix) :] for n in derived if n.startswith(prefix)]
+            assign_checked(getattr(model, part), tensors, ignore=ignore, source=str(folder))
+        _fill_derived(model, dtype)
+        stray = [k for k in store.keys() if k.split(".", 1)[0] not in PARTS]
+        if stray:
+            raise ModelFileError(f"{folder} has unexpected key {stray[0]}: the weights are for another model")
+        return model.eval()
+
+
+def read_config(folder: Path) -> FastSLMConfig:
+    config_path = Path(folder) / CONFIG_FILE
+    if not config_path.is_file():
+        raise ModelFileError(f"{folder} has no {CONFIG_FILE}: give a fastslm model folder (see `fastslm-convert`)")
+    try:
+        return FastSLMConfig.from_dict(json.loads(config_path.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"{config_path} is unreadable ({exc}); re-create the model folder") from None
+
+
+def _fill_derived(model: FastSLM, dtype: torch.dtype) -> None:
+    """Give the sinusoid buffers of a model built on the meta device their values (they are never stored)."""
+    from .whisper_encoder import sinusoids
+
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta and (name.endswith("_pos_embeds") or name.endswith("positional_embedding")):
+            owner_name, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            owner.register_buffer(leaf, sinusoids(*buffer.shape).to(dtype), persistent=True)
 
 
 def _derived_keys(model: FastSLM) -> tuple[str, ...]:

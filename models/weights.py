@@ -137,3 +137,49 @@ def read_safetensors_folder(folder: Path, dtype: torch.dtype, skip: Iterable[str
         except (SafetensorError, OSError) as exc:
             raise ModelFileError(f"cannot read {path}: {exc}; the file is corrupt or truncated, download it again") from None
     return tensors
+
+
+class SafetensorsFolder:
+    """The tensors of a folder's model.safetensors or shards, read one at a time on demand.
+
+    Nothing is read until asked for, so a 9 GB model can be exported, quantized or checked tensor
+    by tensor with memory for one tensor (safetensors memory-maps the file).
+    """
+
+    def __init__(self, folder: Path):
+        from safetensors import SafetensorError, safe_open
+
+        self.folder = Path(folder)
+        self._handles: dict[str, Any] = {}
+        self._file_of: dict[str, Path] = {}
+        for path in safetensors_files(self.folder):
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as exc:
+                raise ModelFileError(f"{path} is damaged ({exc}); re-create the model folder") from None
+            self._handles[str(path)] = handle
+            for key in handle.keys():
+                self._file_of[key] = path
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[str(self._file_of[name])].get_slice(name).get_shape())
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        from safetensors import SafetensorError
+
+        if name not in self._file_of:
+            raise ModelFileError(f"{self.folder} lacks {name}: the weights are incomplete or for another model")
+        try:
+            t = self._handles[str(self._file_of[name])].get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise ModelFileError(f"cannot read {name} from {self._file_of[name]}: {exc}; re-create the model folder") from None
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in set(self._file_of.values()))

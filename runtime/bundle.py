@@ -45,6 +45,7 @@ MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.json"  # a model folder's and a bundle's
 TOKENIZER_FILE = "tokenizer.json"  # a model folder's and a bundle's
 WEIGHTS_FILE = "model.safetensors"  # a model folder's
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"  # sharded weights (Hugging Face's layout)
 EMBEDDINGS_FILE = "embed_tokens.npy"  # a bundle's token-embedding table
 BUNDLE_FORMAT = "fastslm-bundle"
 BUNDLE_FORMAT_VERSION = 1

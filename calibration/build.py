@@ -33,7 +33,7 @@ from ..runtime.bundle import AUDIO_TOWER, CONFIG_FILE, LLM, TOKENIZER_FILE, Bund
 from ..runtime.errors import OptionError
 from ..runtime.onnx_backend import OnnxBackend, session_options
 from .data import DEFAULT_MAX_WINDOWS, CalibrationSet, collect
-from .gates import GateThresholds, eval_items, run_gates
+from .gates import GateRow, GateThresholds, eval_items, run_gates
 from .qdq import INT8_MAX, INT8_SATURATION_FREE_MAX, find_layers, insert_int8_qdq, insert_weight_only, load_graph, save_graph
 from .ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS, RANGES_FILE, Ranges, collect_ranges, weights_fingerprint
 
@@ -74,6 +74,8 @@ class CheckBackend(OnnxBackend):
 # along K are an eighth of a row) INT4 LLM logits 0.897 on the random "batch 2 chunk" case, while
 # its WER gate on speech passes. A broken graph lands far below these bounds.
 VALIDATION_MIN_COSINE = {AUDIO_TOWER: 0.98, (LLM, 8): 0.99, (LLM, 4): 0.8}
+STREAMED_LLM_NOTE = ("the LLM was exported streamed, with no fp32 copy in memory to decode with; its graph was "
+                     "validated against fp32 PyTorch layer by layer (manifest: graphs.llm.validation)")
 
 
 @dataclass(frozen=True)
@@ -206,13 +208,22 @@ class Quantizer:
         reference = TorchBackend(self.reference)
         tokenizer = Tokenizer.from_file(stage / TOKENIZER_FILE)
         items, why = eval_items(o.eval_corpus, o.wer_items)
+        # A streamed LLM (export/streamed.py) has no fp32 copy in memory to decode with: its gates
+        # cannot run here, and its graph was held to PyTorch layer by layer instead.
+        llm_in_memory = not self.reference.llm.lm_head.weight.is_meta
+        if not llm_in_memory:
+            items, why = [], STREAMED_LLM_NOTE
         report = run_gates(
             reference, candidate, tokenizer,
             title=f"accuracy gates: {self.target.name} vs FP32 ({dims.name})",
             windows=self.calibration().subset(max(1, o.gate_windows)),
-            audio_quantized=True, llm_bits=self.llm_bits, thresholds=o.thresholds,
+            audio_quantized=True, llm_bits=self.llm_bits if llm_in_memory else None, thresholds=o.thresholds,
             items=items, no_wer_reason=why, log=self.log,
         )  # fmt: skip
+        if not llm_in_memory:
+            report.rows.append(GateRow(f"LLM top-1 agreement, INT{self.llm_bits} weights", "",
+                                       f">= {100 * o.thresholds.top1(self.llm_bits):g}%", None,
+                                       note=f"skipped: {STREAMED_LLM_NOTE}"))  # fmt: skip
         self.log(report.table())
         report.enforce(o.override_gates)
         if report.failed:
@@ -296,6 +307,28 @@ class Quantizer:
             raise OptionError(f"--llm-keep-float {unknown[0]!r} is not an LLM layer; e.g. {', '.join(layers[-3:])}")
         graph, quantized = insert_weight_only(graph, self.llm_bits, o.block_size, set(o.llm_keep_float))
         save_graph(graph, path)
+        self.record_llm(quantized, layers)
+
+    # ---- an LLM exported streamed (export/streamed.py): quantized while its weights are written
+
+    def llm_plan(self) -> tuple[int, int, frozenset[str]]:
+        """(bits, INT4 block size, layers kept float) for a streamed LLM."""
+        return self.llm_bits, self.options.block_size, frozenset(self.options.llm_keep_float)
+
+    def llm_tolerance(self) -> Any:
+        from ..export.graphs import Tolerance
+
+        return Tolerance(min_cosine=VALIDATION_MIN_COSINE[(LLM, self.llm_bits)])
+
+    def session(self, path: Path) -> ort.InferenceSession:
+        return check_session(path, self.fp16)
+
+    def record_llm(self, quantized: list[str], layers: list[str]) -> None:
+        """Log and record the LLM's quantization; `layers`: the keys of all its weight matrices."""
+        o = self.options
+        unknown = [k for k in o.llm_keep_float if k not in layers]
+        if unknown:
+            raise OptionError(f"--llm-keep-float {unknown[0]!r} is not an LLM layer; e.g. {', '.join(layers[-3:])}")
         scheme = "per output channel" if self.llm_bits == 8 else f"blocks of {o.block_size} along K"
         self.log(f"llm: {len(quantized)} of {len(layers)} weight matrices INT{self.llm_bits} ({scheme}), weight-only")
         self.records[LLM] = {

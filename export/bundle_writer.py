@@ -16,15 +16,17 @@ import platform
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from ..models.fastslm import FastSLM
+from ..models.fastslm import PARTS, FastSLM, read_config
 from ..runtime.bundle import (
-    BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, CONFIG_FILE, EMBEDDINGS_FILE, MANIFEST_FILE, TOKENIZER_FILE, sha256_file,
+    BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, CONFIG_FILE, EMBEDDINGS_FILE, LLM, MANIFEST_FILE, TOKENIZER_FILE,
+    sha256_file,
 )
 from ..runtime.errors import ModelFileError
 from ..runtime.output_folder import OutputFolder
@@ -36,6 +38,11 @@ from .targets import Target, get_target
 
 if TYPE_CHECKING:
     from .tensorrt_build import BuildOptions
+
+# Above this many bytes of fp32 LLM weights the LLM is exported streamed: the in-memory path holds
+# the fp32 model, an fp16 copy and the optimizer's transposed weights (3.3x the weights measured
+# at the published widths), which for Qwen3-4B is far beyond a 24 GB machine.
+STREAM_LLM_ABOVE = 2**30
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,9 @@ class ExportOptions:
     trt: "BuildOptions | None" = None  # TensorRT builder options for trt-* targets
     trt_limits: dict = field(default_factory=dict)  # max_windows, max_context, prefill_chunk (None = default)
     quantization: Any = None  # calibrated targets: fastslm.calibration.build.QuantOptions (None = defaults)
+    # The LLM graph traced without weights and filled from the model folder tensor by tensor
+    # (export/streamed.py); None: when its fp32 weights exceed STREAM_LLM_ABOVE.
+    stream_llm: bool | None = None
 
 
 @dataclass
@@ -57,6 +67,7 @@ class ExportReport:
     out: Path
     manifest: dict
     diffs: dict[str, list[OutputDiff]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per step
 
 
 def export_bundle(options: ExportOptions, log: Callable[[str], None] | None = None) -> ExportReport:
@@ -83,16 +94,28 @@ def _export(options: ExportOptions, target: Target, model_dir: Path, output: Out
         raise ModelFileError(f"{model_dir} has no {TOKENIZER_FILE}: pass a complete fastslm model folder")
 
     # load; export, post-process, check, validate per graph; tables; manifest
+    config = read_config(model_dir)
+    streamed = options.stream_llm if options.stream_llm is not None else llm_fp32_bytes(config) > STREAM_LLM_ABOVE
     rewrites = target.post_process is not None or target.quantizer is not None
     steps = 1 + len(GRAPHS) * (4 if rewrites else 3) + 2 + (target.runtime == "tensorrt") + (target.quantizer is not None)
+    steps += streamed and not rewrites  # the streamed LLM: trace, fill, check, validate
     with tqdm(total=steps, desc="fastslm-export", unit="step", file=sys.stderr, disable=_disable(options.progress)) as bar:
         write = log or (lambda line: tqdm.write(line, file=sys.stderr))
 
-        def step(what: str) -> None:
-            bar.set_postfix_str(what, refresh=True)
+        timings: dict[str, float] = {}  # step -> seconds: what docs/SCALE.md reports per stage
+        current = {"what": None, "since": time.perf_counter()}
+
+        def step(what: str | None) -> None:
+            now = time.perf_counter()
+            if current["what"] is not None:
+                timings[current["what"]] = timings.get(current["what"], 0.0) + now - current["since"]
+            current.update(what=what, since=now)
+            if what is not None:
+                bar.set_postfix_str(what, refresh=True)
 
         step("loading the model")
-        reference = FastSLM.from_pretrained(model_dir)  # fp32: what every graph is validated against
+        # fp32: what every graph is validated against. A streamed LLM is read tensor by tensor instead.
+        reference = FastSLM.from_pretrained(model_dir, parts=("encoder",) if streamed else PARTS)
         same = target.dtype == reference.llm.lm_head.weight.dtype
         model = reference if same else copy.deepcopy(reference).to(target.dtype)  # the copy is what gets exported
         # Calibrated targets: one quantizer per export rewrites the graphs and gates the result.
@@ -101,12 +124,26 @@ def _export(options: ExportOptions, target: Target, model_dir: Path, output: Out
 
         graphs, diffs = {}, {}
         for spec in graph_specs(reference.config):
+            if streamed and spec.name == LLM:
+                graphs[spec.name], diffs[spec.name] = _streamed_graph(
+                    spec, model_dir, reference.config, stage, target, options, step, bar, write, quantizer
+                )
+                continue
             graphs[spec.name], diffs[spec.name] = _one_graph(
                 spec, model, reference, stage, target, options, step, bar, write, quantizer
             )
         step("writing the embedding table")
-        table = model.llm.model.embed_tokens.weight.detach().numpy().astype(target.float_dtype)
-        np.save(stage / EMBEDDINGS_FILE, table)
+        if streamed:
+            from ..models.weights import SafetensorsFolder
+            from .streamed import write_embedding_table
+
+            shape = write_embedding_table(SafetensorsFolder(model_dir), stage / EMBEDDINGS_FILE, target.float_dtype)
+            table = {"dtype": target.float_dtype, "shape": list(shape)}
+        else:
+            array = model.llm.model.embed_tokens.weight.detach().numpy().astype(target.float_dtype)
+            np.save(stage / EMBEDDINGS_FILE, array)
+            table = {"dtype": str(array.dtype), "shape": list(array.shape)}
+            del array
         shutil.copyfile(model_dir / CONFIG_FILE, stage / CONFIG_FILE)
         shutil.copyfile(model_dir / TOKENIZER_FILE, stage / TOKENIZER_FILE)
         bar.update()
@@ -132,8 +169,10 @@ def _export(options: ExportOptions, target: Target, model_dir: Path, output: Out
         (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         output.publish()
         bar.update()
+        step(None)
     write(f"fastslm-export: wrote {out} ({target.name}, {_size(out)})")
-    return ExportReport(out, manifest, diffs)
+    write("fastslm-export: seconds per step: " + "; ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    return ExportReport(out, manifest, diffs, timings)
 
 
 def _one_graph(spec: GraphSpec, model, reference, stage: Path, target: Target, options: ExportOptions,
@@ -158,13 +197,20 @@ def _one_graph(spec: GraphSpec, model, reference, stage: Path, target: Target, o
         tolerance = spec.tolerances[target.precision]
         diffs = validate_graph(spec, spec.wrap(reference), path, precision=target.precision, compute=target.float_dtype)
     bar.update()
+    precision = quantizer.graph_precision(spec.name) if quantizer else target.precision
+    return _graph_entry(spec, path, data_file, precision, options, inputs, outputs, tolerance, diffs, write), diffs
+
+
+def _graph_entry(spec: GraphSpec, path: Path, data_file: str | None, precision: str, options: ExportOptions,
+                 inputs: list, outputs: list, tolerance, diffs: list[OutputDiff], write) -> dict:  # fmt: skip
+    """The manifest's entry for one finished graph (and its validation summary, printed)."""
     for name, worst in summarize(diffs).items():
         write(f"{spec.name}: {name:<14} max |ORT - PyTorch| {worst['max_abs_diff']:.2e} (outputs up to "
               f"{worst['reference_max_abs']:.3g})  cosine {worst['min_cosine']:.7f}")  # fmt: skip
-    entry = {
+    return {
         "file": spec.file,
         "data_file": data_file,
-        "precision": quantizer.graph_precision(spec.name) if quantizer else target.precision,
+        "precision": precision,
         "opset": _opset(path, options.opset),
         "description": spec.description,
         "inputs": inputs,
@@ -176,10 +222,55 @@ def _one_graph(spec: GraphSpec, model, reference, stage: Path, target: Target, o
             "cases": {case.name: summarize([d for d in diffs if d.case == case.name]) for case in spec.cases},
         },
     }
-    return entry, diffs
 
 
-def build_manifest(stage: Path, target: Target, model_name: str, graphs: dict, table: np.ndarray, opset: int) -> dict:
+def _streamed_graph(spec: GraphSpec, model_dir: Path, config, stage: Path, target: Target, options: ExportOptions,
+                    step, bar, write, quantizer=None) -> tuple[dict, list[OutputDiff]]:  # fmt: skip
+    """`_one_graph` for the LLM of a model too large to load: traced without weights, filled tensor by tensor."""
+    import torch
+    from tqdm import tqdm
+
+    from ..models.weights import SafetensorsFolder
+    from .streamed import fill_weights, reference_outputs, trace_structure, validate_outputs
+
+    store = SafetensorsFolder(model_dir)
+    path = stage / spec.file
+    structure = stage / f".{spec.file}.structure"
+    step(f"tracing {spec.name} (no weights)")
+    weights = trace_structure(spec, config, structure, target.dtype, options.opset)
+    bar.update()
+    plan = quantizer.llm_plan() if quantizer else None  # (bits, block size, layers kept float)
+    bits, block, keep = plan if plan else (None, 32, frozenset())
+    step(f"writing {spec.name} weights" + (f" (INT{bits})" if bits else ""))
+    total = sum(torch.Size(shape).numel() for name, (shape, _) in weights.items() if name != "llm.lm_head.weight")
+    with tqdm(total=total * 2, unit="B", unit_scale=True, desc=f"{spec.name} weights", file=sys.stderr,
+              disable=_disable(options.progress), leave=False) as weights_bar:  # fmt: skip
+        report = fill_weights(structure, path, store, config, weights, bits=bits, block_size=block, keep_float=keep,
+                              progress=weights_bar.update)  # fmt: skip
+    structure.unlink()
+    if quantizer:
+        quantizer.record_llm(report.quantized, report.linear)
+    bar.update()
+    step(f"checking {spec.name}")
+    inputs, outputs = check_graph(spec, path, target.float_dtype)
+    bar.update()
+    step(f"validating {spec.name} against PyTorch (layer by layer)")
+    with tqdm(total=config.qwen3.num_layers, unit="layer", desc="fp32 reference", file=sys.stderr,
+              disable=_disable(options.progress), leave=False) as layer_bar:  # fmt: skip
+        expected = reference_outputs(store, config, spec, spec.cases, target.float_dtype,
+                                     progress=lambda: layer_bar.update())  # fmt: skip
+    if quantizer:
+        tolerance, session = quantizer.llm_tolerance(), quantizer.session(path)
+    else:
+        tolerance, session = spec.tolerances[target.precision], None
+    precision = quantizer.graph_precision(spec.name) if quantizer else target.precision
+    diffs = validate_outputs(spec, path, expected, tolerance, precision, session)
+    bar.update()
+    return _graph_entry(spec, path, report.data_file, precision, options, inputs, outputs, tolerance, diffs, write), diffs
+
+
+def build_manifest(stage: Path, target: Target, model_name: str, graphs: dict, table: dict, opset: int) -> dict:
+    """The manifest; `table` is the embedding table's {"dtype", "shape"}."""
     import onnx
     import onnxruntime
     import onnxscript
@@ -202,9 +293,20 @@ def build_manifest(stage: Path, target: Target, model_name: str, graphs: dict, t
             "python": platform.python_version(), "opset": opset,
         },  # fmt: skip
         "graphs": graphs,
-        "embeddings": {"file": EMBEDDINGS_FILE, "dtype": str(table.dtype), "shape": list(table.shape)},
+        "embeddings": {"file": EMBEDDINGS_FILE, "dtype": table["dtype"], "shape": table["shape"]},
         "files": {name: {"sha256": sha256_file(stage / name), "bytes": (stage / name).stat().st_size} for name in files},
     }
+
+
+def llm_fp32_bytes(config) -> int:
+    """Bytes of the LLM's weights in fp32 (a tied head counted once), from its shapes alone."""
+    import torch
+
+    with torch.device("meta"):
+        from ..models.qwen3 import Qwen3ForCausalLM
+
+        llm = Qwen3ForCausalLM(config.qwen3)
+    return 4 * sum(p.numel() for p in llm.parameters())
 
 
 def _opset(path: Path, exported: int) -> int:

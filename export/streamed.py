@@ -52,6 +52,7 @@ class StreamReport:
     data_file: str
     bytes_written: int = 0
     quantized: list[str] = field(default_factory=list)  # layer keys (module paths) with quantized weights
+    linear: list[str] = field(default_factory=list)  # every weight matrix's layer key, quantized or not
     float_weights: int = 0
 
 
@@ -181,6 +182,7 @@ def fill_weights(
                 for t in transposes[1:]:
                     renames[graph.node[t].output[0]] = value
                 dropped.update(transposes)
+                report.linear.append(key)
                 if bits is None or key in keep_float:
                     inits.append(writer.tensor(value, _ONNX_FLOAT[dtype], shape[::-1],
                                                (s.astype(_NP_FLOAT[dtype]) for s in _transposed_slices(w, 1))))  # fmt: skip
@@ -318,6 +320,31 @@ def reference_outputs(store: SafetensorsFolder, config: FastSLMConfig, spec: Gra
             out.append((r["feeds"], [logits.numpy()] + [t.numpy() for t in r["present"]]))
         del head
     return out
+
+
+def validate_outputs(spec: GraphSpec, path: Path, expected: list, tolerance, precision: str, session=None) -> list:
+    """ORT on `path` against `reference_outputs`; raises ExportError past `tolerance` (as validate_graph does)."""
+    import onnxruntime as ort
+
+    from ..runtime.onnx_backend import session_options
+    from .onnx_export import ExportError, OutputDiff, compare, passes
+
+    if session is None:
+        providers = ["CPUExecutionProvider"]
+        session = ort.InferenceSession(str(path), session_options(precision, providers), providers=providers)
+    names = [t.name for t in spec.outputs]
+    diffs = []
+    for case, (feeds, reference) in zip(spec.cases, expected):
+        got = session.run(names, {t.name: x for t, x in zip(spec.inputs, feeds)})
+        diffs += [OutputDiff(case.name, n, *compare(e, g)) for n, e, g in zip(names, reference, got)]
+    failed = [d for d in diffs if not passes(d, tolerance)]
+    if failed:
+        d = failed[0]
+        raise ExportError(
+            f"{spec.name} ({precision}) differs from PyTorch on {d.case!r} {d.output}: max |diff| {d.max_abs:.3g} "
+            f"(outputs up to {d.scale:.3g}), cosine {d.cosine:.7f}; allowed {tolerance}; nothing was written"
+        )
+    return diffs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ DEFAULT_METHOD = "percentile"
 DEFAULT_PERCENTILE = 99.99
 RANGES_FILE = "ranges.json"
 RANGES_FORMAT = "fastslm-ranges"
+INLINE_GRAPH_LIMIT = 2**31 - 2**26  # bytes: larger graphs reach ORT through a file (protobuf's 2 GB limit)
 HIST_BINS = 2048  # bins of |x| (TensorRT's entropy calibration uses 2048)
 ENTROPY_LEVELS = 128  # quantized levels of the positive half
 
@@ -169,26 +170,35 @@ class Ranges:
 
 
 def _probe_session(model: onnx.ModelProto, layers: list[Layer], workdir: Path):
-    """An ORT session on the graph with every layer's activation added as an output."""
+    """An ORT session on the graph with every layer's activation added as an output.
+
+    The outputs are added to `model` itself and removed again: a copy of a published-size audio
+    tower would be 2.8 GB more. Beyond protobuf's 2 GB the graph goes to ORT through a file, and
+    `onnx.save` moves the weights out of `model` into it; they are read back once ORT has loaded them.
+    """
     import onnxruntime as ort
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    inits = {i.name: i.data_type for i in probe.graph.initializer}
-    have = {o.name for o in probe.graph.output}
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    have = {o.name for o in model.graph.output}
+    n_outputs = len(model.graph.output)
     for tensor in dict.fromkeys(layer.activation for layer in layers):
         if tensor not in have:
             elem = inits[next(layer.weight for layer in layers if layer.activation == tensor)]
-            probe.graph.output.append(helper.make_tensor_value_info(tensor, elem, None))
+            model.graph.output.append(helper.make_tensor_value_info(tensor, elem, None))
     options = ort.SessionOptions()
     # BASIC: constant folding only. fp16 graphs crash onnxruntime 1.32 at ORT_ENABLE_ALL on CPU.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.log_severity_level = 3
-    if probe.ByteSize() < 2**31 - 2**26:
-        return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    path = workdir / "probe.onnx"  # beyond protobuf's 2 GB: through a file with external data
-    onnx.save(probe, str(path), save_as_external_data=True, location="probe.onnx.data")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        if model.ByteSize() < INLINE_GRAPH_LIMIT:
+            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        path = workdir / "probe.onnx"
+        onnx.save(model, str(path), save_as_external_data=True, location="probe.onnx.data")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        onnx.load_external_data_for_model(model, str(workdir))
+        return session
+    finally:
+        del model.graph.output[n_outputs:]
 
 
 def collect_ranges(

@@ -270,6 +270,25 @@ def test_ranges_round_trip(tmp_path):
     assert Ranges.load(tmp_path / "bad.json") is None and Ranges.load(tmp_path / "missing.json") is None
 
 
+@pytest.mark.parametrize("through_file", [False, True])
+def test_ranges_leave_the_graph_as_it_was(through_file, monkeypatch):
+    """Beyond protobuf's 2 GB the probe goes through a file (forced here): the graph keeps its weights and outputs."""
+    from fastslm.calibration import ranges as ranges_module
+
+    if through_file:
+        monkeypatch.setattr(ranges_module, "INLINE_GRAPH_LIMIT", 0)
+    model = small_graph()
+    before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    outputs = [o.name for o in model.graph.output]
+    x = RNG.standard_normal((3, 3, 16)).astype(np.float32)
+    got = ranges_module.collect_ranges(model, x, input_name="x")
+    assert [o.name for o in model.graph.output] == outputs
+    assert all(t.data_location != TensorProto.EXTERNAL and not t.external_data for t in model.graph.initializer)
+    after = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in before)
+    assert got.amax("minmax")["net.conv"] == pytest.approx(float(np.abs(x).max()), rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Calibration data
 

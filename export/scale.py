@@ -1,0 +1,251 @@
+"""`python -m fastslm.export.scale`: the measurements behind docs/SCALE.md, one command per row.
+
+    measure --label L [--output PATH] [--weights PATH] -- CMD ...
+        run CMD; record its wall time, its own peak RSS (wait4), the size of PATH on disk and the
+        ratio of the peak RSS to the fp16 weights' bytes (the model folder at --weights)
+    bandwidth
+        this machine's memory bandwidth: numpy copies of a 1 GiB buffer, 1 thread and all cores
+    runtime --bundle B [--audio jfk.flac] [--prefill 6000] [--decode 32]
+        ONNX Runtime on the bundle: load, the audio tower per 30 s window, a prefill of N speech-
+        token positions, and decode tokens/s with the bytes of LLM weights read per token set
+        against the measured bandwidth
+    table
+        the recorded rows as the markdown tables of docs/SCALE.md
+
+Every subcommand appends one JSON object per row to --record (default work/scale.jsonl).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+
+from ..runtime.errors import OptionError, reported_in_one_line
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+RECORD = Path("work/scale.jsonl")
+GB = 1e9
+
+
+def _record(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    row = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **row}
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    typer.echo(json.dumps(row))
+
+
+def disk_bytes(path: Path) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set so far (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def weights_bytes(model: Path) -> int:
+    """Bytes of a model folder's safetensors (what `peak RSS / weights` is set against)."""
+    return sum(p.stat().st_size for p in Path(model).glob("*.safetensors"))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def measure(
+    ctx: typer.Context,
+    label: Annotated[str, typer.Option(help="The row's name, e.g. 'export onnx-int4'.")],
+    output: Annotated[Optional[Path], typer.Option(help="What the command writes: its size on disk is recorded.")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="Model folder whose fp16 weights the peak RSS is set against.")] = None,
+    record: Annotated[Path, typer.Option(help="JSON-lines file the row is appended to.")] = RECORD,
+) -> None:
+    """Run the command after `--` and record its wall time and peak RSS."""
+    with reported_in_one_line("scale measure"):
+        command = list(ctx.args)
+        if not command:
+            raise OptionError("give the command to measure after --")
+        log = record.with_name(record.stem + f".{label.replace(' ', '_').replace('/', '_')}.log")
+        start = time.perf_counter()
+        with open(log, "w") as out:
+            child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - start
+        code = os.waitstatus_to_exitcode(status)
+        # CPU seconds beside the wall time: on a shared machine the wall time says more about the load.
+        row = {"label": label, "command": " ".join(command), "exit": code, "wall_s": round(wall, 1),
+               "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "peak_rss_bytes": usage.ru_maxrss * 1024,
+               "log": str(log)}  # fmt: skip
+        if output is not None and Path(output).exists():
+            row["output_bytes"] = disk_bytes(output)
+        if weights is not None:
+            row["weights_bytes"] = weights_bytes(weights)
+            row["peak_rss_over_weights"] = round(row["peak_rss_bytes"] / max(row["weights_bytes"], 1), 3)
+        steps = [line for line in log.read_text(errors="replace").splitlines() if "seconds per step" in line]
+        if steps:
+            row["steps"] = steps[-1].split("seconds per step: ", 1)[1]
+        _record(record, row)
+        if code != 0:
+            raise typer.Exit(code)
+
+
+def copy_bandwidth(nbytes: int = 2**30, threads: int = 1, repeats: int = 5) -> float:
+    """Best bytes/s (read + write) of numpy copies of an `nbytes` buffer split over `threads` threads."""
+    src = np.ones(nbytes // 8, np.float64)
+    dst = np.empty_like(src)
+    parts = np.array_split(np.arange(len(src)), threads)
+    bounds = [(int(p[0]), int(p[-1]) + 1) for p in parts]
+    best = float("inf")
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b])) for a, b in bounds]
+        start = time.perf_counter()
+        for w in workers:  # numpy releases the GIL while copying
+            w.start()
+        for w in workers:
+            w.join()
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best
+
+
+@app.command()
+def bandwidth(record: Annotated[Path, typer.Option(help="JSON-lines file the row is appended to.")] = RECORD) -> None:
+    """Memory bandwidth: numpy copy of 1 GiB (bytes read + written per second), 1 thread and all cores."""
+    cores = os.cpu_count() or 1
+    one = copy_bandwidth(threads=1)
+    all_cores = copy_bandwidth(threads=cores)
+    _record(record, {"label": "memory bandwidth", "command": "python -m fastslm.export.scale bandwidth",
+                     "copy_1_thread_bytes_s": round(one), f"copy_{cores}_threads_bytes_s": round(all_cores),
+                     "bandwidth_bytes_s": round(max(one, all_cores))})  # fmt: skip
+
+
+def llm_weight_bytes(graph: Path) -> dict[str, int]:
+    """Bytes of the LLM graph's weights by kind: what one decode step reads (every weight once)."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    kinds: dict[str, int] = {}
+    for t in model.graph.initializer:
+        length = next((int(e.value) for e in t.external_data if e.key == "length"), None)
+        n = length if length is not None else len(t.raw_data)
+        kind = {onnx.TensorProto.INT4: "int4", onnx.TensorProto.INT8: "int8"}.get(t.data_type, "float")
+        kinds[kind] = kinds.get(kind, 0) + n
+    return kinds
+
+
+@app.command()
+def runtime(
+    bundle: Annotated[Path, typer.Option(help="An onnx / onnx-int4 / onnx-int8 bundle.")],
+    audio: Annotated[Optional[Path], typer.Option(help="Speech for the audio-tower row [default: jfk.flac].")] = None,
+    prefill: Annotated[int, typer.Option(help="Positions in the prefill row (6,000 = one hour of audio).")] = 6000,
+    decode: Annotated[int, typer.Option(help="Decode steps timed.")] = 32,
+    threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads [default: all cores].")] = None,
+    record: Annotated[Path, typer.Option(help="JSON-lines file the rows are appended to.")] = RECORD,
+) -> None:
+    """Load, audio tower per window, prefill and decode on the CPU, each a row."""
+    with reported_in_one_line("scale runtime"):
+        from ..calibration.data import shared_data
+        from ..runtime.audio import audio_to_windows, load_audio
+        from ..runtime.bundle import LLM
+        from ..runtime.onnx_backend import OnnxBackend
+
+        if prefill < 1 or decode < 1:
+            raise OptionError("--prefill and --decode must be >= 1")
+        command = f"python -m fastslm.export.scale runtime --bundle {bundle} --prefill {prefill} --decode {decode}"
+        start = time.perf_counter()
+        backend = OnnxBackend.from_bundle(bundle, threads=threads, verify=False)
+        _record(record, {"label": "load", "command": command, "wall_s": round(time.perf_counter() - start, 1),
+                         "peak_rss_bytes": peak_rss_bytes(), "output_bytes": disk_bytes(bundle)})  # fmt: skip
+
+        samples = load_audio(audio or shared_data() / "jfk.flac")
+        window = audio_to_windows(samples, backend.n_mels)[:1]
+        times = []
+        for _ in range(2):  # the first run also allocates ORT's buffers
+            start = time.perf_counter()
+            backend.encode_windows(window)
+            times.append(time.perf_counter() - start)
+        _record(record, {"label": "audio tower, 1 window (30 s)", "command": command, "wall_s": round(times[-1], 2),
+                         "first_run_s": round(times[0], 2), "peak_rss_bytes": peak_rss_bytes()})  # fmt: skip
+
+        rng = np.random.default_rng(0)
+        embeds = (rng.standard_normal((prefill, backend.hidden_size)) * 0.02).astype(np.float32)
+        start = time.perf_counter()
+        logits, cache = backend.decode(embeds, backend.empty_cache())
+        wall = time.perf_counter() - start
+        _record(record, {"label": f"prefill, {prefill} positions", "command": command, "wall_s": round(wall, 1),
+                         "positions_s": round(prefill / wall, 1), "peak_rss_bytes": peak_rss_bytes()})  # fmt: skip
+
+        weights = llm_weight_bytes(backend.bundle.graph_path(LLM))
+        per_token = sum(weights.values())
+        rate = {}
+        bw = _bandwidth_recorded(record)
+        for past_label, start_cache in (("short", None), ("after prefill", cache)):
+            cache_now = start_cache if start_cache is not None else backend.decode(embeds[:16], backend.empty_cache())[1]
+            token = embeds[:1]
+            backend.decode(token, cache_now)  # warm-up step
+            start = time.perf_counter()
+            for _ in range(decode):
+                _, cache_now = backend.decode(token, cache_now)
+            wall = time.perf_counter() - start
+            kv = sum(k.nbytes + v.nbytes for k, v in zip(cache_now.keys, cache_now.values))
+            rate[past_label] = decode / wall
+            row = {"label": f"decode, context {past_label} ({cache_now.length} positions at the end)", "command": command,
+                   "tokens_s": round(decode / wall, 2), "weights_bytes_per_token": per_token,
+                   "weights_by_kind": weights, "kv_cache_bytes": kv,
+                   "weights_bytes_s": round(per_token * decode / wall), "peak_rss_bytes": peak_rss_bytes()}  # fmt: skip
+            if bw:
+                row["bandwidth_bytes_s"] = bw
+                row["weights_bytes_s_over_bandwidth"] = round(per_token * decode / wall / bw, 3)
+                row["weights_and_kv_bytes_s_over_bandwidth"] = round((per_token + kv) * decode / wall / bw, 3)
+            _record(record, row)
+
+
+def _bandwidth_recorded(record: Path) -> int | None:
+    if not record.is_file():
+        return None
+    rows = [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
+    values = [r["bandwidth_bytes_s"] for r in rows if r.get("label") == "memory bandwidth"]
+    return values[-1] if values else None
+
+
+@app.command()
+def table(record: Annotated[Path, typer.Option(help="JSON-lines file of recorded rows.")] = RECORD) -> None:
+    """Print the recorded rows as a markdown table (the last row of each label wins)."""
+    rows: dict[str, dict] = {}
+    for line in record.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            rows[r["label"]] = r
+    typer.echo("| stage | wall | peak RSS | on disk | ratio |")
+    typer.echo("|---|---|---|---|---|")
+    for r in rows.values():
+        wall = f"{r['wall_s']} s" if "wall_s" in r else (f"{r['tokens_s']} tok/s" if "tokens_s" in r else "")
+        rss = f"{r['peak_rss_bytes'] / GB:.2f} GB" if "peak_rss_bytes" in r else ""
+        disk = f"{r['output_bytes'] / GB:.2f} GB" if "output_bytes" in r else ""
+        ratio = ""
+        if "peak_rss_over_weights" in r:
+            ratio = f"RSS / fp16 weights {r['peak_rss_over_weights']:.2f} (limit 1.5)"
+        elif "weights_bytes_s_over_bandwidth" in r:
+            ratio = f"weight bytes/s / bandwidth {r['weights_bytes_s_over_bandwidth']:.2f} (limit >= 0.5)"
+        elif "bandwidth_bytes_s" in r:
+            ratio = f"{r['bandwidth_bytes_s'] / GB:.1f} GB/s"
+        typer.echo(f"| {r['label']} | {wall} | {rss} | {disk} | {ratio} |")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

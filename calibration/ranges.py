@@ -190,7 +190,8 @@ def _probe_session(model: onnx.ModelProto, layers: list[Layer], workdir: Path):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.log_severity_level = 3
     try:
-        if model.ByteSize() < INLINE_GRAPH_LIMIT:
+        # ByteSize() itself fails beyond 2 GB: count the weights' bytes instead.
+        if sum(len(t.raw_data) for t in model.graph.initializer) + 2**26 < INLINE_GRAPH_LIMIT:
             return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         path = workdir / "probe.onnx"
         onnx.save(model, str(path), save_as_external_data=True, location="probe.onnx.data")

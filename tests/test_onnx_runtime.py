@@ -223,6 +223,10 @@ def test_chunked_prefill_equals_one_prefill(ort_fp32, reference, bundles, jfk_pa
     assert relative_error(tail, whole[7:]) <= FP32_RTOL and cache.length == len(embeds)
     only_last, _ = ort_fp32.run_llm(embeds, ort_fp32.empty_cache(), np.array([len(embeds) - 1]))
     assert only_last.shape == (1, whole.shape[1]) and relative_error(only_last[0], whole[-1]) <= FP32_RTOL
+    # decode() splits a long prompt into prefill_chunk calls (5 positions here: several chunks and a short tail)
+    chunked = OnnxBackend(ort_fp32.bundle, prefill_chunk=5)
+    last, cache = chunked.decode(embeds, chunked.empty_cache())
+    assert relative_error(last, whole[-1]) <= FP32_RTOL and cache.length == len(embeds)
 
 
 @pytest.mark.parametrize("which", ["jfk", "95 s"])

@@ -38,7 +38,9 @@ GB = 1e9
 
 def _record(path: Path, row: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    row = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **row}
+    # The 1-minute load average: on a shared machine it says how much of the CPUs the row had.
+    row = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_1min": os.getloadavg()[0],
+           "cpus": os.cpu_count(), **row}  # fmt: skip
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
     typer.echo(json.dumps(row))
@@ -217,6 +219,61 @@ def _bandwidth_recorded(record: Path) -> int | None:
     rows = [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
     values = [r["bandwidth_bytes_s"] for r in rows if r.get("label") == "memory bandwidth"]
     return values[-1] if values else None
+
+
+# Vendor specifications (not measured here): memory in GB (Jetson: shared by CPU and GPU) and bandwidth in GB/s.
+DEVICES = (
+    ("Jetson Orin Nano 8GB", 8, 68, True), ("Jetson Orin Nano 8GB Super", 8, 102, True),
+    ("Jetson Orin NX 16GB", 16, 102.4, True), ("Jetson AGX Orin 32GB", 32, 204.8, True),
+    ("Jetson AGX Orin 64GB", 64, 204.8, True), ("Jetson AGX Thor 128GB", 128, 273, True),
+    ("RTX 4060 8GB", 8, 272, False), ("RTX 4070 12GB", 12, 504, False), ("RTX 4080 16GB", 16, 717, False),
+    ("RTX 4090 24GB", 24, 1008, False), ("RTX 5090 32GB", 32, 1792, False),
+)  # fmt: skip
+SYSTEM_RESERVE_GB = 2.0  # Jetson: what the OS, CUDA context and runtime take of the shared memory (an assumption)
+ONE_HOUR_POSITIONS = 6000 + 512 + 64  # 120 windows x 50 speech tokens, a 512-token answer, the prompt text
+
+
+@app.command()
+def project(
+    model: Annotated[Path, typer.Option(help="The fp16 model folder (its safetensors give the fp16 weights).")],
+    int4_bundle: Annotated[Path, typer.Option(help="An onnx-int4 bundle (its graphs give the INT8 tower and INT4 LLM bytes).")],
+    record: Annotated[Path, typer.Option(help="JSON-lines file the rows are appended to.")] = RECORD,
+) -> None:
+    """PROJECTION: which device holds which variant with one hour of audio's KV cache (fp16), and its decode bound."""
+    with reported_in_one_line("scale project"):
+        from ..runtime.bundle import AUDIO_TOWER, LLM, load_bundle
+
+        bundle = load_bundle(int4_bundle, verify=False)
+        d = bundle.dims
+        kv = ONE_HOUR_POSITIONS * 2 * d.num_layers * d.num_kv_heads * d.head_dim * 2  # fp16 keys + values
+        fp16 = weights_bytes(model)
+        llm_int4 = sum(llm_weight_bytes(bundle.graph_path(LLM)).values())
+        tower_int8 = sum(llm_weight_bytes(bundle.graph_path(AUDIO_TOWER)).values())
+        from ..models.weights import SafetensorsFolder
+
+        store = SafetensorsFolder(model)
+        embed_fp16 = d.vocab_size * d.hidden_size * 2
+        llm_fp16 = 2 * sum(int(np.prod(store.shape(k))) for k in store.keys() if k.startswith("llm."))  # tied head once
+        variants = {
+            "fp16 (trt-fp16)": (fp16, llm_fp16),
+            "INT8 tower + INT8 LLM (trt-int8)": (tower_int8 + llm_fp16 // 2 + embed_fp16, llm_fp16 // 2),
+            "INT8 tower + INT4 LLM (trt-int8 --llm-bits 4)": (tower_int8 + llm_int4 + embed_fp16, llm_int4),
+        }
+        typer.echo(f"PROJECTION (vendor specs, not measured): one hour of audio = {ONE_HOUR_POSITIONS} positions, "
+                   f"fp16 KV cache {kv / GB:.2f} GB; Jetson keeps {SYSTEM_RESERVE_GB:g} GB for the system")  # fmt: skip
+        typer.echo("| variant | weights + 1 h KV | " + " | ".join(name for name, *_ in DEVICES) + " |")
+        typer.echo("|---|---|" + "---|" * len(DEVICES))
+        for label, (total, per_token) in variants.items():
+            need = total + kv
+            cells = []
+            for _, mem, bw, shared in DEVICES:
+                room = (mem - (SYSTEM_RESERVE_GB if shared else 0)) * GB
+                bound = bw * GB / (per_token + kv)
+                cells.append(f"fits, <= {bound:.0f} tok/s" if need <= room else "no")
+            typer.echo(f"| {label} | {need / GB:.2f} GB | " + " | ".join(cells) + " |")
+            _record(record, {"label": f"projection: {label}", "command": "python -m fastslm.export.scale project",
+                             "projection": True, "weights_bytes": total, "kv_1h_bytes": kv,
+                             "decode_bytes_per_token_1h": per_token + kv})  # fmt: skip
 
 
 @app.command()

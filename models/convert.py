@@ -42,7 +42,7 @@ def convert(
         if random_init is not None:
             if checkpoint is not None or qwen is not None or whisper is not None:
                 raise OptionError("--random-init makes weights itself: leave out --checkpoint, --qwen and --whisper")
-            _write_random(out, random_init, llm_layers, encoder_layers, seed, getattr(torch, dtype), force)
+            _write_random(out, random_init, llm_layers, encoder_layers, seed, dtype, force)
             return
         if llm_layers is not None or encoder_layers is not None:
             raise OptionError("--llm-layers and --encoder-layers apply to --random-init only")
@@ -65,7 +65,7 @@ def convert(
 
 
 def _write_random(out: Path, preset: str, llm_layers: int | None, encoder_layers: int | None, seed: int,
-                  dtype, force: bool) -> None:  # fmt: skip
+                  dtype: str, force: bool) -> None:  # fmt: skip
     import sys
 
     from tqdm import tqdm
@@ -77,22 +77,17 @@ def _write_random(out: Path, preset: str, llm_layers: int | None, encoder_layers
     for flag, n in (("--llm-layers", llm_layers), ("--encoder-layers", encoder_layers)):
         if n is not None and not 1 <= n <= 64:
             raise OptionError(f"{flag} must be between 1 and 64, got {n}")
-    out = out.resolve()
-    prepare_output_dir(out, force)
+    import torch
+
     config = published_config(llm_layers, encoder_layers)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        with tqdm(total=weight_bytes(config, dtype), unit="B", unit_scale=True, desc="random weights",
+    torch_dtype = getattr(torch, dtype)
+    with OutputFolder(out, force) as output:
+        with tqdm(total=weight_bytes(config, torch_dtype), unit="B", unit_scale=True, desc="random weights",
                   file=sys.stderr, disable=None) as bar:  # fmt: skip
-            total = write_random_model(staging, config, seed=seed, dtype=dtype, progress=bar.update)
-        staging.chmod(0o755)
-        publish_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            total = write_random_model(output.path, config, seed=seed, dtype=torch_dtype, progress=bar.update)
+        output.publish()
     typer.echo(f"fastslm-convert: wrote {out} ({config.description}; {total / 1e9:.2f} GB of "
-               f"{str(dtype).removeprefix('torch.')} weights, seed {seed})")  # fmt: skip
+               f"{dtype} weights, seed {seed})")  # fmt: skip
 
 
 def main() -> None:

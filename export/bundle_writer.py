@@ -57,8 +57,8 @@ class ExportOptions:
     trt: "BuildOptions | None" = None  # TensorRT builder options for trt-* targets
     trt_limits: dict = field(default_factory=dict)  # max_windows, max_context, prefill_chunk (None = default)
     quantization: Any = None  # calibrated targets: fastslm.calibration.build.QuantOptions (None = defaults)
-    # The LLM graph traced without weights and filled from the model folder tensor by tensor
-    # (export/streamed.py); None: when its fp32 weights exceed STREAM_LLM_ABOVE.
+    # The graphs traced without weights and filled from the model folder tensor by tensor
+    # (export/streamed.py; the LLM is then never loaded); None: when its fp32 LLM exceeds STREAM_LLM_ABOVE.
     stream_llm: bool | None = None
 
 
@@ -95,7 +95,7 @@ def _export(options: ExportOptions, target: Target, model_dir: Path, output: Out
 
     # load; export, post-process, check, validate per graph; tables; manifest
     config = read_config(model_dir)
-    streamed = options.stream_llm if options.stream_llm is not None else llm_fp32_bytes(config) > STREAM_LLM_ABOVE
+    streamed = options_streamed(options, config)
     rewrites = target.post_process is not None or target.quantizer is not None
     steps = 1 + len(GRAPHS) * (4 if rewrites else 3) + 2 + (target.runtime == "tensorrt") + (target.quantizer is not None)
     steps += streamed and not rewrites  # the streamed LLM: trace, fill, check, validate
@@ -117,7 +117,8 @@ def _export(options: ExportOptions, target: Target, model_dir: Path, output: Out
         # fp32: what every graph is validated against. A streamed LLM is read tensor by tensor instead.
         reference = FastSLM.from_pretrained(model_dir, parts=("encoder",) if streamed else PARTS)
         same = target.dtype == reference.llm.lm_head.weight.dtype
-        model = reference if same else copy.deepcopy(reference).to(target.dtype)  # the copy is what gets exported
+        # the copy is what gets exported (streamed graphs read the model folder instead)
+        model = reference if same or streamed else copy.deepcopy(reference).to(target.dtype)
         # Calibrated targets: one quantizer per export rewrites the graphs and gates the result.
         quantizer = target.quantizer(target, options.quantization, reference, write) if target.quantizer else None
         bar.update()
@@ -178,9 +179,13 @@ def _export(options: ExportOptions, target: Target, model_dir: Path, output: Out
 def _one_graph(spec: GraphSpec, model, reference, stage: Path, target: Target, options: ExportOptions,
                step, bar, write, quantizer=None) -> tuple[dict, list[OutputDiff]]:  # fmt: skip
     path = stage / spec.file
-    step(f"exporting {spec.name}")
-    data_file = export_graph(spec, spec.wrap(model), path, dtype=target.dtype, opset=options.opset,
-                             external_data_threshold=options.external_data_threshold)  # fmt: skip
+    if options_streamed(options, model.config):  # traced without weights, filled from the model folder in float
+        step(f"exporting {spec.name} (weights streamed)")
+        data_file = _stream_float_graph(spec, options.model, model.config, path, target, options)
+    else:
+        step(f"exporting {spec.name}")
+        data_file = export_graph(spec, spec.wrap(model), path, dtype=target.dtype, opset=options.opset,
+                                 external_data_threshold=options.external_data_threshold)  # fmt: skip
     bar.update()
     post_process = quantizer.post_process if quantizer else target.post_process
     if post_process:
@@ -267,6 +272,24 @@ def _streamed_graph(spec: GraphSpec, model_dir: Path, config, stage: Path, targe
     diffs = validate_outputs(spec, path, expected, tolerance, precision, session)
     bar.update()
     return _graph_entry(spec, path, report.data_file, precision, options, inputs, outputs, tolerance, diffs, write), diffs
+
+
+def options_streamed(options: ExportOptions, config) -> bool:
+    """Whether this export streams its weights (see ExportOptions.stream_llm)."""
+    return options.stream_llm if options.stream_llm is not None else llm_fp32_bytes(config) > STREAM_LLM_ABOVE
+
+
+def _stream_float_graph(spec: GraphSpec, model_dir: Path, config, path: Path, target: Target,
+                        options: ExportOptions) -> str:  # fmt: skip
+    """A graph traced without weights and filled with the model folder's float weights; returns its data file."""
+    from ..models.weights import SafetensorsFolder
+    from .streamed import fill_weights, trace_structure
+
+    structure = path.with_name(f".{path.name}.structure")
+    weights = trace_structure(spec, config, structure, target.dtype, options.opset)
+    report = fill_weights(structure, path, SafetensorsFolder(model_dir), config, weights)
+    structure.unlink()
+    return report.data_file
 
 
 def build_manifest(stage: Path, target: Target, model_name: str, graphs: dict, table: dict, opset: int) -> dict:

@@ -1,4 +1,4 @@
-"""The LLM graph of a model too large to hold in fp32: traced without weights, weights streamed in.
+"""Graphs of a model too large to hold in fp32: traced without weights, weights streamed in.
 
 A published-size FastSLM's LLM is 4 B parameters: 16 GB in fp32, more than a 24 GB machine
 can hold next to a copy made by the exporter's optimizer. Here no full copy ever exists:
@@ -6,6 +6,8 @@ can hold next to a copy made by the exporter's optimizer. Here no full copy ever
 1. trace  the decoder wrapper is built under FakeTensorMode (shapes, no memory) and exported
           with torch.onnx (dynamo) with its optimizer off (it would read the weights); the graph
           is saved without initializers, so it names every weight by its module path.
+   (The audio tower goes the same way: tracing it with its weights made the exporter's optimizer
+   and serializer peak at 13.5 GB for a 2.8 GB fp32 published-size tower.)
 2. fill   each named weight is read from the model folder's safetensors (one tensor at a time,
           memory-mapped) and appended to one external-data file, 4 KiB aligned:
           - a Linear weight (its graph reads `Transpose(perm 1,0) -> MatMul`) is written
@@ -39,6 +41,7 @@ from ..models.weights import SafetensorsFolder
 from .graphs import Case, GraphSpec
 from .onnx_export import OPSET, _quiet_exporter, sample_inputs
 
+DERIVED_SUFFIXES = ("_pos_embeds", "positional_embedding")  # as models.fastslm._derived_keys
 ALIGN = 4096  # external data offsets: page-aligned, so runtimes can memory-map each tensor
 SLICE_ELEMENTS = 16 * 2**20  # fp32 elements of a weight converted at a time (64 MB)
 _ONNX_FLOAT = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16}
@@ -67,6 +70,10 @@ def trace_structure(spec: GraphSpec, config: FastSLMConfig, path: Path, dtype: t
         torch.set_default_dtype(dtype)
         with FakeTensorMode(allow_non_fake_inputs=True):
             wrapper = spec.wrap(FastSLM(config)).eval()
+            for name, buffer in list(wrapper.named_buffers()):  # sinusoids are made in fp32: cast as .to() would
+                if buffer.is_floating_point() and buffer.dtype != dtype:
+                    owner, _, leaf = name.rpartition(".")
+                    wrapper.get_submodule(owner).register_buffer(leaf, buffer.to(dtype))
     finally:
         torch.set_default_dtype(default)
     example = sample_inputs(spec, spec.trace, 0, compute, seed=0)
@@ -162,6 +169,12 @@ def fill_weights(
                 q = config.qwen3
                 inits.append(writer.tensor(name, _ONNX_FLOAT[torch.float32], shape,
                                            [rope_frequencies(q.head_dim, q.rope_theta, torch.device("cpu")).numpy()]))
+                continue
+            if name.endswith(DERIVED_SUFFIXES):  # sinusoid tables: recomputed, never stored
+                from ..models.whisper_encoder import sinusoids
+
+                inits.append(writer.tensor(name, _ONNX_FLOAT[dtype], shape, [sinusoids(*shape).to(dtype).numpy()]))
+                report.float_weights += 1
                 continue
             w = store.get(_stored_name(name, config))
             if tuple(w.shape) != shape:

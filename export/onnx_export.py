@@ -192,13 +192,18 @@ def validate_graph(
         got = session.run(names, {t.name: x for t, x in zip(spec.inputs, feeds)})
         for name, e, g in zip(names, expected, got):
             diffs.append(OutputDiff(case.name, name, *compare(e.float().numpy(), g)))
+    return hold_to(spec.name, precision, diffs, tol)
+
+
+def hold_to(graph: str, precision: str, diffs: list[OutputDiff], tol: Tolerance) -> list[OutputDiff]:
+    """`diffs`, or ExportError naming the first one past `tol`."""
     failed = [d for d in diffs if not passes(d, tol)]
     if failed:
         d = failed[0]
         allowed = [f"max |diff| {tol.max_abs:g} x max(1, |output|)"] if tol.max_abs is not None else []
         allowed += [f"cosine >= {tol.min_cosine}"] if tol.min_cosine is not None else []
         raise ExportError(
-            f"{spec.name} ({precision}) differs from PyTorch on {d.case!r} {d.output}: max |diff| {d.max_abs:.3g} "
+            f"{graph} ({precision}) differs from PyTorch on {d.case!r} {d.output}: max |diff| {d.max_abs:.3g} "
             f"(outputs up to {d.scale:.3g}), cosine {d.cosine:.7f}; allowed {' and '.join(allowed)}; nothing was written"
         )
     return diffs

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from ..runtime.bundle import AUDIO_TOWER, CONFIG_FILE, LLM, TOKENIZER_FILE, Bundle, ModelDims
@@ -247,28 +248,33 @@ class Quantizer:
             self._calibration = data
         return self._calibration
 
-    def _ranges(self, graph: Any, data: CalibrationSet) -> Ranges:
+    def _ranges(self, graph: Any, data: CalibrationSet, folder: Path) -> Ranges:
+        """The activation ranges; `graph` comes without its weights (they stay in `folder`'s data
+        file while ONNX Runtime measures) and has them when this returns."""
         o = self.options
-        fingerprint = weights_fingerprint(graph)
         if o.calibration is not None:
+            onnx.load_external_data_for_model(graph, str(folder))
             saved = Ranges.load(Path(o.calibration) / RANGES_FILE)
-            if saved is not None and saved.fingerprint == fingerprint and saved.windows_sha256 == data.sha256:
+            if saved is not None and saved.fingerprint == weights_fingerprint(graph) and saved.windows_sha256 == data.sha256:
                 self.log(f"calibration: activation ranges from {Path(o.calibration) / RANGES_FILE}")
                 return replace(saved, percentile=o.percentile)
             self.log(f"calibration: the ranges in {o.calibration} were measured on other weights; measuring them again")
-        return collect_ranges(graph, data.windows, windows_sha256=data.sha256, percentile=o.percentile, progress=o.progress)
+        return collect_ranges(graph, data.windows, windows_sha256=data.sha256, percentile=o.percentile, progress=o.progress,
+                              weights_folder=folder)  # fmt: skip
 
     def _audio_tower(self, path: Path, spec: Any) -> None:
         from .sensitivity import measure
 
         o = self.options
         data = self.calibration()
-        graph = load_graph(path)
+        # Without its weights while ONNX Runtime measures the ranges (it reads them from the file):
+        # a published-size tower would otherwise be held twice (2.8 GB each) beside the reference.
+        graph = onnx.load(str(path), load_external_data=False)
         layers = [layer.key for layer in find_layers(graph)]
         unknown = [k for k in o.keep_float if k not in layers]
         if unknown:
             raise OptionError(f"--keep-float {unknown[0]!r} is not an audio-tower layer; e.g. {', '.join(layers[:3])}")
-        ranges = self._ranges(graph, data)
+        ranges = self._ranges(graph, data, path.parent)
         amax = ranges.amax(o.method)
         keep, sensitivity = list(o.keep_float), None
         if o.sensitivity_windows:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,7 +170,7 @@ class Ranges:
             return None
 
 
-def _probe_session(model: onnx.ModelProto, layers: list[Layer], workdir: Path):
+def _probe_session(model: onnx.ModelProto, layers: list[Layer], workdir: Path, weights_folder: Path | None = None):
     """An ORT session on the graph with every layer's activation added as an output.
 
     The outputs are added to `model` itself and removed again: a copy of a published-size audio
@@ -190,6 +191,13 @@ def _probe_session(model: onnx.ModelProto, layers: list[Layer], workdir: Path):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.log_severity_level = 3
     try:
+        if weights_folder is not None:  # weights not loaded: ORT reads them from the graph's own data file
+            path = Path(weights_folder) / f".probe-{os.getpid()}.onnx"
+            onnx.save(model, str(path))
+            try:
+                return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            finally:
+                path.unlink()
         # ByteSize() itself fails beyond 2 GB: count the weights' bytes instead.
         if sum(len(t.raw_data) for t in model.graph.initializer) + 2**26 < INLINE_GRAPH_LIMIT:
             return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -204,9 +212,13 @@ def _probe_session(model: onnx.ModelProto, layers: list[Layer], workdir: Path):
 
 def collect_ranges(
     model: onnx.ModelProto, windows: np.ndarray, *, windows_sha256: str = "", percentile: float = DEFAULT_PERCENTILE,
-    progress: bool | None = None, input_name: str = "mel",
+    progress: bool | None = None, input_name: str = "mel", weights_folder: Path | None = None,
 ) -> Ranges:
-    """Histograms of every quantizable layer's input over `windows` (one window a run)."""
+    """Histograms of every quantizable layer's input over `windows` (one window a run).
+
+    `weights_folder`: `model` was loaded without its external data, which lies there; ONNX Runtime
+    reads it from the files, and `model` has its weights loaded when this returns.
+    """
     import tempfile
 
     from tqdm import tqdm
@@ -217,11 +229,15 @@ def collect_ranges(
     tensors = list(dict.fromkeys(layer.activation for layer in layers))
     hists = {t: AbsHistogram() for t in tensors}
     with tempfile.TemporaryDirectory(prefix="fastslm-ranges-") as tmp:
-        session = _probe_session(model, layers, Path(tmp))
+        session = _probe_session(model, layers, Path(tmp), weights_folder)
         for w in tqdm(windows, desc="activation ranges", unit="window", file=sys.stderr,
                       disable=None if progress is None else not progress):  # fmt: skip
             outputs = session.run(tensors, {input_name: w[None]})
             for t, x in zip(tensors, outputs):
                 hists[t].add(x)
+            del outputs
+        del session
+    if weights_folder is not None:
+        onnx.load_external_data_for_model(model, str(weights_folder))
     return Ranges(weights_fingerprint(model, layers), windows_sha256, percentile,
                   {layer.key: hists[layer.activation] for layer in layers})  # fmt: skip

@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -103,30 +102,14 @@ def measure(
             raise typer.Exit(code)
 
 
-def copy_bandwidth(nbytes: int = 2**30, threads: int = 1, repeats: int = 5) -> float:
-    """Best bytes/s (read + write) of numpy copies of an `nbytes` buffer split over `threads` threads."""
-    src = np.ones(nbytes // 8, np.float64)
-    dst = np.empty_like(src)
-    parts = np.array_split(np.arange(len(src)), threads)
-    bounds = [(int(p[0]), int(p[-1]) + 1) for p in parts]
-    best = float("inf")
-    for _ in range(repeats):
-        workers = [threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b])) for a, b in bounds]
-        start = time.perf_counter()
-        for w in workers:  # numpy releases the GIL while copying
-            w.start()
-        for w in workers:
-            w.join()
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.nbytes / best
-
-
 @app.command()
 def bandwidth(record: Annotated[Path, typer.Option(help="JSON-lines file the row is appended to.")] = RECORD) -> None:
     """Memory bandwidth: numpy copy of 1 GiB (bytes read + written per second), 1 thread and all cores."""
+    from ..runtime.bench.stages import memory_bandwidth_gbs
+
     cores = os.cpu_count() or 1
-    one = copy_bandwidth(threads=1)
-    all_cores = copy_bandwidth(threads=cores)
+    one = memory_bandwidth_gbs(1024, threads=1) * GB
+    all_cores = memory_bandwidth_gbs(1024, threads=cores) * GB
     _record(record, {"label": "memory bandwidth", "command": "python -m fastslm.export.scale bandwidth",
                      "copy_1_thread_bytes_s": round(one), f"copy_{cores}_threads_bytes_s": round(all_cores),
                      "bandwidth_bytes_s": round(max(one, all_cores))})  # fmt: skip

@@ -34,7 +34,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from ..calibration.qdq import BLOCK_OPSET, module_path, pack_int4, quantize_blocks, quantize_per_channel
+from ..calibration.qdq import BLOCK_OPSET, INT8_MAX, module_path, pack_int4, quantize_blocks, quantize_per_channel
 from ..models.fastslm import FastSLM, FastSLMConfig
 from ..models.qwen3 import Qwen3DecoderLayer, RMSNorm, rope_cos_sin, rope_frequencies
 from ..models.weights import SafetensorsFolder
@@ -240,9 +240,9 @@ def _quantized(writer: _DataWriter, base: str, value: str, w: torch.Tensor, bits
     n, k = w.shape
     if bits == 8:  # per output channel: the scales need the whole column, so one pass for them first
         amax = w.abs().amax(dim=1).to(torch.float32).numpy()
-        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+        scale = np.where(amax > 0, amax / INT8_MAX, 1.0).astype(np.float32)
         q = writer.tensor(f"{base}_int8", TensorProto.INT8, (k, n),
-                          (np.clip(np.rint(s / scale[None, :]), -127, 127).astype(np.int8) for s in _transposed_slices(w, 1)))  # fmt: skip
+                          (np.clip(np.rint(s / scale[None, :]), -INT8_MAX, INT8_MAX).astype(np.int8) for s in _transposed_slices(w, 1)))  # fmt: skip
         attrs = {"axis": 1}
         scales = scale
     else:

@@ -33,7 +33,6 @@ from .whisper_encoder import WhisperEncoderDims
 
 PRESETS = ("published",)
 SHARD_BYTES = 2 * 2**30
-INDEX_FILE = "model.safetensors.index.json"
 SHARD_NAME = "model-{index:05d}-of-{total:05d}.safetensors"
 # Instructions of the prompt format, so the random model's tokenizer encodes the real prompts in few tokens.
 _TOKENIZER_TEXTS = (
@@ -100,7 +99,7 @@ def write_random_model(
     from safetensors.torch import save_file
 
     from ..runtime.tokenizer import train_bpe_tokenizer
-    from .fastslm import CONFIG_FILE, MODEL_FORMAT, TOKENIZER_FILE
+    from ..runtime.bundle import CONFIG_FILE, MODEL_FORMAT, TOKENIZER_FILE, WEIGHTS_INDEX_FILE
 
     folder.mkdir(parents=True, exist_ok=True)
     shapes = stored_shapes(config)
@@ -129,7 +128,7 @@ def write_random_model(
         del tensors
     index = {"metadata": {"total_size": total, "seed": seed, "dtype": str(dtype).removeprefix("torch.")},
              "weight_map": weight_map}  # fmt: skip
-    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    (folder / WEIGHTS_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     (folder / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     tokenizer = train_bpe_tokenizer(list(_TOKENIZER_TEXTS) * 4, vocab_size=400)
     if tokenizer.get_vocab_size() > config.qwen3.vocab_size:

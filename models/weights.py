@@ -143,23 +143,23 @@ class SafetensorsFolder:
     """The tensors of a folder's model.safetensors or shards, read one at a time on demand.
 
     Nothing is read until asked for, so a 9 GB model can be exported, quantized or checked tensor
-    by tensor with memory for one tensor (safetensors memory-maps the file).
+    by tensor with memory for one tensor.
     """
 
     def __init__(self, folder: Path):
         from safetensors import SafetensorError, safe_open
 
         self.folder = Path(folder)
-        self._handles: dict[str, Any] = {}
         self._file_of: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
         for path in safetensors_files(self.folder):
             try:
-                handle = safe_open(str(path), framework="pt")
+                with safe_open(str(path), framework="pt") as handle:
+                    for key in handle.keys():
+                        self._file_of[key] = path
+                        self._shapes[key] = tuple(handle.get_slice(key).get_shape())
             except (SafetensorError, OSError) as exc:
                 raise ModelFileError(f"{path} is damaged ({exc}); re-create the model folder") from None
-            self._handles[str(path)] = handle
-            for key in handle.keys():
-                self._file_of[key] = path
 
     def keys(self) -> list[str]:
         return list(self._file_of)
@@ -168,15 +168,18 @@ class SafetensorsFolder:
         return name in self._file_of
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[str(self._file_of[name])].get_slice(name).get_shape())
+        return self._shapes[name]
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
 
         if name not in self._file_of:
             raise ModelFileError(f"{self.folder} lacks {name}: the weights are incomplete or for another model")
         try:
-            t = self._handles[str(self._file_of[name])].get_tensor(name)
+            # Opened per tensor: safetensors memory-maps the whole file, and pages read through a map
+            # that stays open count in the process's RSS (5 GB of them midway through a 4 B model).
+            with safe_open(str(self._file_of[name]), framework="pt") as handle:
+                t = handle.get_tensor(name)
         except (SafetensorError, OSError) as exc:
             raise ModelFileError(f"cannot read {name} from {self._file_of[name]}: {exc}; re-create the model folder") from None
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t

@@ -113,6 +113,8 @@ def bench(
     repeats: Annotated[int, typer.Option(help="Interleaved repeats per size up to 600 s.")] = 3,
     long_repeats: Annotated[int, typer.Option(help="Repeats for sizes above 600 s (each takes minutes).")] = 1,
     only: Annotated[Optional[list[str]], typer.Option(help="Run only these systems (by name); repeatable.")] = None,
+    short_only: Annotated[Optional[list[str]], typer.Option(help="Systems run on the shortest recording only (by name); repeatable.")] = ["fastslm torch"],  # noqa: B006
+    long_systems: Annotated[Optional[list[str]], typer.Option(help="Systems run on recordings above 600 s [default: all].")] = None,
     torch: Annotated[bool, typer.Option(help="Include the PyTorch eager reference (needs torch).")] = True,
     peer: Annotated[bool, typer.Option(help="Include faster-whisper tiny.en int8 beam 1.")] = True,
     stages: Annotated[bool, typer.Option(help="Measure per-stage metrics in process.")] = True,
@@ -137,8 +139,11 @@ def bench(
         done = {(r.system, r.seconds, r.repeat) for r in runs}
         plan = []
         for size in sorted(sizes):
+            these = [s for s in systems if size == min(sizes) or s.name not in (short_only or [])]
+            if size > 600 and long_systems:
+                these = [s for s in these if s.name in long_systems]
             for k in range(repeats if size <= 600 else long_repeats):
-                order = systems[k % len(systems):] + systems[: k % len(systems)]
+                order = these[k % len(these):] + these[: k % len(these)]
                 plan += [(size, k, s) for s in order if (s.name, recs[size][1]["seconds"], k) not in done]
         for size, k, system in tqdm(plan, desc="fastslm-bench runs", unit="run", file=sys.stderr):
             audio, ref = recs[size]

@@ -28,7 +28,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def export(
     model: Annotated[Path, typer.Option(help="fastslm model folder (config.json, model.safetensors, tokenizer.json).")],
     out: Annotated[Path, typer.Option(help="Bundle folder to write.")],
-    target: Annotated[str, typer.Option(help="onnx, onnx-fp16, trt-fp16, or calibrated: onnx-int8, onnx-int4, trt-int8.")] = "onnx",
+    target: Annotated[str, typer.Option(help="onnx, onnx-fp16w, onnx-fp16, trt-fp16, or calibrated: onnx-int8, onnx-int4, trt-int8.")] = "onnx",
     force: Annotated[bool, typer.Option(help="Replace a non-empty --out (only once the new bundle is complete).")] = False,
     trt_flavour: Annotated[str, typer.Option(help="auto, tensorrt (JetPack / datacenter) or tensorrt_rtx.")] = "auto",
     trt_max_windows: Annotated[Optional[int], typer.Option(help="Audio-tower engine batch limit [default: fitted to the GPU].")] = None,

@@ -44,6 +44,12 @@ def _quantizer(*args: Any, **kwargs: Any) -> Any:
     return make_quantizer(*args, **kwargs)
 
 
+def _store_weights_fp16(path: Path, spec: GraphSpec, stage: Path) -> None:
+    from .fp16_storage import store_weights_fp16
+
+    store_weights_fp16(path)
+
+
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
@@ -54,6 +60,11 @@ TARGETS: dict[str, Target] = {
         # float16 converter round-trips blocked ops' outputs through fp16 (x^2 and the angles
         # lose the precision blocking was for) and leaves stale types that fail onnx.checker.
         Target("onnx-fp16", "onnx", "fp16", torch.float16, "ONNX Runtime, fp16 weights and compute, fp32 graph I/O"),
+        # The fp32 graphs with their fp16-exact weights stored as fp16 (export/fp16_storage.py): fp32
+        # numbers and CPU speed from about half the file; the demo model's default bundle.
+        Target("onnx-fp16w", "onnx", "fp32", torch.float32,
+               "ONNX Runtime, fp32 compute; weights stored as fp16 where exact, cast once at load",
+               post_process=_store_weights_fp16),
         # The fp16 ONNX graphs plus TensorRT engines built from them (export/tensorrt_build.py);
         # the graphs stay in the bundle so engines can be rebuilt on the deploying device.
         Target("trt-fp16", "tensorrt", "fp16", torch.float16, "TensorRT engines, fp16 weights and activations"),

@@ -105,6 +105,8 @@ class Pipeline:
         """Backend and precision, e.g. "onnx int8", as the banner names them."""
         bundle = getattr(self.backend, "bundle", None)
         precision = bundle.precision if bundle is not None else getattr(self.backend, "precision", "")
+        if bundle is not None and bundle.manifest.get("target") == "onnx-fp16w":
+            precision += " from fp16 weights"  # computes in fp32; the file stores fp16
         return f"{self.backend.name} {precision}".strip()
 
     def close(self) -> None:

@@ -51,7 +51,7 @@ def markdown(meta: dict, table: dict, stages: dict, clip_wer: dict, done_when: l
              f"runs are whole processes, interleaved (A B A B ...), the median of the repeats", ""]  # fmt: skip
     lines += ["## Done when", ""] + [f"- {line}" for line in done_when] + [""]
     lines += ["## Whole-process transcription", "",
-              "| system | audio s | repeats | wall s | real-time factor | peak RSS MB | WER % | windows | speed vs faster-whisper (paired) |",
+              "| system | audio s | repeats | wall s | real-time factor | peak RSS MiB | WER % | windows | speed vs faster-whisper (paired) |",
               "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for (system, seconds), row in sorted(table.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         lines.append(
@@ -92,7 +92,7 @@ def plot(table: dict, path: Path) -> bool:
         style = dict(marker="o", linestyle="--" if system == PEER else "-", linewidth=2 if system == PEER else 1.2)
         ax_t.plot(xs, [p[1]["wall_s"] for p in pts], label=system, **style)
         ax_m.plot(xs, [p[1]["rss_mb"] for p in pts], label=system, **style)
-    for ax, title, unit in ((ax_t, "whole-process wall time", "s"), (ax_m, "peak RSS", "MB")):
+    for ax, title, unit in ((ax_t, "whole-process wall time", "s"), (ax_m, "peak RSS", "MiB")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("audio length (s)")

@@ -44,7 +44,7 @@ class RunResult:
     seconds: float  # audio length
     repeat: int
     wall_s: float
-    peak_rss_mb: float
+    peak_rss_mb: float  # MiB (VmHWM KiB / 1024)
     text: str
     windows: int | None  # fastslm: segments (one audio-tower window each)
     error: str | None = None
@@ -60,15 +60,37 @@ def run_once(system: System, audio: Path, seconds: float, repeat: int, log: Path
     with open(log, "a") as err, open(out_path, "w") as out:
         start = time.perf_counter()
         proc = subprocess.Popen(system.command(audio), stdout=out, stderr=err, env=env)
-        # wait4, not Popen.wait: it returns the child's own rusage, whose ru_maxrss (KiB) is its peak RSS.
-        _, status, usage = os.wait4(proc.pid, 0)
+        peak_kib = 0
+        while proc.poll() is None:
+            peak_kib = _high_water_kib(proc.pid) or peak_kib
+            time.sleep(POLL_SECONDS)
         wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    rss_mb = usage.ru_maxrss / 1024.0
+    rss_mb = peak_kib / 1024.0
     if proc.returncode != 0:
         return RunResult(system.name, seconds, repeat, wall, rss_mb, "", None, f"exit {proc.returncode} (see {log})")
     record = json.loads(out_path.read_text().strip().splitlines()[-1])
     return RunResult(system.name, seconds, repeat, wall, rss_mb, record.get("text", ""), record.get("windows"))
+
+
+POLL_SECONDS = 0.05
+
+
+def _high_water_kib(pid: int) -> int | None:
+    """The process's peak resident set so far (VmHWM, KiB), or None once it is gone.
+
+    Not the child's ru_maxrss from wait4: that includes the memory of the process it was forked
+    from (the bench, 1 GB after composing the hour-long recording) up to its exec. VmHWM belongs
+    to the address space, which exec replaces, so it is the program's own peak; it only grows,
+    and the last reading is taken at most POLL_SECONDS before the process ends.
+    """
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 def load_results(path: Path) -> list[RunResult]:

@@ -41,3 +41,14 @@ def test_systems_are_separate_processes():
     ours = System("fastslm onnx-fp32", model=Path("b")).command(audio)
     assert peer[1:3] == ["-m", "fastslm.runtime.bench.peer"] and ours[1:3] == ["-m", "fastslm.runtime.cli"]
     assert ours[ours.index("--model") + 1] == "b" and ours[-1] == "x.flac"
+
+
+def test_docs_section_is_replaced_and_the_rest_kept(tmp_path):
+    from fastslm.runtime.bench.cli import write_docs_section
+
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n\n## Other work\n\nkept\n")
+    write_docs_section(doc, "## Transcription\n\nfirst\n")
+    write_docs_section(doc, "## Transcription\n\nsecond\n")
+    text = doc.read_text()
+    assert "kept" in text and "second" in text and "first" not in text and text.count("## Transcription") == 1

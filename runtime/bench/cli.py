@@ -181,14 +181,31 @@ def bench(
         (out / "report.md").write_text(text)
         plotted = plot(table, out / "bench.png")
         if docs is not None:
-            docs.write_text(text.replace("# fastslm-bench results", "# Benchmarks (fastslm-bench)", 1)
-                            + ("\n![time and memory against audio length](BENCHMARKS.png)\n" if plotted else ""))  # fmt: skip
+            section = text.replace("# fastslm-bench results", "## Transcription against faster-whisper (fastslm-bench)", 1)
+            section = section.replace("\n## ", "\n### ").replace("### Transcription against", "## Transcription against", 1)
             if plotted:
                 import shutil
 
                 shutil.copyfile(out / "bench.png", docs.with_suffix(".png"))
+                section += f"\n![time and memory against audio length]({docs.with_suffix('.png').name})\n"
+            write_docs_section(docs, section)
         typer.echo(text)
         typer.echo(f"fastslm-bench: wrote {out / 'report.md'}" + (f" and {out / 'bench.png'}" if plotted else " (no plot: pip install matplotlib)"), err=True)
+
+
+DOCS_BEGIN, DOCS_END = "<!-- fastslm-bench: begin (rewritten by each run) -->", "<!-- fastslm-bench: end -->"
+
+
+def write_docs_section(path: Path, section: str) -> None:
+    """Put the report between the markers in `path`, keeping everything else the file holds."""
+    block = f"{DOCS_BEGIN}\n{section.rstrip()}\n{DOCS_END}\n"
+    old = path.read_text() if path.is_file() else "# Benchmarks\n"
+    if DOCS_BEGIN in old and DOCS_END in old:
+        head, rest = old.split(DOCS_BEGIN, 1)
+        new = head + block + rest.split(DOCS_END, 1)[1].lstrip("\n")
+    else:
+        new = old.rstrip() + "\n\n" + block
+    path.write_text(new)
 
 
 def recs_by_seconds(recs: dict) -> dict[float, dict]:

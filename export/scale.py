@@ -196,6 +196,77 @@ def runtime(
             _record(record, row)
 
 
+@app.command("llm-decode")
+def llm_decode(
+    model: Annotated[Path, typer.Option(help="A model folder (e.g. fastslm-convert --random-init published).")],
+    workdir: Annotated[Path, typer.Option(help="Folder for the INT4 LLM graph (kept for reruns).")],
+    prefill: Annotated[int, typer.Option(help="Positions before the timed decode steps.")] = 64,
+    decode: Annotated[int, typer.Option(help="Decode steps timed.")] = 16,
+    threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads [default: all cores].")] = None,
+    record: Annotated[Path, typer.Option(help="JSON-lines file the rows are appended to.")] = RECORD,
+) -> None:
+    """The INT4 LLM graph alone (streamed from the model folder as fastslm-export writes it), then decode on the CPU."""
+    with reported_in_one_line("scale llm-decode"):
+        from ..export.graphs import llm_spec
+        from ..export.streamed import fill_weights, trace_structure
+        from ..models.fastslm import read_config
+        from ..models.weights import SafetensorsFolder
+        from ..runtime.bundle import kv_input_name, kv_output_name
+        from ..runtime.onnx_backend import session_options
+        import onnxruntime as ort
+        import torch
+
+        config = read_config(model)
+        spec = llm_spec(config)
+        workdir.mkdir(parents=True, exist_ok=True)
+        graph = workdir / spec.file
+        command = f"python -m fastslm.export.scale llm-decode --model {model} --workdir {workdir}"
+        if not graph.is_file():
+            start = time.perf_counter()
+            weights = trace_structure(spec, config, workdir / "structure.onnx", torch.float32)
+            fill_weights(workdir / "structure.onnx", graph, SafetensorsFolder(model), config, weights, bits=4)
+            _record(record, {"label": "INT4 LLM graph, streamed (trace + fill)", "command": command,
+                             "wall_s": round(time.perf_counter() - start, 1), "peak_rss_bytes": peak_rss_bytes(),
+                             "output_bytes": disk_bytes(graph) + disk_bytes(graph.with_name(graph.name + ".data"))})  # fmt: skip
+        start = time.perf_counter()
+        options = session_options("int4", ["CPUExecutionProvider"], threads)
+        session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        _record(record, {"label": "load INT4 LLM graph", "command": command, "wall_s": round(time.perf_counter() - start, 1),
+                         "peak_rss_bytes": peak_rss_bytes()})  # fmt: skip
+        d = config.qwen3
+        rng = np.random.default_rng(0)
+        names = ["logits"] + [kv_output_name(i, k) for i in range(d.num_layers) for k in ("key", "value")]
+        past = [np.zeros((1, d.num_kv_heads, 0, d.head_dim), np.float32) for _ in range(2 * d.num_layers)]
+
+        def step(embeds: np.ndarray, past: list[np.ndarray]) -> list[np.ndarray]:
+            n, start = len(embeds), past[0].shape[2]
+            feeds = {"inputs_embeds": embeds[None], "position_ids": np.arange(start, start + n, dtype=np.int64)[None],
+                     "logits_index": np.array([n - 1], np.int64)}  # fmt: skip
+            feeds.update({kv_input_name(i, k): past[2 * i + j] for i in range(d.num_layers) for j, k in enumerate(("key", "value"))})
+            return session.run(names, feeds)[1:]
+
+        embeds = (rng.standard_normal((prefill + 1, d.hidden_size)) * 0.02).astype(np.float32)
+        start = time.perf_counter()
+        past = step(embeds[:prefill], past)
+        _record(record, {"label": f"INT4 LLM prefill, {prefill} positions", "command": command,
+                         "wall_s": round(time.perf_counter() - start, 1), "peak_rss_bytes": peak_rss_bytes()})  # fmt: skip
+        past = step(embeds[prefill:], past)  # warm-up step
+        start = time.perf_counter()
+        for _ in range(decode):
+            past = step(embeds[prefill:], past)
+        wall = time.perf_counter() - start
+        weights = llm_weight_bytes(graph)
+        per_token = sum(weights.values())
+        row = {"label": f"INT4 LLM decode ({past[0].shape[2]} positions at the end)", "command": command,
+               "tokens_s": round(decode / wall, 3), "weights_bytes_per_token": per_token, "weights_by_kind": weights,
+               "weights_bytes_s": round(per_token * decode / wall), "peak_rss_bytes": peak_rss_bytes()}  # fmt: skip
+        bw = _bandwidth_recorded(record)
+        if bw:
+            row["bandwidth_bytes_s"] = bw
+            row["weights_bytes_s_over_bandwidth"] = round(per_token * decode / wall / bw, 3)
+        _record(record, row)
+
+
 def _bandwidth_recorded(record: Path) -> int | None:
     if not record.is_file():
         return None

@@ -75,6 +75,7 @@ class CheckBackend(OnnxBackend):
 # along K are an eighth of a row) INT4 LLM logits 0.897 on the random "batch 2 chunk" case, while
 # its WER gate on speech passes. A broken graph lands far below these bounds.
 VALIDATION_MIN_COSINE = {AUDIO_TOWER: 0.98, (LLM, 8): 0.99, (LLM, 4): 0.8}
+STREAMED_LLM_MIN_COSINE = 0.99
 STREAMED_LLM_NOTE = ("the LLM was exported streamed, with no fp32 copy in memory to decode with; its graph was "
                      "validated against fp32 PyTorch layer by layer (manifest: graphs.llm.validation)")
 
@@ -322,9 +323,12 @@ class Quantizer:
         return self.llm_bits, self.options.block_size, frozenset(self.options.llm_keep_float)
 
     def llm_tolerance(self) -> Any:
+        """A streamed LLM is checked against PyTorch computing with the graph's own quantized weights
+        (export/streamed.reference_outputs): only ONNX Runtime's arithmetic differs (MatMulNBits with
+        int8 activations), measured 0.99988 on the published-width 1-layer model's logits."""
         from ..export.graphs import Tolerance
 
-        return Tolerance(min_cosine=VALIDATION_MIN_COSINE[(LLM, self.llm_bits)])
+        return Tolerance(min_cosine=STREAMED_LLM_MIN_COSINE)
 
     def session(self, path: Path) -> ort.InferenceSession:
         return check_session(path, self.fp16)

@@ -259,11 +259,12 @@ def _streamed_graph(spec: GraphSpec, model_dir: Path, config, stage: Path, targe
     step(f"checking {spec.name}")
     inputs, outputs = check_graph(spec, path, target.float_dtype)
     bar.update()
-    step(f"validating {spec.name} against PyTorch (layer by layer)")
+    step(f"validating {spec.name} against PyTorch (layer by layer" + (f", the graph's INT{bits} weights)" if bits else ")"))
     with tqdm(total=config.qwen3.num_layers, unit="layer", desc="fp32 reference", file=sys.stderr,
               disable=_disable(options.progress), leave=False) as layer_bar:  # fmt: skip
         expected = reference_outputs(store, config, spec, spec.cases, target.float_dtype,
-                                     progress=lambda: layer_bar.update())  # fmt: skip
+                                     progress=lambda: layer_bar.update(), bits=bits, block_size=block,
+                                     keep_float=keep)  # fmt: skip
     if quantizer:
         tolerance, session = quantizer.llm_tolerance(), quantizer.session(path)
     else:
@@ -271,7 +272,10 @@ def _streamed_graph(spec: GraphSpec, model_dir: Path, config, stage: Path, targe
     precision = quantizer.graph_precision(spec.name) if quantizer else target.precision
     diffs = validate_outputs(spec, path, expected, tolerance, precision, session)
     bar.update()
-    return _graph_entry(spec, path, report.data_file, precision, options, inputs, outputs, tolerance, diffs, write), diffs
+    entry = _graph_entry(spec, path, report.data_file, precision, options, inputs, outputs, tolerance, diffs, write)
+    if bits:
+        entry["validation"]["reference"] = f"PyTorch fp32 computing with the graph's INT{bits} weights (dequantized)"
+    return entry, diffs
 
 
 def options_streamed(options: ExportOptions, config) -> bool:

@@ -54,10 +54,28 @@ def llm_weight_bytes(pipe) -> int:
         graph = bundle.graph("llm")
         files = [graph["file"]] + ([graph["data_file"]] if graph.get("data_file") else [])
         graph_bytes = sum((bundle.path / f).stat().st_size for f in files)
+        if bundle.manifest.get("target") == "onnx-fp16w":
+            graph_bytes = _fp32_bytes(bundle.path / graph["file"])  # fp16 on disk, fp32 in the session
         row = backend._embed.shape[1] * backend._embed.dtype.itemsize
         return graph_bytes + row
     model = getattr(backend, "model", None)  # the PyTorch reference
     return sum(p.numel() * p.element_size() for p in model.llm.parameters())
+
+
+def _fp32_bytes(path) -> int:
+    """Initializer bytes once fp16-stored weights are cast to fp32 (onnx-fp16w)."""
+    import onnx
+    from onnx import TensorProto
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    size = {TensorProto.FLOAT16: 2, TensorProto.FLOAT: 4, TensorProto.INT64: 8, TensorProto.INT32: 4}
+    total = 0
+    for init in graph.initializer:
+        n = 1
+        for d in init.dims:
+            n *= d
+        total += n * (4 if init.data_type == TensorProto.FLOAT16 else size.get(init.data_type, 1))
+    return total
 
 
 def _timed(fn, repeat: int) -> tuple[float, object]:

@@ -132,7 +132,7 @@ def llm_weight_bytes(graph: Path) -> dict[str, int]:
 @app.command()
 def runtime(
     bundle: Annotated[Path, typer.Option(help="An onnx / onnx-int4 / onnx-int8 bundle.")],
-    audio: Annotated[Optional[Path], typer.Option(help="Speech for the audio-tower row [default: jfk.flac].")] = None,
+    audio: Annotated[Optional[Path], typer.Option(help="Speech for the audio-tower row [default: $FASTSLM_SHARED_DATA/jfk.flac].")] = None,
     prefill: Annotated[int, typer.Option(help="Positions in the prefill row (6,000 = one hour of audio).")] = 6000,
     decode: Annotated[int, typer.Option(help="Decode steps timed.")] = 32,
     threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads [default: all cores].")] = None,
@@ -140,7 +140,7 @@ def runtime(
 ) -> None:
     """Load, audio tower per window, prefill and decode on the CPU, each a row."""
     with reported_in_one_line("scale runtime"):
-        from ..calibration.data import shared_data
+        from ..calibration.evaluation import shared_data
         from ..runtime.audio import audio_to_windows, load_audio
         from ..runtime.bundle import LLM
         from ..runtime.onnx_backend import OnnxBackend
@@ -153,6 +153,8 @@ def runtime(
         _record(record, {"label": "load", "command": command, "wall_s": round(time.perf_counter() - start, 1),
                          "peak_rss_bytes": peak_rss_bytes(), "output_bytes": disk_bytes(bundle)})  # fmt: skip
 
+        if audio is None and shared_data() is None:
+            raise OptionError("pass --audio with a recording of speech, or set FASTSLM_SHARED_DATA to the folder holding jfk.flac")
         samples = load_audio(audio or shared_data() / "jfk.flac")
         window = audio_to_windows(samples, backend.n_mels)[:1]
         times = []

@@ -292,24 +292,23 @@ ONE_HOUR_POSITIONS = 6000 + 512 + 64  # 120 windows x 50 speech tokens, a 512-to
 @app.command()
 def project(
     model: Annotated[Path, typer.Option(help="The fp16 model folder (its safetensors give the fp16 weights).")],
-    int4_bundle: Annotated[Path, typer.Option(help="An onnx-int4 bundle (its graphs give the INT8 tower and INT4 LLM bytes).")],
+    int4_llm: Annotated[Path, typer.Option(help="An INT4 llm.onnx of that model (an onnx-int4 bundle's, or scale llm-decode's).")],
     record: Annotated[Path, typer.Option(help="JSON-lines file the rows are appended to.")] = RECORD,
 ) -> None:
     """PROJECTION: which device holds which variant with one hour of audio's KV cache (fp16), and its decode bound."""
     with reported_in_one_line("scale project"):
-        from ..runtime.bundle import AUDIO_TOWER, LLM, load_bundle
-
-        bundle = load_bundle(int4_bundle, verify=False)
-        d = bundle.dims
-        kv = ONE_HOUR_POSITIONS * 2 * d.num_layers * d.num_kv_heads * d.head_dim * 2  # fp16 keys + values
-        fp16 = weights_bytes(model)
-        llm_int4 = sum(llm_weight_bytes(bundle.graph_path(LLM)).values())
-        tower_int8 = sum(llm_weight_bytes(bundle.graph_path(AUDIO_TOWER)).values())
+        from ..models.fastslm import read_config
         from ..models.weights import SafetensorsFolder
 
+        q = read_config(model).qwen3
+        kv = ONE_HOUR_POSITIONS * 2 * q.num_layers * q.num_kv_heads * q.head_dim * 2  # fp16 keys + values
+        fp16 = weights_bytes(model)
+        llm_int4 = sum(llm_weight_bytes(int4_llm).values())
         store = SafetensorsFolder(model)
-        embed_fp16 = d.vocab_size * d.hidden_size * 2
-        llm_fp16 = 2 * sum(int(np.prod(store.shape(k))) for k in store.keys() if k.startswith("llm."))  # tied head once
+        tower_fp16 = 2 * sum(int(np.prod(store.shape(k))) for k in store.keys() if k.startswith("encoder."))
+        tower_int8 = tower_fp16 // 2  # one byte a weight (scales and biases left out)
+        embed_fp16 = q.vocab_size * q.hidden_size * 2  # the runtime's input table, beside the quantized head
+        llm_fp16 = fp16 - tower_fp16  # tied head stored once
         variants = {
             "fp16 (trt-fp16)": (fp16, llm_fp16),
             "INT8 tower + INT8 LLM (trt-int8)": (tower_int8 + llm_fp16 // 2 + embed_fp16, llm_fp16 // 2),

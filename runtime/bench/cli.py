@@ -172,7 +172,7 @@ def bench(
             from .stages import memory_bandwidth_gbs
 
             meta["bandwidth_gbs"] = memory_bandwidth_gbs()
-        variant = f"{default.backend.name} {getattr(getattr(default.backend, 'bundle', None), 'precision', '')}".strip()
+        variant = f"{default.variant} ({getattr(getattr(default.backend, 'bundle', None), 'manifest', {}).get('target', '')})"
         meta.update(machine=_machine(), date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                     command="fastslm-bench " + shlex.join(sys.argv[1:]), default=variant)  # fmt: skip
         table = summary(runs, wers)

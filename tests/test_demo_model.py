@@ -97,3 +97,30 @@ def test_spoken_question_answering(onnx_pipe):
     questions = questions_for_items(items)
     accuracy, _ = qa_report(questions, answer_all(onnx_pipe, speech, questions))
     assert accuracy >= MIN_QA
+
+
+@pytest.mark.slow
+def test_recipe_eval_scores_real_speech_beside_faster_whisper(tmp_path, monkeypatch, capsys):
+    """The recipe's eval stage: each WER (held-out synthetic sets and jfk.flac, the real recording) is
+    printed beside faster-whisper tiny.en's on the same audio; the baseline is cached."""
+    import json
+
+    from fastslm.models.demo import evaluate
+    from fastslm.models.demo.recipe import stage_eval
+
+    cache, report = tmp_path / "faster_whisper.json", tmp_path / "eval.json"
+    results = stage_eval(DEFAULT_MODEL_DIR, EVAL_SUBSET, 2, report, cache, threads=2)
+    rows = {r["split"]: r for r in results}
+    assert rows["jfk"]["real_speech"] and not rows["eval_seen"]["real_speech"]
+    assert rows["jfk"]["faster_whisper_wer"] == 0.0 and rows["jfk"]["wer"] <= MAX_WER["jfk"]
+    assert all(0.0 <= rows[s]["faster_whisper_wer"] <= 50.0 for s in ("eval_seen", "eval_unseen"))
+    assert rows["qa"]["n"] == 10 and "faster_whisper_wer" not in rows["qa"]
+    out = capsys.readouterr().out
+    assert f"eval: jfk (real speech): WER {rows['jfk']['wer']:.2f}% (faster-whisper tiny.en 0.00%)" in out
+    assert json.loads(report.read_text())["results"] == json.loads(json.dumps(results))
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("faster-whisper ran again for a cached split")
+
+    monkeypatch.setattr(evaluate, "faster_whisper_transcripts", must_not_run)
+    assert evaluate.faster_whisper_wer("jfk", EVAL_SUBSET, None, cache)["wer"] == 0.0

@@ -473,3 +473,69 @@ def test_align_stage_is_skipped_or_says_what_is_missing(tmp_path, capsys):
         main(["--work", str(tmp_path / "w"), "--stage", "align", "--slot-timing", "whisper"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and "windows.jsonl is missing" in err[0]
+
+
+def test_spec_augment_masks_speech_frames_and_keeps_old_runs_resumable():
+    """Speech-only time masks land inside each window's audio; the old defaults draw exactly as before."""
+    o = train.TrainOptions(augment_prob=1.0, time_masks=4, time_mask_frames=30, channel_masks=2, channel_mask=8,
+                           mask_speech_only=True)  # fmt: skip
+    feats = torch.randn(3, 1500, 32)
+    before = feats.clone()
+    train.spec_augment_(feats, np.random.default_rng(0), o, speech_frames=[100, 40, 1500])
+    changed_frames = (feats != before).all(dim=2)  # whole frames replaced by the mean frame
+    assert changed_frames[0].any() and not changed_frames[0, 100:].any() and not changed_frames[1, 40:].any()
+    masked_channels = (feats != before).all(dim=1)  # whole channels (outside the time masks)
+    assert all(0 < int(m.sum()) <= 16 for m in masked_channels)
+    # without speech_only the same options may mask anywhere in the 30 s
+    anywhere = torch.randn(64, 1500, 32)
+    copy = anywhere.clone()
+    train.spec_augment_(anywhere, np.random.default_rng(0), train.TrainOptions(augment_prob=1.0, time_masks=4,
+                        time_mask_frames=30, channel_mask=0), speech_frames=[100] * 64)  # fmt: skip
+    assert (anywhere != copy).all(dim=2)[:, 100:].any()
+    # the defaults (one channel mask, masks anywhere) keep the draws of runs started before these options
+    old_rng, new_rng = np.random.default_rng(5), np.random.default_rng(5)
+    a, b = torch.randn(4, 1500, 32), None
+    b = a.clone()
+    o_default = train.TrainOptions()
+    B, T, D = a.shape
+    for i in range(B):  # the previous implementation, inlined
+        if old_rng.random() >= o_default.augment_prob:
+            continue
+        fill = a[i].mean(dim=0)
+        for _ in range(o_default.time_masks):
+            width = int(old_rng.integers(0, o_default.time_mask_frames + 1))
+            start = int(old_rng.integers(0, T - width + 1))
+            a[i, start : start + width] = fill
+        width = int(old_rng.integers(0, o_default.channel_mask + 1))
+        start = int(old_rng.integers(0, D - width + 1))
+        a[i, :, start : start + width] = fill[start : start + width]
+    train.spec_augment_(b, new_rng, o_default, speech_frames=[50] * B)
+    assert torch.equal(a, b)
+    key = o_default.trajectory_key()
+    assert "channel_masks" not in key and "mask_speech_only" not in key and "select_qa_weight" not in key
+    assert o.trajectory_key()["mask_speech_only"] is True
+
+
+def test_best_checkpoint_can_be_picked_on_wer_and_qa(recipe, tmp_path):
+    results = iter([{"wer": 40.0, "qa": 20.0}, {"wer": 38.0, "qa": 5.0}, {"wer": 41.0, "qa": 40.0}])
+    trainer = tiny_trainer(recipe, tmp_path / "both", select_qa_weight=0.5)
+    trainer.evaluator = lambda model: dict(next(results))
+    picked = []
+    for step in range(3):
+        trainer.step = step
+        trainer.evaluate()
+        picked.append(trainer.best["step"])
+    # scores 40 + 40 = 80, 38 + 47.5 = 85.5, 41 + 30 = 71: the QA-poor checkpoint is never best
+    assert picked == [0, 0, 2] and trainer.best == {"wer": 41.0, "step": 2, "qa": 40.0, "score": 71.0}
+    assert torch.load(tmp_path / "both" / train.BEST_FILE, weights_only=True)["step"] == 2
+    wer_only = tiny_trainer(recipe, tmp_path / "wer")
+    results = iter([{"wer": 40.0, "qa": 20.0}, {"wer": 38.0, "qa": 5.0}])
+    wer_only.evaluator = lambda model: dict(next(results))
+    for step in range(2):
+        wer_only.step = step
+        wer_only.evaluate()
+    assert wer_only.best["step"] == 1
+    no_qa = tiny_trainer(recipe, tmp_path / "noqa", select_qa_weight=1.0)
+    no_qa.evaluator = lambda model: {"wer": 30.0}
+    with pytest.raises(train.RecipeError, match="--select-qa-weight needs QA"):
+        no_qa.evaluate()

@@ -124,6 +124,31 @@ def faster_whisper_transcripts(items: list[EvalItem], threads: int = 2, progress
     return out
 
 
+REAL_SPEECH_SPLITS = ("jfk",)  # recordings of people, not synthesised: jfk.flac is the only one shipped
+
+
+def faster_whisper_wer(split: str, corpus: Path, limit: int | None = None, cache: Path | None = None,
+                       threads: int = 2) -> dict:
+    """faster-whisper tiny.en's WER on a split, the baseline printed beside every demo-model WER.
+
+    Cached in `cache` (JSON, keyed by split and utterance ids): the baseline never changes for the
+    same audio, and it costs as much as a model evaluation.
+    """
+    import json
+
+    items = load_split(split, corpus, limit)
+    key = f"{split}:{len(items)}:{items[0].id}:{items[-1].id}" if items else split
+    known = json.loads(cache.read_text()) if cache is not None and cache.is_file() else {}
+    if key not in known:
+        t0 = time.perf_counter()
+        hyps = faster_whisper_transcripts(items, threads)
+        known[key] = {"split": split, "n": len(items), "model": "faster-whisper tiny.en int8",
+                      "wer": round(wer([it.text for it in items], hyps), 2), "seconds": round(time.perf_counter() - t0, 1)}
+        if cache is not None:
+            cache.write_text(json.dumps(known, indent=1) + "\n")
+    return known[key]
+
+
 def evaluate_split(pipe, split: str, corpus: Path, limit: int | None = None, show: int = 0,
                    progress: bool = True) -> dict:
     """Run one split through `pipe`; returns {"split", "n", "wer"} or {"split", "n", "qa", "qa_by_type"}."""

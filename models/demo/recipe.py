@@ -14,7 +14,8 @@ Stages (``all`` runs them in this order; each skips or resumes finished work):
 5. ``train``      HFQ-Former + decoder on the stored features -> train/ (see train.py)
 6. ``export-folder``  best weights -> a fastslm model folder (``--out``, default work/demo/model;
                   fp16 weights, checked against fp32 on eval_seen)
-7. ``eval``       WER on eval_seen, eval_unseen, jfk and QA accuracy of the exported folder
+7. ``eval``       WER on eval_seen, eval_unseen and real speech (jfk.flac), each beside faster-whisper
+                  tiny.en's on the same audio, and QA accuracy of the exported folder
 
 Model: Whisper tiny.en encoder (80 mels, width 384, 4 layers; frozen), the full HFQ-Former at
 width 384 (stage queries 150/150/150, 150 speech tokens per window, 2 out blocks), and a Qwen3-style
@@ -350,20 +351,29 @@ def stage_export(paths: Paths, corpus: Path, out: Path, dtype: str, check_limit:
                   "consider --dtype float32", file=sys.stderr)
 
 
-def stage_eval(model: Path, corpus: Path, limit: int | None, report: Path | None = None) -> list[dict]:
+def stage_eval(model: Path, corpus: Path, limit: int | None, report: Path | None = None,
+               baseline_cache: Path | None = None, threads: int = 2) -> list[dict]:
+    """WER on the held-out synthetic sets and on real speech (jfk.flac), faster-whisper tiny.en's beside each, and QA."""
     from ...runtime.bundle import CONFIG_FILE, MANIFEST_FILE
     from ...runtime.generate import Pipeline
-    from .evaluate import evaluate_split
+    from .evaluate import REAL_SPEECH_SPLITS, evaluate_split, faster_whisper_wer
 
     if not (model / CONFIG_FILE).is_file() and not (model / MANIFEST_FILE).is_file():
         raise RecipeError(f"{model} is not a model folder yet: run the export-folder stage first")
     pipe = Pipeline.load(model)
     results = []
     for split in ("eval_seen", "eval_unseen", "jfk", "qa"):
-        r = evaluate_split(pipe, split, corpus, limit if split != "jfk" else None)
+        n = limit if split != "jfk" else None
+        r = evaluate_split(pipe, split, corpus, n)
+        if "wer" in r:
+            r["faster_whisper_wer"] = faster_whisper_wer(split, corpus, n, baseline_cache, threads)["wer"]
+            r["real_speech"] = split in REAL_SPEECH_SPLITS
+            metric = f"WER {r['wer']:.2f}% (faster-whisper tiny.en {r['faster_whisper_wer']:.2f}%)"
+        else:
+            metric = f"QA {r['qa']:.2f}% {r['qa_by_type']}"
+        label = f"{split} (real speech)" if r.get("real_speech") else split
         results.append(r)
-        metric = f"WER {r['wer']:.2f}%" if "wer" in r else f"QA {r['qa']:.2f}% {r['qa_by_type']}"
-        print(f"eval: {split}: {metric} (n={r['n']}, {r['seconds']} s)")
+        print(f"eval: {label}: {metric} (n={r['n']}, {r['seconds']} s)")
     if report is not None:
         report.write_text(json.dumps({"model": str(model), "results": results}, indent=1) + "\n")
         print(f"eval: results -> {report}")
@@ -409,6 +419,16 @@ def parse_args(argv: list[str] | None):
     g.add_argument("--slot-timing", choices=("chars", "whisper"), default="chars",
                    help="when each token was said, for the slot loss: spread over its utterance by character "
                         "length, or aligned by Whisper tiny.en (the align stage)")
+    g.add_argument("--select-qa-weight", type=float, default=0.0,
+                   help="pick the best checkpoint by WER + W * (100 - QA accuracy) on the selection set (0: WER only)")
+    g = p.add_argument_group("train: SpecAugment on the stored encoder features")
+    g.add_argument("--spec-prob", type=float, default=0.5, help="share of training windows that get masks")
+    g.add_argument("--spec-time-masks", type=int, default=2, help="time masks per masked window")
+    g.add_argument("--spec-time-frames", type=int, default=20, help="widest time mask, in 20 ms frames")
+    g.add_argument("--spec-channel-masks", type=int, default=1, help="channel masks per masked window")
+    g.add_argument("--spec-channel-width", type=int, default=24, help="widest channel mask (of the encoder's 384)")
+    g.add_argument("--spec-speech-only", action="store_true",
+                   help="put time masks inside each window's audio rather than anywhere in its 30 s")
     g = p.add_argument_group("export / eval")
     g.add_argument("--out", type=Path, help="model folder to write / evaluate (default WORK/model)")
     g.add_argument("--dtype", choices=("float16", "float32"), default="float16")
@@ -433,7 +453,10 @@ def main(argv: list[str] | None = None) -> None:
     train_options = TrainOptions(seed=a.seed, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps,
                                  steps=a.steps or None, hours=a.hours, eval_minutes=a.eval_minutes, bf16=a.bf16,
                                  align_weight=a.align_weight, reading_batch=a.reading_batch, ctc_weight=a.ctc_weight,
-                                 slot_timing=a.slot_timing)
+                                 slot_timing=a.slot_timing, select_qa_weight=a.select_qa_weight,
+                                 augment_prob=a.spec_prob, time_masks=a.spec_time_masks,
+                                 time_mask_frames=a.spec_time_frames, channel_masks=a.spec_channel_masks,
+                                 channel_mask=a.spec_channel_width, mask_speech_only=a.spec_speech_only)
     with reported_in_one_line("fastslm.models.demo", "interrupted (rerun the same command to resume)"):
         if a.steps < 0:  # 0 is meaningful (size from --hours), a negative count is not
             raise RecipeError(f"--steps must be a step count, or 0 to size the schedule from --hours; got {a.steps}")
@@ -452,5 +475,6 @@ def main(argv: list[str] | None = None) -> None:
             elif stage == "export-folder":
                 stage_export(paths, a.corpus, out, a.dtype, a.check_limit, a.checkpoint)
             elif stage == "eval":
-                stage_eval(out, a.corpus, a.limit, paths.work / "eval.json")
+                stage_eval(out, a.corpus, a.limit, paths.work / "eval.json", paths.work / "faster_whisper.json",
+                           a.threads)
             print(f"[{stage}] {time.perf_counter() - t0:.1f} s", flush=True)

@@ -14,9 +14,14 @@
 # other than 0 or 124) stops the driver, with the reason in driver.log.
 # The whole body is one function, so editing this file never changes a driver already running.
 
+children_cpu() {  # user + system CPU seconds of every finished child of this shell so far -> $cpu
+    times >"$1/.times"  # in this shell: `times` in a $(...) subshell would count only the subshell's children
+    cpu=$(awk 'NR == 2 { n = 0; for (i = 1; i <= 2; i++) { split($i, p, "m"); n += p[1] * 60 + p[2] } printf "%d", n }' "$1/.times")
+}
+
 main() {
     set -u
-    local state python chunk stage rc t0
+    local state python chunk stage rc t0 cpu cpu0 cpu1
     state=$(realpath -m "${1:?usage: run_recipe.sh STATE_DIR}")
     python=${PYTHON:-python}
     chunk=${CHUNK_SECONDS:-7200}
@@ -28,6 +33,7 @@ main() {
     for stage in corpus tokenizer windows features align train export-folder eval; do
         while [ ! -f "$state/done.$stage" ]; do
             t0=$(date +%s)
+            children_cpu "$state"; cpu0=$cpu
             echo "-- $(date -u +%FT%TZ) $stage: chunk start"
             if [ "$stage" = corpus ]; then
                 # shellcheck disable=SC2046
@@ -39,8 +45,10 @@ main() {
                     --corpus "$state/corpus" --stage "$stage" $(cat "$state/recipe.args") </dev/null
             fi
             rc=$?
-            echo "-- $(date -u +%FT%TZ) $stage: chunk end rc=$rc after $(( $(date +%s) - t0 )) s"
-            echo $(( $(date +%s) - t0 )) >>"$state/seconds.$stage"  # one line per chunk: the recipe's time
+            children_cpu "$state"; cpu1=$cpu
+            echo "-- $(date -u +%FT%TZ) $stage: chunk end rc=$rc after $(( $(date +%s) - t0 )) s, CPU $((cpu1 - cpu0)) s"
+            # one line per chunk: wall and CPU seconds (on a shared machine the CPU seconds are the recipe's cost)
+            echo "$(( $(date +%s) - t0 )) $((cpu1 - cpu0))" >>"$state/seconds.$stage"
             if [ $rc -eq 0 ]; then
                 if [ "$stage" = train ] && ! grep -q "^train: finished" "$state/driver.log"; then
                     continue  # stopped by a signal before the end of the schedule: resume

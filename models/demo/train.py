@@ -65,6 +65,7 @@ from .features import FeatureStore
 from .windows import RecipeError
 
 SLOT_TIMINGS = ("chars", "whisper")
+FRAME_SAMPLES = 320  # audio samples per encoder output frame (16 kHz, 50 frames a second)
 STATE_FILE = "state.pt"
 BEST_FILE = "best.pt"
 LOG_FILE = "log.jsonl"
@@ -89,7 +90,9 @@ class TrainOptions:
     augment_prob: float = 0.5
     time_masks: int = 2
     time_mask_frames: int = 20  # 50 frames = 1 s
-    channel_mask: int = 24
+    channel_mask: int = 24  # widest channel mask
+    channel_masks: int = 1
+    mask_speech_only: bool = False  # time masks inside the window's audio, not over the whole 30 s
     checkpoint_minutes: float = 5.0
     eval_minutes: float = 20.0  # 0: no periodic evaluation
     eval_every: int | None = None  # steps; None: from eval_minutes at calibration
@@ -101,6 +104,8 @@ class TrainOptions:
     reading_batch: int = 0  # text-only ASR samples per step on pseudo speech tokens (see reading_loss)
     ctc_weight: float = 0.0  # CTC on the slot head's posteriors (blank: "nothing said"); see slot_ctc_loss
     slot_timing: str = "chars"  # when each token was said: "chars" (spread by length) or "whisper" (aligned)
+    # checkpoint selection: best = lowest WER + select_qa_weight * (100 - QA accuracy), both in percent
+    select_qa_weight: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -113,7 +118,7 @@ class TrainOptions:
     def trajectory_key(self) -> dict:
         d = asdict(self)
         for k in ("steps", "hours", "calibrate_steps", "checkpoint_minutes", "eval_minutes", "eval_every",
-                  "max_new_tokens", "log_every"):
+                  "max_new_tokens", "log_every", "select_qa_weight"):
             d.pop(k)
         for k, off in _LATER_OPTIONS.items():  # absent from older checkpoints: only a change counts
             if d[k] == off:
@@ -122,7 +127,8 @@ class TrainOptions:
 
 
 # Options added after runs were started, with the value that leaves a run as it was.
-_LATER_OPTIONS = {"reading_batch": 0, "ctc_weight": 0.0, "slot_timing": "chars"}
+_LATER_OPTIONS = {"reading_batch": 0, "ctc_weight": 0.0, "slot_timing": "chars", "channel_masks": 1,
+                  "mask_speech_only": False}
 
 
 def learning_rate(step: int, total: int | None, o: TrainOptions) -> float:
@@ -282,20 +288,27 @@ class Examples:
         return Batch(feats, ids, [s for _, s, _ in seqs], targets, weights)
 
 
-def spec_augment_(features: Tensor, rng: np.random.Generator, o: TrainOptions) -> None:
-    """In place: time masks (whole frames) and one channel mask, filled with the window's mean frame."""
+def spec_augment_(features: Tensor, rng: np.random.Generator, o: TrainOptions,
+                  speech_frames: list[int] | None = None) -> None:
+    """In place: time masks (whole frames) and channel masks, filled with the window's mean frame.
+
+    With `mask_speech_only`, time masks fall inside each window's audio (`speech_frames`, 50 per
+    second): spread over the whole 30 s, most of them would hide padding of a short window.
+    """
     B, T, D = features.shape
     for b in range(B):
         if rng.random() >= o.augment_prob:
             continue
         fill = features[b].mean(dim=0)  # (D,)
+        span = min(T, max(1, speech_frames[b])) if o.mask_speech_only and speech_frames is not None else T
         for _ in range(o.time_masks):
-            width = int(rng.integers(0, o.time_mask_frames + 1))
-            start = int(rng.integers(0, T - width + 1))
+            width = min(span, int(rng.integers(0, o.time_mask_frames + 1)))
+            start = int(rng.integers(0, span - width + 1))
             features[b, start : start + width] = fill
-        width = int(rng.integers(0, o.channel_mask + 1))
-        start = int(rng.integers(0, D - width + 1))
-        features[b, :, start : start + width] = fill[start : start + width]
+        for _ in range(o.channel_masks):
+            width = int(rng.integers(0, o.channel_mask + 1))
+            start = int(rng.integers(0, D - width + 1))
+            features[b, :, start : start + width] = fill[start : start + width]
 
 
 def token_slots(window: dict, utterances: dict, tokenizer: Tokenizer, n_slots: int,
@@ -609,7 +622,8 @@ class Trainer:
             if self.o.ctc_weight:
                 batch.sequences = [[token for _, token in self._slots[w]] for w in picks]
         batch.windows = [int(w) for w in picks]
-        spec_augment_(batch.features, rng, self.o)
+        frames = [-(-int(self.windows[w].get("samples", WINDOW_SAMPLES)) // FRAME_SAMPLES) for w in picks]
+        spec_augment_(batch.features, rng, self.o, frames)
         return batch
 
     def reading_for(self, step: int) -> tuple[Batch, list[list[tuple[int, int]]]] | None:
@@ -652,6 +666,18 @@ class Trainer:
         self.log({"event": "calibrated", "step": self.step, "seconds_per_step": round(seconds_per_step, 4),
                   "total_steps": self.total_steps, "eval_every": self.eval_every})
 
+    def selection_score(self, result: dict) -> float:
+        """What the best checkpoint minimises: WER, plus the weighted QA error when the run selects on both.
+
+        QA swings by several points between neighbouring checkpoints (a few hundred questions), so
+        picking on WER alone can keep a checkpoint that answers far worse than its neighbours.
+        """
+        if not self.o.select_qa_weight:
+            return result["wer"]
+        if "qa" not in result:
+            raise RecipeError("--select-qa-weight needs QA accuracy in every evaluation (the evaluator's with_qa)")
+        return result["wer"] + self.o.select_qa_weight * (100.0 - result["qa"])
+
     def evaluate(self) -> dict | None:
         if self.evaluator is None:
             return None
@@ -659,9 +685,11 @@ class Trainer:
         result = self.evaluator(self.model)
         self.model.train()
         self._evaluated_at = self.step
-        improved = self.best["wer"] is None or result["wer"] < self.best["wer"]
+        score = self.selection_score(result)
+        improved = self.best["wer"] is None or score < self.selection_score(self.best)
         if improved:
-            self.best = {"wer": result["wer"], "step": self.step}
+            self.best = {"wer": result["wer"], "step": self.step,
+                         **({"qa": result["qa"], "score": round(score, 2)} if "qa" in result else {})}
             atomic_save({"step": self.step, "model": trainable_state(self.model), "eval": result,
                          "config": self.model.config.to_dict(),
                          "slot_head": self.slot_head.state_dict() if self.slot_head is not None else {}},

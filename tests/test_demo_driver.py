@@ -1,0 +1,71 @@
+"""models/demo/run_recipe.sh: chunks of limited length, resume after a stop, a failed stage stops it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+DRIVER = Path(__file__).resolve().parents[1] / "models" / "demo" / "run_recipe.sh"
+
+# Stands in for python: records each call; train runs past the chunk limit once (the driver stops it
+# with SIGTERM), then finishes; the stage named in FAIL_STAGE exits 2 while FAIL_STAGE is set.
+FAKE_PYTHON = """#!/bin/bash
+echo "$*" >> "$CALLS"
+stage=corpus
+for a in "$@"; do [ "$prev" = --stage ] && stage=$a; prev=$a; done
+[ "$stage" = "${FAIL_STAGE:-}" ] && { echo "boom" >&2; exit 2; }
+if [ "$stage" = train ]; then
+    if [ ! -f "$CALLS.slow_done" ]; then touch "$CALLS.slow_done"; trap 'echo "train: stopped"; exit 0' TERM; sleep 30 & wait; fi
+    echo "train: finished at step 4"
+fi
+exit 0
+"""
+
+
+def run_driver(state: Path, fake: Path, calls: Path, **env) -> subprocess.CompletedProcess:
+    environ = dict(os.environ, PYTHON=str(fake), CALLS=str(calls), CHUNK_SECONDS="2", **env)
+    return subprocess.run(["bash", str(DRIVER), str(state)], env=environ, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture()
+def fake(tmp_path) -> Path:
+    path = tmp_path / "fake_python"
+    path.write_text(FAKE_PYTHON)
+    path.chmod(0o755)
+    return path
+
+
+def stages_called(calls: Path) -> list[str]:
+    out = []
+    for line in calls.read_text().splitlines():
+        words = line.split()
+        out.append(words[words.index("--stage") + 1] if "--stage" in words else "corpus")
+    return out
+
+
+def test_driver_runs_every_stage_in_chunks_and_resumes(tmp_path, fake):
+    state, calls = tmp_path / "state", tmp_path / "calls"
+    result = run_driver(state, fake, calls, FAIL_STAGE="features")
+    assert result.returncode == 1
+    log = (state / "driver.log").read_text()
+    assert "driver stops: features failed (rc 2); fix it and rerun the command" in log
+    assert stages_called(calls) == ["corpus", "tokenizer", "windows", "features"]
+    assert (state / "corpus.args").read_text().startswith("--seed 0 --mix wide")
+    assert "--slot-timing whisper" in (state / "recipe.args").read_text()
+    # the same command again resumes at the failed stage; train overruns its 2 s chunk once
+    result = run_driver(state, fake, calls)
+    assert result.returncode == 0
+    assert stages_called(calls)[4:] == ["features", "align", "train", "train", "export-folder", "eval"]
+    log = (state / "driver.log").read_text()
+    assert "train: chunk end rc=124" in log and "recipe done" in log
+    assert {p.name for p in state.glob("done.*")} == {f"done.{s}" for s in (
+        "corpus", "tokenizer", "windows", "features", "align", "train", "export-folder", "eval")}
+    train_chunks = (state / "seconds.train").read_text().splitlines()
+    assert len(train_chunks) == 2 and all(len(line.split()) == 2 for line in train_chunks)  # wall and CPU seconds
+    assert int(train_chunks[0].split()[0]) >= 2
+    # finished: a rerun calls nothing
+    before = calls.read_text()
+    assert run_driver(state, fake, calls).returncode == 0 and calls.read_text() == before

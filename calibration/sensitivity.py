@@ -2,7 +2,7 @@
 
 The measurement runs the fp32 PyTorch model (on a GPU if there is one) with INT8 simulated exactly as the Q/DQ graph
 computes it (activation: symmetric per-tensor with the calibrated amax; weight: symmetric per
-output channel; round half to even, clip to [-127, 127], or the weights to [-64, 64] for CPU targets), one layer at a time, on a few
+output channel; round half to even, clip to [-127, 127], or the weights to [-weight_qmax, weight_qmax]), one layer at a time, on a few
 calibration windows: sensitivity = 1 - cosine(speech tokens, fp32 speech tokens). PyTorch
 rather than one ONNX Runtime session per variant because the real encoder's graph (2.5 GB in
 fp32) cannot be re-serialized a few hundred times; the real quantized graph is then checked by

@@ -154,10 +154,11 @@ class Quantizer:
         """
         data = self.calibration().windows
         picks = [(seed * windows + k) % len(data) for k in range(windows)]
-        mel = np.stack([data[i] for i in picks]).astype(np.float16 if self.target.float_dtype == "float16" else np.float32)
         if len(spec.inputs) != 1:
             raise ValueError(f"{spec.name}: expected one (mel) input, found {len(spec.inputs)}")
-        return [mel]
+        # The graph's own input type: mel stays fp32 at the graph boundary even in fp16 graphs.
+        dtype = spec.inputs[0].dtype
+        return [np.stack([data[i] for i in picks]).astype(self.target.float_dtype if dtype == "compute" else dtype)]
 
     def validate(self, spec: Any, reference: Any, path: Path) -> tuple[Any, list]:
         """The exporter's validation (ORT vs PyTorch fp32) of a quantized graph: the graph table's cases,

@@ -134,7 +134,11 @@ def greedy(backend, tokenizer_path: Path, audio) -> tuple[list[int], np.ndarray]
     pipe = Pipeline(recorder, NoStopTokenizer.from_file(tokenizer_path))
     rate = SAMPLE_RATE if isinstance(audio, np.ndarray) else None
     result = pipe.generate(audio, "transcribe", sample_rate=rate, sampling=SamplingOptions(max_new_tokens=GREEDY_TOKENS))
-    return result.token_ids, np.array(recorder.logits)
+    # generate() builds the audio prefix first (decode calls whose logits decide no token), so the
+    # answer's tokens are decided by the last GREEDY_TOKENS calls.
+    logits = np.array(recorder.logits[-GREEDY_TOKENS:]).reshape(GREEDY_TOKENS, -1)
+    assert [int(t) for t in logits.argmax(-1)] == list(result.token_ids), "recorded logits are not the deciding ones"
+    return result.token_ids, logits
 
 
 def assert_greedy_agrees(ref: list[int], ref_logits: np.ndarray, got: list[int], tie: float, label: str) -> int:
@@ -283,7 +287,7 @@ FP16_CHILD = textwrap.dedent(
         pipe = Pipeline(rec, NoStop.from_file(bundle + "/tokenizer.json"))
         r = pipe.generate(audio, "transcribe", sample_rate=16000, sampling=SamplingOptions(max_new_tokens=int(data["n"])))
         result["greedy_" + name] = np.array(r.token_ids)
-        result["greedy_logits_" + name] = np.array(rec.logits)
+        result["greedy_logits_" + name] = np.array(rec.logits[-int(data["n"]):])
     np.savez(out, **result)
     """
 )

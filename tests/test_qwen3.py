@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastslm.models.qwen3 import Qwen3Dims, Qwen3ForCausalLM, causal_mask
+from fastslm.models.qwen3 import Qwen3Dims, Qwen3ForCausalLM, causal_mask, grouped_attention
 from fastslm.runtime.errors import ModelFileError
 from fastslm.runtime.kv_cache import KVCache
 
@@ -159,6 +159,25 @@ def test_causal_mask():
     mask = causal_mask(2, 5, torch.device("cpu"))  # past 3, two new tokens
     assert mask.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
     assert causal_mask(3, 3, torch.device("cpu")).tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+
+
+@pytest.mark.parametrize("past", [0, 5])
+def test_grouped_attention_graph_form_equals_eager_and_per_head_attention(monkeypatch, past):
+    g = torch.Generator().manual_seed(past)
+    B, kv, group, T, hd = 2, 2, 3, 4, 16
+    S = past + T
+    q = torch.randn(B, kv, group * T, hd, generator=g)
+    k, v = torch.randn(B, kv, S, hd, generator=g), torch.randn(B, kv, S, hd, generator=g)
+    eager = grouped_attention(q, k, v, causal_mask(T, S, torch.device("cpu")).repeat(group, 1))
+    # Query head h = kv_head * group + j attends K, V head kv_head: the textbook form, K and V repeated per head.
+    heads = torch.nn.functional.scaled_dot_product_attention(
+        q.reshape(B, kv * group, T, hd), k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1),
+        attn_mask=causal_mask(T, S, torch.device("cpu")),
+    )
+    assert max_diff(eager.reshape(B, kv * group, T, hd), heads) <= 1e-5
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)  # the form exported graphs compute
+    graph = grouped_attention(q, k, v, causal_mask(T, S, torch.device("cpu")).repeat(group, 1))
+    assert max_diff(graph, eager) <= 1e-5
 
 
 def test_dims_from_hf_config(hf_folder):

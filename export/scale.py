@@ -147,7 +147,7 @@ def runtime(
 
         if prefill < 1 or decode < 1:
             raise OptionError("--prefill and --decode must be >= 1")
-        command = f"python -m fastslm.export.scale runtime --bundle {bundle} --prefill {prefill} --decode {decode}"
+        command = f"python -m fastslm.export.scale runtime --bundle {bundle} --prefill {prefill} --decode {decode}" + (f" --threads {threads}" if threads else "")
         start = time.perf_counter()
         backend = OnnxBackend.from_bundle(bundle, threads=threads, verify=False)
         _record(record, {"label": "load", "command": command, "wall_s": round(time.perf_counter() - start, 1),
@@ -204,6 +204,7 @@ def llm_decode(
     workdir: Annotated[Path, typer.Option(help="Folder for the INT4 LLM graph (kept for reruns).")],
     prefill: Annotated[int, typer.Option(help="Positions before the timed decode steps.")] = 64,
     decode: Annotated[int, typer.Option(help="Decode steps timed.")] = 16,
+    past: Annotated[int, typer.Option(help="Random cached positions before the prefill: decode at a long context without prefilling it.")] = 0,
     threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads [default: all cores].")] = None,
     record: Annotated[Path, typer.Option(help="JSON-lines file the rows are appended to.")] = RECORD,
 ) -> None:
@@ -218,6 +219,8 @@ def llm_decode(
         import onnxruntime as ort
         import torch
 
+        if prefill < 1 or decode < 1 or past < 0:
+            raise OptionError("--prefill and --decode must be >= 1, --past >= 0")
         config = read_config(model)
         spec = llm_spec(config)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -238,7 +241,9 @@ def llm_decode(
         d = config.qwen3
         rng = np.random.default_rng(0)
         names = ["logits"] + [kv_output_name(i, k) for i in range(d.num_layers) for k in ("key", "value")]
-        past = [np.zeros((1, d.num_kv_heads, 0, d.head_dim), np.float32) for _ in range(2 * d.num_layers)]
+        # A decode step's cost depends on the cache's length, not on its values: random ones stand in for a long prefill.
+        cache = [(rng.standard_normal((1, d.num_kv_heads, past, d.head_dim)) * 0.5).astype(np.float32)
+                 for _ in range(2 * d.num_layers)]  # fmt: skip
 
         def step(embeds: np.ndarray, past: list[np.ndarray]) -> list[np.ndarray]:
             n, start = len(embeds), past[0].shape[2]
@@ -248,24 +253,28 @@ def llm_decode(
             return session.run(names, feeds)[1:]
 
         embeds = (rng.standard_normal((prefill + 1, d.hidden_size)) * 0.02).astype(np.float32)
+        command += f" --prefill {prefill} --decode {decode}" + (f" --past {past}" if past else "") + (f" --threads {threads}" if threads else "")
         start = time.perf_counter()
-        past = step(embeds[:prefill], past)
-        _record(record, {"label": f"INT4 LLM prefill, {prefill} positions", "command": command,
+        cache = step(embeds[:prefill], cache)
+        _record(record, {"label": f"INT4 LLM prefill, {prefill} positions after {past}", "command": command,
                          "wall_s": round(time.perf_counter() - start, 1), "peak_rss_bytes": peak_rss_bytes()})  # fmt: skip
-        past = step(embeds[prefill:], past)  # warm-up step
+        cache = step(embeds[prefill:], cache)  # warm-up step
         start = time.perf_counter()
         for _ in range(decode):
-            past = step(embeds[prefill:], past)
+            cache = step(embeds[prefill:], cache)
         wall = time.perf_counter() - start
         weights = llm_weight_bytes(graph)
         per_token = sum(weights.values())
-        row = {"label": f"INT4 LLM decode ({past[0].shape[2]} positions at the end)", "command": command,
+        kv = sum(a.nbytes for a in cache)
+        row = {"label": f"INT4 LLM decode ({cache[0].shape[2]} positions at the end)", "command": command,
                "tokens_s": round(decode / wall, 3), "weights_bytes_per_token": per_token, "weights_by_kind": weights,
-               "weights_bytes_s": round(per_token * decode / wall), "peak_rss_bytes": peak_rss_bytes()}  # fmt: skip
+               "kv_cache_bytes": kv, "weights_bytes_s": round(per_token * decode / wall),
+               "peak_rss_bytes": peak_rss_bytes()}  # fmt: skip
         bw = _bandwidth_recorded(record)
         if bw:
             row["bandwidth_bytes_s"] = bw
             row["weights_bytes_s_over_bandwidth"] = round(per_token * decode / wall / bw, 3)
+            row["weights_and_kv_bytes_s_over_bandwidth"] = round((per_token + kv) * decode / wall / bw, 3)
         _record(record, row)
 
 

@@ -206,6 +206,7 @@ def llm_decode(
     decode: Annotated[int, typer.Option(help="Decode steps timed.")] = 16,
     past: Annotated[int, typer.Option(help="Random cached positions before the prefill: decode at a long context without prefilling it.")] = 0,
     threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads [default: all cores].")] = None,
+    graph_only: Annotated[bool, typer.Option(help="Write the graph (2 GB of RAM) and stop before the timed session (6 GB).")] = False,
     record: Annotated[Path, typer.Option(help="JSON-lines file the rows are appended to.")] = RECORD,
 ) -> None:
     """The INT4 LLM graph alone (streamed from the model folder as fastslm-export writes it), then decode on the CPU."""
@@ -227,12 +228,15 @@ def llm_decode(
         graph = workdir / spec.file
         command = f"python -m fastslm.export.scale llm-decode --model {model} --workdir {workdir}"
         if not graph.is_file():
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             weights = trace_structure(spec, config, workdir / "structure.onnx", torch.float32)
             fill_weights(workdir / "structure.onnx", graph, SafetensorsFolder(model), config, weights, bits=4)
             _record(record, {"label": "INT4 LLM graph, streamed (trace + fill)", "command": command,
-                             "wall_s": round(time.perf_counter() - start, 1), "peak_rss_bytes": peak_rss_bytes(),
+                             "wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(time.process_time() - cpu, 1),
+                             "peak_rss_bytes": peak_rss_bytes(),
                              "output_bytes": disk_bytes(graph) + disk_bytes(graph.with_name(graph.name + ".data"))})  # fmt: skip
+        if graph_only:
+            return
         start = time.perf_counter()
         options = session_options("int4", ["CPUExecutionProvider"], threads)
         session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])

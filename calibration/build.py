@@ -35,7 +35,7 @@ from ..runtime.errors import OptionError
 from ..runtime.onnx_backend import OnnxBackend, session_options
 from .data import DEFAULT_MAX_WINDOWS, CalibrationSet, collect
 from .gates import GateRow, GateThresholds, eval_items, run_gates
-from .qdq import INT8_MAX, INT8_SATURATION_FREE_MAX, find_layers, insert_int8_qdq, insert_weight_only, load_graph, save_graph
+from .qdq import find_layers, insert_int8_qdq, insert_weight_only, load_graph, save_graph
 from .ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS, RANGES_FILE, Ranges, collect_ranges, weights_fingerprint
 
 # Every calibrated target has an INT8 audio tower; its LLM weights take these bits.
@@ -91,7 +91,6 @@ class QuantOptions:
     target_cosine: float = 0.999  # the sensitivity pass keeps layers float until the tower reaches this
     max_float_layers: int | None = None  # None: at most a quarter of the layers
     keep_float: tuple[str, ...] = ()  # audio-tower layers that stay float regardless
-    weight_qmax: int | None = None  # audio-tower weight range; None: [-127, 127]; INT8_SATURATION_FREE_MAX: never saturates
     llm_bits: int | None = None  # None: the target's
     block_size: int = 32  # INT4 block along K
     llm_keep_float: tuple[str, ...] = ()  # LLM layers (e.g. llm.lm_head) that keep float weights
@@ -107,8 +106,6 @@ class QuantOptions:
             raise OptionError(f"--range-method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
         if not 50.0 < self.percentile <= 100.0:
             raise OptionError(f"--percentile must be in (50, 100], got {self.percentile}")
-        if self.weight_qmax not in (None, INT8_SATURATION_FREE_MAX, INT8_MAX):
-            raise OptionError(f"weight_qmax must be {INT8_SATURATION_FREE_MAX} or {INT8_MAX}, got {self.weight_qmax}")
         if self.llm_bits not in (None, 8, 4):
             raise OptionError(f"--llm-bits must be 8 or 4, got {self.llm_bits}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
@@ -131,11 +128,6 @@ class Quantizer:
             raise OptionError(f"--llm-bits is fixed by --target {target.name} (INT{bits}); choose the other target instead")
         self.llm_bits = self.options.llm_bits or bits
         self.fp16 = target.float_dtype == "float16"
-        # ONNX Runtime's CPU kernels saturate 8-bit weights on CPUs without VNNI (qdq.INT8_SATURATION_FREE_MAX),
-        # but weights in [-64, 64] measured +1.00 pt audio-tower WER on the demo model's gate (41 utterances,
-        # full range: +0.50, limit 0.5): the full range stays the default until a route passes the gates
-        # (docs/QUANTIZATION.md); QuantOptions.weight_qmax takes the saturation-free range.
-        self.weight_qmax = self.options.weight_qmax or INT8_MAX
         self.records: dict[str, dict] = {}
         self._calibration: CalibrationSet | None = None
         self.calibration()  # bad calibration input fails now, before any graph is exported
@@ -288,19 +280,18 @@ class Quantizer:
         if o.sensitivity_windows:
             result = measure(spec.wrap(self.reference), amax, data.subset(o.sensitivity_windows),
                              target_cosine=o.target_cosine, max_float=o.max_float_layers, forced_float=o.keep_float,
-                             progress=o.progress, weight_qmax=self.weight_qmax)  # fmt: skip
+                             progress=o.progress)  # fmt: skip
             keep, sensitivity = result.keep_float, result.to_dict()
             worst = ", ".join(f"{s.key} {s.cosine:.5f}" for s in result.layers[:3])
             self.log(f"audio_tower: INT8 sensitivity on {result.windows} windows: most sensitive {worst}; all INT8 "
                      f"{result.cosine_all_int8:.5f}; {len(keep)} layer(s) kept float -> {result.cosine_chosen:.5f}")  # fmt: skip
-        graph, int8 = insert_int8_qdq(graph, amax, set(keep), self.weight_qmax)
+        graph, int8 = insert_int8_qdq(graph, amax, set(keep))
         save_graph(graph, path)
         self.log(f"audio_tower: {len(int8)} of {len(layers)} layers INT8 ({o.method} ranges), {len(keep)} float")
         self.records[AUDIO_TOWER] = {
             "precision": "int8",
-            "scheme": f"Q/DQ: int8 symmetric activations (per tensor) and weights in [-{self.weight_qmax}, "
-                      f"{self.weight_qmax}] (per output channel); float biases",
-            "weight_qmax": self.weight_qmax,
+            "scheme": "Q/DQ: int8 symmetric activations (per tensor) and weights (per output channel, zero "
+                      "point 0); float biases; ONNX Runtime CPU computes them with U8U8 kernels",
             "method": o.method,
             "percentile": o.percentile if o.method == "percentile" else None,
             "calibration": {"folder": str(o.calibration) if o.calibration else None, "windows": len(data.windows),

@@ -37,11 +37,16 @@ INT8_MAX = 127  # symmetric: [-127, 127], TensorRT's INT8 range for explicit qua
 # ONNX Runtime's x86 INT8 GEMMs take uint8 activations (int8 ones are shifted by 128) times int8
 # weights. Without VNNI (AVX2, AVX-512 without VNNI) they use vpmaddubsw, which adds two adjacent
 # products into an int16 and saturates once 255 * (|w0| + |w1|) > 32767: measured on an AVX2 EPYC,
-# the demo tower's cosine fell to 0.989 and its WER rose 2.6 points. Weights within +-64 can
-# never saturate (255 * 128 = 32640; 7 bits, as ONNX Runtime's own reduce_range), but on the demo
-# model's gate they cost +1.00 pt audio WER against +0.50 at full range, so they are an option
-# (QuantOptions.weight_qmax), not the default; TensorRT accumulates in int32 either way.
+# the demo tower's cosine fell to 0.989 and its WER rose 2.6 points. Weights within +-64 can never
+# saturate (255 * 128 = 32640), but 7-bit weights cost the demo gate +1.00 pt audio WER against
+# +0.50 at full range. So the graphs keep [-127, 127] and every fastslm session asks ONNX Runtime
+# for its U8U8 kernels (runtime.onnx_backend.session_options: "session.x64quantprecision"), which
+# widen to 16 bits before multiplying and are exact on every x86 CPU; `saturating_layers` checks
+# what ONNX Runtime actually kept. TensorRT accumulates in int32 either way.
 INT8_SATURATION_FREE_MAX = 64
+# The integer kernels ONNX Runtime fuses Q/DQ patterns into, and the input index of their weight.
+INTEGER_KERNEL_WEIGHT = {"MatMulInteger": 1, "MatMulIntegerToFloat": 1, "DynamicQuantizeMatMul": 1,
+                         "QLinearMatMul": 3, "QLinearConv": 3, "QGemm": 3, "QAttention": 1}  # fmt: skip
 INT16_MAX = 32767
 U8_MAX = 255
 INT4_MAX = 7  # [-8, 7] stored; symmetric scales use 7
@@ -206,7 +211,7 @@ class _Rewriter:
             self.model.ir_version = max(self.model.ir_version, 10)  # opset 21 and INT4 came with IR version 10
         return self.model
 
-    def dequantized_weight(self, layer: Layer, bits: int, block_size: int | None, qmax: int = INT8_MAX) -> str:
+    def dequantized_weight(self, layer: Layer, bits: int, block_size: int | None) -> str:
         """A DequantizeLinear of the layer's weight; returns the tensor that replaces the float weight."""
         if (layer.weight, bits) in self.weights:
             return self.weights[(layer.weight, bits)]
@@ -214,10 +219,16 @@ class _Rewriter:
         dtype = _FLOAT_TYPES[tensor.data_type]
         w = numpy_helper.to_array(tensor)
         base = layer.weight
+        zero_point = []
         if bits == 8:
-            q, scale = quantize_per_channel(w, layer.channel_axis, qmax)
+            q, scale = quantize_per_channel(w, layer.channel_axis)
             q_name = self.add_init(numpy_helper.from_array(q, self.unique(f"{base}_int8")))
             attrs = {"axis": layer.channel_axis}
+            # Explicit zeros (same meaning as none): ONNX Runtime's U8U8 rewrite shifts weights and
+            # zero points by 128, and without a per-channel zero point it writes a scalar one that
+            # per-axis DequantizeLinear refuses at run time (measured, onnxruntime 1.32).
+            zero_point = [self.add_init(numpy_helper.from_array(np.zeros(scale.shape, np.int8),
+                                                                self.unique(f"{base}_zero_point")))]  # fmt: skip
         else:
             if layer.channel_axis != 1:  # (N, K) weight (Gemm transB): blocks run along its axis 1
                 q, scale = quantize_blocks(w.T, block_size)
@@ -229,20 +240,19 @@ class _Rewriter:
             attrs = {"axis": axis, "block_size": block_size}
         s_name = self.add_init(numpy_helper.from_array(scale.astype(dtype), self.unique(f"{base}_scale")))
         out = self.unique(f"{base}_dequantized")
-        self.head.append(helper.make_node("DequantizeLinear", [q_name, s_name], [out], name=f"{out}_node", **attrs))
+        self.head.append(helper.make_node("DequantizeLinear", [q_name, s_name, *zero_point], [out], name=f"{out}_node",
+                                          **attrs))  # fmt: skip
         self.weights[(layer.weight, bits)] = out
         return out
 
 
 def insert_int8_qdq(
-    model: onnx.ModelProto, amax: dict[str, float], keep_float: frozenset[str] | set[str] = frozenset(),
-    weight_qmax: int = INT8_MAX,
+    model: onnx.ModelProto, amax: dict[str, float], keep_float: frozenset[str] | set[str] = frozenset()
 ) -> tuple[onnx.ModelProto, list[str]]:
     """INT8 Q/DQ on the activations and weights of every layer with a range in `amax` (by layer key).
 
     Returns the model (rewritten in place) and the keys of the layers now computed in INT8.
-    Layers without a range or in `keep_float` stay float. Weights take [-weight_qmax, weight_qmax]:
-    INT8_SATURATION_FREE_MAX keeps ONNX Runtime's CPU kernels exact on CPUs without VNNI.
+    Layers without a range or in `keep_float` stay float.
     """
     rw = _Rewriter(model)
     quantized, scale_of = [], {}  # activation tensor -> (scale, zero point) initializers
@@ -264,7 +274,7 @@ def insert_int8_qdq(
             helper.make_node("DequantizeLinear", [q, s, z], [dq], name=f"{dq}_node"),
         ])  # fmt: skip
         rw.renamed[(layer.index, 0)] = dq
-        rw.renamed[(layer.index, 1)] = rw.dequantized_weight(layer, 8, None, weight_qmax)
+        rw.renamed[(layer.index, 1)] = rw.dequantized_weight(layer, 8, None)
         quantized.append(layer.key)
     return rw.finish(), quantized
 
@@ -288,16 +298,12 @@ def insert_weight_only(
 
 
 def worst_u8s8_pair_sum(model: onnx.ModelProto) -> dict[str, int]:
-    """Per INT8 layer (activation and weight both int8 Q/DQ): the largest sum that vpmaddubsw could
-    form from two uint8 activations and two of the layer's weights, 255 * 2 * max|w|.
-
-    Which weights a kernel pairs depends on its packing, so the bound takes the worst pair. Above
-    INT16_MAX the layer computes differently on CPUs without VNNI; the bound is read from the
-    graph alone, so it holds or fails the same on every machine.
-    """
+    """Per INT8 layer of a graph as written (activation and weight both int8 Q/DQ): the largest sum
+    that vpmaddubsw could form from two uint8 activations and two of the layer's weights,
+    255 * 2 * max|w|. Which weights a kernel pairs depends on its packing, so the bound takes the
+    worst pair; above INT16_MAX the layer needs ONNX Runtime's U8U8 kernels on CPUs without VNNI."""
     inits = {i.name: i for i in model.graph.initializer}
-    return {key: U8_MAX * 2 * int(np.abs(numpy_helper.to_array(inits[q]).astype(np.int32)).max(initial=0))
-            for key, q in int8_layers(model)}
+    return {key: _pair_sum(inits[q]) for key, q in int8_layers(model)}
 
 
 def int8_layers(model: onnx.ModelProto) -> list[tuple[str, str]]:
@@ -314,6 +320,33 @@ def int8_layers(model: onnx.ModelProto) -> list[tuple[str, str]]:
                 and inits[w.input[0]].data_type == TensorProto.INT8:  # fmt: skip
             layers.append((module_path(node) or node.name, w.input[0]))
     return layers
+
+
+def saturating_layers(optimized: onnx.ModelProto) -> dict[str, int]:
+    """In a graph as ONNX Runtime optimized it for the CPU (SessionOptions.optimized_model_filepath):
+    the integer kernels that would multiply uint8 by int8 weights beyond +-INT8_SATURATION_FREE_MAX,
+    i.e. compute differently on CPUs without VNNI, with their worst pair sum. Empty when every
+    integer kernel got uint8 weights (U8U8, exact) or 7-bit ones. Read from the graph alone, so the
+    answer is the same on every x86 machine."""
+    inits = {i.name: i for i in optimized.graph.initializer}
+    found = {}
+    for node in optimized.graph.node:
+        index = INTEGER_KERNEL_WEIGHT.get(node.op_type)
+        if index is None or len(node.input) <= index or node.input[index] not in inits:
+            continue
+        weight = inits[node.input[index]]
+        if weight.data_type == TensorProto.INT8 and _pair_sum(weight) > U8_MAX * 2 * INT8_SATURATION_FREE_MAX:
+            found[node.name or node.output[0]] = _pair_sum(weight)
+    return found
+
+
+def integer_kernels(optimized: onnx.ModelProto) -> int:
+    """How many integer kernels ONNX Runtime fused (so that a check over them is not vacuous)."""
+    return sum(1 for node in optimized.graph.node if node.op_type in INTEGER_KERNEL_WEIGHT)
+
+
+def _pair_sum(weight: TensorProto) -> int:
+    return U8_MAX * 2 * int(np.abs(numpy_helper.to_array(weight).astype(np.int32)).max(initial=0))
 
 
 # ---------------------------------------------------------------------------------------------

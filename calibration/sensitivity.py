@@ -2,7 +2,7 @@
 
 The measurement runs the fp32 PyTorch model (on a GPU if there is one) with INT8 simulated exactly as the Q/DQ graph
 computes it (activation: symmetric per-tensor with the calibrated amax; weight: symmetric per
-output channel; round half to even, clip to [-127, 127], or the weights to [-weight_qmax, weight_qmax]), one layer at a time, on a few
+output channel; round half to even, clip to [-127, 127]), one layer at a time, on a few
 calibration windows: sensitivity = 1 - cosine(speech tokens, fp32 speech tokens). PyTorch
 rather than one ONNX Runtime session per variant because the real encoder's graph (2.5 GB in
 fp32) cannot be re-serialized a few hundred times; the real quantized graph is then checked by
@@ -50,20 +50,20 @@ class SensitivityResult:
         }
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, qmax: int = INT8_MAX) -> torch.Tensor:
-    return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
+def fake_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.round(x / scale), -INT8_MAX, INT8_MAX) * scale
 
 
-def _weight_scale(w: torch.Tensor, qmax: int) -> torch.Tensor:
+def _weight_scale(w: torch.Tensor) -> torch.Tensor:
     """Per output channel: Linear (out, in) and Conv1d (out, in, k) both keep channels on axis 0."""
     amax = w.detach().abs().flatten(1).amax(dim=1)
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
     return scale.view(-1, *([1] * (w.dim() - 1)))
 
 
 @contextlib.contextmanager
-def simulated_int8(wrapper: nn.Module, amax: dict[str, float], keys: set[str] | list[str], weight_qmax: int = INT8_MAX):
-    """Within the block, the modules named in `keys` compute in simulated INT8 (weights in [-weight_qmax, weight_qmax])."""
+def simulated_int8(wrapper: nn.Module, amax: dict[str, float], keys: set[str] | list[str]):
+    """Within the block, the modules named in `keys` compute in simulated INT8."""
     modules = dict(wrapper.named_modules())
     handles, saved = [], []
     try:
@@ -74,8 +74,7 @@ def simulated_int8(wrapper: nn.Module, amax: dict[str, float], keys: set[str] | 
             scale = torch.tensor(max(float(amax[key]), 1e-8) / INT8_MAX, device=module.weight.device)
             handles.append(module.register_forward_pre_hook(lambda _m, args, s=scale: (fake_quant(args[0], s), *args[1:])))
             saved.append((module, module.weight.data))
-            w = module.weight.data
-            module.weight.data = fake_quant(w, _weight_scale(w, weight_qmax), weight_qmax)
+            module.weight.data = fake_quant(module.weight.data, _weight_scale(module.weight.data))
         yield
     finally:
         for h in handles:
@@ -92,7 +91,6 @@ def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
 def measure(
     wrapper: nn.Module, amax: dict[str, float], windows: np.ndarray, *, target_cosine: float = 0.999,
     max_float: int | None = None, forced_float: tuple[str, ...] = (), progress: bool | None = None,
-    weight_qmax: int = INT8_MAX,
 ) -> SensitivityResult:
     """Rank the layers in `amax` by measured sensitivity and choose which stay float.
 
@@ -107,7 +105,7 @@ def measure(
 
     @torch.inference_mode()
     def run(int8: list[str]) -> np.ndarray:
-        with simulated_int8(wrapper, amax, int8, weight_qmax):
+        with simulated_int8(wrapper, amax, int8):
             return wrapper.eval()(mel).float().cpu().numpy()
 
     wrapper.to(device)

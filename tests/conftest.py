@@ -34,3 +34,25 @@ def have_tensorrt() -> bool:
         return True
     except FastSLMError:
         return False
+
+
+@pytest.fixture
+def as_ort_runs_it(tmp_path):
+    """graph (path or ModelProto), config -> the graph as ONNX Runtime's CPU provider optimized it for a
+    session with fastslm's options (config True) or ONNX Runtime's defaults (config False)."""
+    import onnx
+    import onnxruntime as ort
+
+    from fastslm.runtime.onnx_backend import session_options
+
+    def optimize(graph, fastslm_options: bool = True) -> onnx.ModelProto:
+        source = graph if isinstance(graph, (str, Path)) else graph.SerializeToString()
+        options = session_options("int8", ["CPUExecutionProvider"]) if fastslm_options else ort.SessionOptions()
+        options.log_severity_level = 3
+        out = tmp_path / f"optimized_{len(list(tmp_path.glob('optimized_*.onnx')))}.onnx"
+        options.optimized_model_filepath = str(out)
+        ort.InferenceSession(str(source) if isinstance(source, Path) else source, options,
+                             providers=["CPUExecutionProvider"])  # fmt: skip
+        return onnx.load(str(out))
+
+    return optimize

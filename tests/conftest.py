@@ -56,3 +56,21 @@ def as_ort_runs_it(tmp_path):
         return onnx.load(str(out))
 
     return optimize
+
+
+def cpu_line() -> str:
+    """The CPU's model and SIMD flags: INT8 kernels and fp32 rounding differ between AVX2-only and
+    AVX-512/VNNI machines, so a run's log says which kind it ran on."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "cpu: unknown (no /proc/cpuinfo)"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+            if f in flags]  # fmt: skip
+    return f"cpu: {model}; {os.cpu_count()} cores; {' '.join(simd) or 'no AVX2'}"
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    terminalreporter.write_line(cpu_line())  # at the end, where -q runs and CI logs keep it

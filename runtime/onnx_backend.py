@@ -217,21 +217,42 @@ class OnnxBackend:
         logits, cache = self.run_llm(embeds, cache, np.array([len(embeds) - 1], dtype=np.int64))
         return logits[-1], cache
 
+    def decode_rows(self, embeds: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        """`decode` for B sequences at once: embeds (B, T, H) after a cache of B rows -> logits (B, vocab), cache.
+
+        The graph has no padding mask, so the rows must be equally long (same past, same T); then
+        no row sees another's positions and each row's numbers are those of decoding it alone
+        (tests/test_transcribe.py checks the tokens). One call per step for B rows instead of B
+        calls: the demo LLM is small enough that per-call overhead, not arithmetic, sets its speed.
+        """
+        embeds = np.asarray(embeds)
+        last = np.array([min(embeds.shape[1], self.prefill_chunk) - 1], dtype=np.int64)
+        while embeds.shape[1] > self.prefill_chunk:
+            _, cache = self._run(embeds[:, : self.prefill_chunk], cache, last)
+            embeds = embeds[:, self.prefill_chunk :]
+        logits, cache = self._run(embeds, cache, np.array([embeds.shape[1] - 1], dtype=np.int64))
+        return logits[:, -1], cache
+
     def run_llm(
         self, embeds: np.ndarray, cache: KVCache, logits_index: np.ndarray | None = None
     ) -> tuple[np.ndarray, KVCache]:
         """embeds (T, H) after `cache` -> logits (K, vocab) float32 at `logits_index` (default: all T) and the new cache."""
-        T = len(embeds)
+        logits, cache = self._run(np.asarray(embeds)[None], cache, logits_index)
+        return logits[0], cache
+
+    def _run(self, embeds: np.ndarray, cache: KVCache, logits_index: np.ndarray | None) -> tuple[np.ndarray, KVCache]:
+        """embeds (B, T, H) after a cache of B rows -> logits (B, K, vocab) and the new cache."""
+        B, T = embeds.shape[:2]
         past = cache.length
         if logits_index is None:
             logits_index = np.arange(T, dtype=np.int64)
         feeds = {
-            "inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32)[None],  # (1, T, H)
-            "position_ids": np.arange(past, past + T, dtype=np.int64)[None],  # (1, T)
+            "inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32),  # (B, T, H)
+            "position_ids": np.broadcast_to(np.arange(past, past + T, dtype=np.int64), (B, T)).copy(),  # (B, T)
             "logits_index": np.asarray(logits_index, dtype=np.int64),  # (K,)
         }
         for i in range(self.num_layers):
             feeds[kv_input_name(i, "key")] = cache.keys[i]
             feeds[kv_input_name(i, "value")] = cache.values[i]
         logits, *present = self._llm.run(self._llm_outputs, feeds)
-        return logits[0], KVCache(present[0::2], present[1::2])
+        return logits, KVCache(present[0::2], present[1::2])

@@ -1,12 +1,14 @@
 """Transcribe a recording of any length, segment by segment, in bounded memory.
 
     AudioReader (10 s blocks) -> Segmenter (VAD, pause cuts, <= 30 s) -> queue of <= `in_flight` segments
-    -> per segment: Pipeline.generate(segment samples)  = exactly what transcribing that segment alone gives
+    -> per `batch` segments: batch_generate.generate_rows = exactly what transcribing each segment alone gives
     -> Segment(start, end, text) yielded as soon as it is decoded; the spans between segments are `skipped`
 
 Each segment is one 30 s audio-tower window and its own short LLM context (prompt + speech
 tokens + answer), so the LLM's cost and the ONNX Runtime arena are those of one window whatever
-the length, and the model is asked what it was trained for (one window of speech). Reading,
+the length, and the model is asked what it was trained for (one window of speech). A few
+segments are decoded together as rows of one batch (ONNX Runtime), which shares each LLM
+call's overhead between them. Reading,
 VAD and segmentation run in a thread ahead of the model (ONNX Runtime and numpy's FFT release
 the GIL), at most `in_flight` finished segments ahead.
 """
@@ -23,6 +25,7 @@ import numpy as np
 
 from .audio import SAMPLE_RATE
 from .audio_stream import AudioReader, StreamOptions
+from .batch_generate import can_batch, generate_rows
 from .errors import OptionError
 from .sampling import SamplingOptions
 from .segmenter import SegmentAudio, Segmenter, SegmentOptions
@@ -35,11 +38,16 @@ class TranscribeOptions:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     language: str | None = None
     prompt: str = "transcribe"
-    in_flight: int = 2  # segments read ahead of the model: the memory bound is (in_flight + 1) windows
+    in_flight: int = 2  # segments read ahead of the model: the memory bound is (in_flight + batch) windows
+    # Segments decoded together (batch_generate). 4: the LLM's cost per step barely grows with the
+    # rows while the steps are shared, and the audio tower's batch limit is 4 windows as well.
+    batch: int = 4
 
     def __post_init__(self):
         if not isinstance(self.in_flight, int) or not 1 <= self.in_flight <= 64:
             raise OptionError(f"in_flight {self.in_flight!r} is invalid: use 1 to 64 segments")
+        if not isinstance(self.batch, int) or not 1 <= self.batch <= 64:
+            raise OptionError(f"batch {self.batch!r} is invalid: use 1 to 64 segments")
 
 
 @dataclass
@@ -77,18 +85,33 @@ class Transcriber:
 
     def segments(self) -> Iterator[Segment]:
         last_end = 0
-        for audio in self._segment_audio():
-            if audio.start > last_end:
-                self.skipped.append((last_end / SAMPLE_RATE, audio.start / SAMPLE_RATE))
-            last_end = audio.end
+        for batch in self._batches():
             o = self.options
-            result = self.pipe.generate(audio.samples, o.prompt, sample_rate=SAMPLE_RATE, sampling=o.sampling,
-                                        language=o.language)  # fmt: skip
-            segment = Segment(audio.start_seconds, audio.end_seconds, result.text, result.token_ids)
-            self.done.append(segment)
-            yield segment
+            if len(batch) > 1:
+                results = generate_rows(self.pipe, [a.samples for a in batch], o.prompt, o.sampling, o.language)
+            else:
+                results = [self.pipe.generate(batch[0].samples, o.prompt, sample_rate=SAMPLE_RATE, sampling=o.sampling,
+                                              language=o.language)]  # fmt: skip
+            for audio, result in zip(batch, results):
+                if audio.start > last_end:
+                    self.skipped.append((last_end / SAMPLE_RATE, audio.start / SAMPLE_RATE))
+                last_end = audio.end
+                segment = Segment(audio.start_seconds, audio.end_seconds, result.text, result.token_ids)
+                self.done.append(segment)
+                yield segment
         if self.samples_seen > last_end:
             self.skipped.append((last_end / SAMPLE_RATE, self.samples_seen / SAMPLE_RATE))
+
+    def _batches(self) -> Iterator[list[SegmentAudio]]:
+        size = self.options.batch if can_batch(self.pipe) else 1
+        batch: list[SegmentAudio] = []
+        for audio in self._segment_audio():
+            batch.append(audio)
+            if len(batch) == size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
     def transcript(self) -> Transcript:
         """Everything decoded so far; after `segments()` is exhausted, the whole recording."""

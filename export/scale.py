@@ -207,6 +207,7 @@ def llm_decode(
     past: Annotated[int, typer.Option(help="Random cached positions before the prefill: decode at a long context without prefilling it.")] = 0,
     threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads [default: all cores].")] = None,
     graph_only: Annotated[bool, typer.Option(help="Write the graph (2 GB of RAM) and stop before the timed session (6 GB).")] = False,
+    profile: Annotated[bool, typer.Option(help="Also record the timed steps' milliseconds per ONNX Runtime operator type (profiling slows them).")] = False,
     record: Annotated[Path, typer.Option(help="JSON-lines file the rows are appended to.")] = RECORD,
 ) -> None:
     """The INT4 LLM graph alone (streamed from the model folder as fastslm-export writes it), then decode on the CPU."""
@@ -239,6 +240,9 @@ def llm_decode(
             return
         start = time.perf_counter()
         options = session_options("int4", ["CPUExecutionProvider"], threads)
+        if profile:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(workdir / "ort-profile")
         session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
         _record(record, {"label": "load INT4 LLM graph", "command": command, "wall_s": round(time.perf_counter() - start, 1),
                          "peak_rss_bytes": peak_rss_bytes()})  # fmt: skip
@@ -257,10 +261,12 @@ def llm_decode(
             return session.run(names, feeds)[1:]
 
         embeds = (rng.standard_normal((prefill + 1, d.hidden_size)) * 0.02).astype(np.float32)
-        command += f" --prefill {prefill} --decode {decode}" + (f" --past {past}" if past else "") + (f" --threads {threads}" if threads else "")
+        command += f" --prefill {prefill} --decode {decode}" + (f" --past {past}" if past else "") + (
+            f" --threads {threads}" if threads else "") + (" --profile" if profile else "")  # fmt: skip
+        what = f"{d.num_layers} layers" + (f", {threads} threads" if threads else "") + (", profiled" if profile else "")
         start = time.perf_counter()
         cache = step(embeds[:prefill], cache)
-        _record(record, {"label": f"INT4 LLM prefill, {prefill} positions after {past}", "command": command,
+        _record(record, {"label": f"INT4 LLM prefill, {what}: {prefill} positions after {past}", "command": command,
                          "wall_s": round(time.perf_counter() - start, 1), "peak_rss_bytes": peak_rss_bytes()})  # fmt: skip
         cache = step(embeds[prefill:], cache)  # warm-up step
         start = time.perf_counter()
@@ -270,7 +276,7 @@ def llm_decode(
         weights = llm_weight_bytes(graph)
         per_token = sum(weights.values())
         kv = sum(a.nbytes for a in cache)
-        row = {"label": f"INT4 LLM decode ({cache[0].shape[2]} positions at the end)", "command": command,
+        row = {"label": f"INT4 LLM decode, {what} ({cache[0].shape[2]} positions at the end)", "command": command,
                "tokens_s": round(decode / wall, 3), "weights_bytes_per_token": per_token, "weights_by_kind": weights,
                "kv_cache_bytes": kv, "weights_bytes_s": round(per_token * decode / wall),
                "peak_rss_bytes": peak_rss_bytes()}  # fmt: skip
@@ -279,7 +285,22 @@ def llm_decode(
             row["bandwidth_bytes_s"] = bw
             row["weights_bytes_s_over_bandwidth"] = round(per_token * decode / wall / bw, 3)
             row["weights_and_kv_bytes_s_over_bandwidth"] = round((per_token + kv) * decode / wall / bw, 3)
+        if profile:
+            row["ms_per_step_by_op"] = _ms_per_step_by_op(Path(session.end_profiling()), decode)
         _record(record, row)
+
+
+def _ms_per_step_by_op(trace: Path, steps: int) -> dict[str, float]:
+    """Kernel milliseconds per operator type, averaged over the last `steps` runs of an ONNX Runtime profile."""
+    events = json.loads(trace.read_text())
+    runs = sorted(e["ts"] for e in events if e.get("name") == "model_run")
+    first = runs[-steps]
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first:
+            op = e["args"]["op_name"]
+            totals[op] = totals.get(op, 0.0) + e["dur"] / 1000 / steps
+    return {op: round(ms, 2) for op, ms in sorted(totals.items(), key=lambda kv: -kv[1]) if ms >= 0.05}
 
 
 def _bandwidth_recorded(record: Path) -> int | None:

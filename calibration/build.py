@@ -11,7 +11,7 @@ Per export (`Quantizer`, made by the target for `bundle_writer`):
 1. audio tower: calibration windows (a `fastslm-calibrate` folder, or the default audio
    collected now) -> activation ranges (reused from the folder when they were measured on the
    same weights) -> per-layer sensitivity (PyTorch, simulated INT8) -> the most sensitive layers
-   stay float until the tower reaches `target_cosine` -> Q/DQ graph (qdq.insert_int8_qdq)
+   stay float until the audio tower reaches `target_cosine` -> Q/DQ graph (qdq.insert_int8_qdq)
 2. LLM: weight-only Q/DQ (qdq.insert_weight_only); the KV cache and the I/O stay float
 3. after both graphs and the embedding table are in the staging folder: the accuracy gates
    (gates.run_gates) against the fp32 PyTorch model, printed as a table; a miss stops the
@@ -88,7 +88,7 @@ class QuantOptions:
     method: str = DEFAULT_METHOD  # activation ranges: minmax, percentile or entropy
     percentile: float = DEFAULT_PERCENTILE
     sensitivity_windows: int = 4  # 0: no sensitivity pass (only keep_float stays float)
-    target_cosine: float = 0.999  # the sensitivity pass keeps layers float until the tower reaches this
+    target_cosine: float = 0.999  # the sensitivity pass keeps layers float until the audio tower reaches this
     max_float_layers: int | None = None  # None: at most a quarter of the layers
     keep_float: tuple[str, ...] = ()  # audio-tower layers that stay float regardless
     llm_bits: int | None = None  # None: the target's
@@ -140,8 +140,8 @@ class Quantizer:
     def calibration_feeds(self, spec: Any, windows: int, seed: int) -> list[np.ndarray]:
         """The audio tower's inputs for a validation case: `windows` real calibration windows.
 
-        A quantized tower is calibrated for speech: random mel lies outside its activation ranges
-        and false-alarms on a well-trained adapter (cosine 0.961 on random input while every real
+        A quantized audio tower is calibrated for speech: random mel lies outside its activation ranges
+        and false-alarms on a well-trained HFQ-Former (cosine 0.961 on random input while every real
         window scored above 0.99), so the sanity check runs on what it was calibrated for.
         """
         data = self.calibration().windows
@@ -268,7 +268,7 @@ class Quantizer:
         o = self.options
         data = self.calibration()
         # Without its weights while ONNX Runtime measures the ranges (it reads them from the file):
-        # a published-size tower would otherwise be held twice (2.8 GB each) beside the reference.
+        # a published-size audio tower would otherwise be held twice (2.8 GB each) beside the reference.
         graph = onnx.load(str(path), load_external_data=False)
         layers = [layer.key for layer in find_layers(graph)]
         unknown = [k for k in o.keep_float if k not in layers]

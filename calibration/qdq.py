@@ -18,8 +18,9 @@ insert_weight_only (LLM)        every MatMul / Gemm with a constant weight reads
     blocks need opset 21, so those graphs are moved to it (20 -> 21 only widens types).
 
 Layers are named by the PyTorch module they were exported from (the exporter's name scopes,
-e.g. ``tower.whisper.blocks.0.attn.query``): stable across fp32 and fp16 exports and across
-checkouts, so calibrated ranges and keep-float lists carry from one graph to the next.
+e.g. ``audio_tower.whisper.blocks.0.attn.query``): stable across fp32 and fp16 exports and across
+checkouts, so calibrated ranges and keep-float lists carry from one graph to the next (a rename of
+the model's modules bumps ranges.RANGES_FORMAT_VERSION).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ INT8_MAX = 127  # symmetric: [-127, 127], TensorRT's INT8 range for explicit qua
 # ONNX Runtime's x86 INT8 GEMMs take uint8 activations (int8 ones are shifted by 128) times int8
 # weights. Without VNNI (AVX2, AVX-512 without VNNI) they use vpmaddubsw, which adds two adjacent
 # products into an int16 and saturates once 255 * (|w0| + |w1|) > 32767: measured on an AVX2 EPYC,
-# the demo tower's cosine fell to 0.989 and its WER rose 2.6 points. Weights within +-64 can never
+# the demo audio tower's cosine fell to 0.989 and its WER rose 2.6 points. Weights within +-64 can never
 # saturate (255 * 128 = 32640), but 7-bit weights cost the demo gate +1.00 pt audio WER against
 # +0.50 at full range. So the graphs keep [-127, 127] and every fastslm session asks ONNX Runtime
 # for its U8U8 kernels (runtime.onnx_backend.session_options: "session.x64quantprecision"), which
@@ -58,7 +59,7 @@ _FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 class Layer:
     """A node that computes with a constant weight: what INT8 / INT4 GEMMs can take over."""
 
-    key: str  # the PyTorch module path, e.g. tower.whisper.blocks.0.attn.query
+    key: str  # the PyTorch module path, e.g. audio_tower.whisper.blocks.0.attn.query
     node: str  # ONNX node name
     index: int  # position in graph.node (names may be empty or repeated in hand-made graphs)
     op: str
@@ -75,7 +76,7 @@ def module_path(node: onnx.NodeProto) -> str | None:
                 scopes = ast.literal_eval(prop.value)
             except (ValueError, SyntaxError):
                 return None
-            # [..., 'tower.whisper.conv1', 'conv1d']: the last entry names the op, the one before the module.
+            # [..., 'audio_tower.whisper.conv1', 'conv1d']: the last entry names the op, the one before the module.
             return scopes[-2] if len(scopes) >= 2 and scopes[-2] else None
     return None
 

@@ -17,9 +17,14 @@ Ranges are symmetric (one amax per layer: TensorRT's explicit INT8 wants zero po
 keyed by layer (`qdq.Layer.key`, the PyTorch module path). `weights_fingerprint` ties them to
 the weights they were measured with: the same for the model's fp32 and fp16 graphs.
 
-ranges.json:  {"format": "fastslm-ranges", "format_version": 1, "fingerprint", "windows_sha256",
+ranges.json:  {"format": "fastslm-ranges", "format_version": 2, "fingerprint", "windows_sha256",
                "percentile", "methods": {method: {layer key: amax}},
                "histograms": {layer key: {"width", "amax", "counts"}}}   (exports recompute from these)
+
+Version 2 keys layers by the model's module paths since the audio tower's parts got one name each
+(`audio_tower.whisper.*`, `audio_tower.hfq_former.*`; version 1 had `tower.whisper.*`,
+`tower.adapter.*`). The fingerprint hashes those keys, so version-1 files are refused with a line
+that says to re-run fastslm-calibrate rather than migrated.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ DEFAULT_METHOD = "percentile"
 DEFAULT_PERCENTILE = 99.99
 RANGES_FILE = "ranges.json"
 RANGES_FORMAT = "fastslm-ranges"
+RANGES_FORMAT_VERSION = 2
 INLINE_GRAPH_LIMIT = 2**31 - 2**26  # bytes: larger graphs reach ORT through a file (protobuf's 2 GB limit)
 HIST_BINS = 2048  # bins of |x| (TensorRT's entropy calibration uses 2048)
 ENTROPY_LEVELS = 128  # quantized levels of the positive half
@@ -146,7 +152,7 @@ class Ranges:
     def save(self, path: Path) -> None:
         record = {
             "format": RANGES_FORMAT,
-            "format_version": 1,
+            "format_version": RANGES_FORMAT_VERSION,
             "fingerprint": self.fingerprint,
             "windows_sha256": self.windows_sha256,
             "percentile": self.percentile,
@@ -158,15 +164,23 @@ class Ranges:
 
     @classmethod
     def load(cls, path: Path) -> "Ranges | None":
-        """The saved ranges, or None when there are none (a damaged file counts as none)."""
+        """The saved ranges, or None when there are none (a damaged file counts as none).
+
+        Ranges of another format version raise CalibrationError: their layer keys are not today's."""
         try:
             record = json.loads(Path(path).read_text())
             if record.get("format") != RANGES_FORMAT:
                 return None
+            version = record.get("format_version")
+            if version != RANGES_FORMAT_VERSION:
+                raise CalibrationError(
+                    f"{path} is ranges format {version}, keyed by layer names this fastslm no longer uses (it reads "
+                    f"format {RANGES_FORMAT_VERSION}); re-run fastslm-calibrate --model MODEL --out {Path(path).parent} --force"
+                )
             hists = {k: AbsHistogram(np.asarray(h["counts"], np.int64), float(h["width"]), float(h["amax"]))
                      for k, h in record["histograms"].items()}  # fmt: skip
             return cls(record["fingerprint"], record["windows_sha256"], float(record["percentile"]), hists)
-        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError):
             return None
 
 

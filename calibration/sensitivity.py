@@ -8,7 +8,7 @@ rather than one ONNX Runtime session per variant because the real encoder's grap
 fp32) cannot be re-serialized a few hundred times; the real quantized graph is then checked by
 the accuracy gates.
 
-Then layers are put back to float, most sensitive first, until the all-INT8-but-those tower
+Then layers are put back to float, most sensitive first, until the all-INT8-but-those audio tower
 reaches `target_cosine` (or `max_float` layers are float).
 """
 
@@ -98,7 +98,7 @@ def measure(
     module paths are the layer keys; `forced_float` layers stay float whatever they measure.
     """
     keys = [k for k, m in wrapper.named_modules() if k in amax and isinstance(m, (nn.Linear, nn.Conv1d))]
-    # On a GPU when there is one: the pass runs the tower (layers + 2) times, ~230 layers for large-v3.
+    # On a GPU when there is one: the pass runs the audio tower (layers + 2) times, ~230 layers for large-v3.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     home = next(wrapper.parameters()).device
     mel = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(device)

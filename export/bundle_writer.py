@@ -115,7 +115,7 @@ def _export(options: ExportOptions, target: Target, model_dir: Path, output: Out
 
         step("loading the model")
         # fp32: what every graph is validated against. A streamed LLM is read tensor by tensor instead.
-        reference = FastSLM.from_pretrained(model_dir, parts=("encoder",) if streamed else PARTS)
+        reference = FastSLM.from_pretrained(model_dir, parts=("audio_tower",) if streamed else PARTS)
         same = target.dtype == reference.llm.lm_head.weight.dtype
         # the copy is what gets exported (streamed graphs read the model folder instead)
         model = reference if same or streamed else copy.deepcopy(reference).to(target.dtype)

@@ -79,15 +79,18 @@ class GraphSpec:
 
 
 class AudioTowerGraph(nn.Module):
-    """mel (fp32) -> speech tokens (fp32); inside, the model's own dtype (the encoder casts the mel)."""
+    """mel (fp32) -> speech tokens (fp32); inside, the model's own dtype (the encoder casts the mel).
+
+    The attribute keeps the model's name, so the graph's layers are named by the model folder's
+    module paths (`audio_tower.whisper.blocks.0.attn.query`)."""
 
     def __init__(self, model: FastSLM):
         super().__init__()
-        self.tower = model.encoder
+        self.audio_tower = model.audio_tower
 
     def forward(self, *inputs: Tensor) -> Tensor:
         (mel,) = inputs  # (W, n_mels, 3000)
-        return self.tower(mel).float()  # (W, Q, H)
+        return self.audio_tower(mel).float()  # (W, Q, H)
 
 
 class DecoderGraph(nn.Module):

@@ -339,14 +339,14 @@ def project(
         fp16 = weights_bytes(model)
         llm_int4 = sum(llm_weight_bytes(int4_llm).values())
         store = SafetensorsFolder(model)
-        tower_fp16 = 2 * sum(int(np.prod(store.shape(k))) for k in store.keys() if k.startswith("encoder."))
-        tower_int8 = tower_fp16 // 2  # one byte a weight (scales and biases left out)
+        audio_tower_fp16 = 2 * sum(int(np.prod(store.shape(k))) for k in store.keys() if k.startswith("audio_tower."))
+        audio_tower_int8 = audio_tower_fp16 // 2  # one byte a weight (scales and biases left out)
         embed_fp16 = q.vocab_size * q.hidden_size * 2  # the runtime's input table, beside the quantized head
-        llm_fp16 = fp16 - tower_fp16  # tied head stored once
+        llm_fp16 = fp16 - audio_tower_fp16  # tied head stored once
         variants = {
             "fp16 (trt-fp16)": (fp16, llm_fp16),
-            "INT8 tower + INT8 LLM (trt-int8)": (tower_int8 + llm_fp16 // 2 + embed_fp16, llm_fp16 // 2),
-            "INT8 tower + INT4 LLM (trt-int8 --llm-bits 4)": (tower_int8 + llm_int4 + embed_fp16, llm_int4),
+            "INT8 audio tower + INT8 LLM (trt-int8)": (audio_tower_int8 + llm_fp16 // 2 + embed_fp16, llm_fp16 // 2),
+            "INT8 audio tower + INT4 LLM (trt-int8 --llm-bits 4)": (audio_tower_int8 + llm_int4 + embed_fp16, llm_int4),
         }
         typer.echo(f"PROJECTION (vendor specs, not measured): one hour of audio = {ONE_HOUR_POSITIONS} positions, "
                    f"fp16 KV cache {kv / GB:.2f} GB; Jetson keeps {SYSTEM_RESERVE_GB:g} GB for the system")  # fmt: skip

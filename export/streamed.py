@@ -7,7 +7,7 @@ can hold next to a copy made by the exporter's optimizer. Here no full copy ever
           with torch.onnx (dynamo) with its optimizer off (it would read the weights); the graph
           is saved without initializers, so it names every weight by its module path.
    (The audio tower goes the same way: tracing it with its weights made the exporter's optimizer
-   and serializer peak at 13.5 GB for a 2.8 GB fp32 published-size tower.)
+   and serializer peak at 13.5 GB for a 2.8 GB fp32 published-size audio tower.)
 2. fill   each named weight is read from the model folder's safetensors (one tensor at a time,
           memory-mapped) and appended to one external-data file, 4 KiB aligned:
           - a Linear weight (its graph reads `Transpose(perm 1,0) -> MatMul`) is written
@@ -134,8 +134,6 @@ def _transposed_slices(w: torch.Tensor, block: int):
 
 def _stored_name(name: str, config: FastSLMConfig) -> str:
     """The model folder's name for a graph weight (graph wrappers keep the model's module paths)."""
-    if name.startswith("tower."):
-        return "encoder." + name[len("tower.") :]
     if name == "llm.lm_head.weight" and config.qwen3.tie_word_embeddings:
         return "llm.model.embed_tokens.weight"
     return name

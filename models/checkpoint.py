@@ -1,10 +1,13 @@
 """Load the published FastSLM checkpoint (the reference repository's key layout).
 
 Two forms are accepted:
-- the full state dict (`Stage3_FastSLM.pt`): Whisper under `encoder.whisper.*`, the adapter
-  under `encoder.*`, Qwen3 under PEFT LoRA naming `llm.base_model.model.*`;
-- an adapter-and-LoRA-only state dict, assembled with a separate Whisper large-v3 checkpoint
+- the full state dict (`Stage3_FastSLM.pt`): Whisper under `encoder.whisper.*`, the HFQ-Former
+  under the rest of `encoder.*`, Qwen3 under PEFT LoRA naming `llm.base_model.model.*`;
+- an HFQ-Former-and-LoRA-only state dict, assembled with a separate Whisper large-v3 checkpoint
   (openai-whisper `.pt` or Hugging Face folder) and the Qwen3-4B folder's base weights.
+
+The published names are the reference code's and stay as they are; they are mapped onto ours
+(`audio_tower.whisper.*`, `audio_tower.hfq_former.*`, `llm.*`) here.
 
 Both come with the Qwen3 folder's config.json and tokenizer.json; the tokenizer gets
 FastSLM's special tokens appended exactly as the reference adds them, so their ids match
@@ -29,15 +32,15 @@ from .lora import merge_lora_into, merge_peft_state_dict
 from .qwen3 import Qwen3Dims
 from .whisper_encoder import WhisperEncoder, WhisperEncoderDims
 
-WHISPER_PREFIX = "encoder.whisper."
-ADAPTER_PREFIX = "encoder."
+PUBLISHED_WHISPER_PREFIX = "encoder.whisper."
+PUBLISHED_HFQ_FORMER_PREFIX = "encoder."  # everything under it but `whisper.`
 LLM_PEFT_PREFIX = "llm.base_model.model."
 # Earlier versions of the reference code named the compressors `resampler*`.
 LEGACY_RENAMES = (
     (re.compile(r"^encoder\.resampler([123])\."), r"encoder.compressor\1."),
     (re.compile(r"^encoder\.resampler\."), "encoder.compressor."),
 )
-# Whisper's rule (64-wide heads), which the reference follows for the adapter too; the head
+# Whisper's rule (64-wide heads), which the reference follows for the HFQ-Former too; the head
 # count is not stored in a state dict.
 HEAD_WIDTH = 64
 
@@ -86,16 +89,16 @@ def infer_whisper_dims(whisper: dict[str, Tensor]) -> WhisperEncoderDims:
     )
 
 
-def infer_hfq_dims(adapter: dict[str, Tensor], n_frames: int) -> HFQFormerDims:
-    width = adapter["compressor1.query"].shape[-1]
+def infer_hfq_dims(hfq_former: dict[str, Tensor], n_frames: int) -> HFQFormerDims:
+    width = hfq_former["compressor1.query"].shape[-1]
     return HFQFormerDims(
         width=width,
         n_heads=width // HEAD_WIDTH,
         n_frames=n_frames,
-        stage_queries=tuple(adapter[f"compressor{i}.query"].shape[1] for i in (1, 2, 3)),
-        n_queries=adapter["compressor.query"].shape[1],
-        n_out_blocks=1 + max(int(k.split(".")[1]) for k in adapter if k.startswith("out_attn.")),
-        llm_dim=adapter["llm_proj.weight"].shape[0],
+        stage_queries=tuple(hfq_former[f"compressor{i}.query"].shape[1] for i in (1, 2, 3)),
+        n_queries=hfq_former["compressor.query"].shape[1],
+        n_out_blocks=1 + max(int(k.split(".")[1]) for k in hfq_former if k.startswith("out_attn.")),
+        llm_dim=hfq_former["llm_proj.weight"].shape[0],
     )
 
 
@@ -118,17 +121,17 @@ def load_reference_checkpoint(
     qwen_dims = Qwen3Dims.from_hf_config(json.loads(config_path.read_text()))
     state = read_torch_checkpoint(checkpoint)
 
-    whisper_state = _strip(state, WHISPER_PREFIX)
+    whisper_state = _strip(state, PUBLISHED_WHISPER_PREFIX)
     if not whisper_state:
         if whisper is None:
             raise ModelFileError(
-                f"{checkpoint} holds no Whisper weights (adapter-and-LoRA only); pass --whisper with Whisper large-v3"
+                f"{checkpoint} holds no Whisper weights (HFQ-Former and LoRA only); pass --whisper with Whisper large-v3"
             )
         whisper_state = WhisperEncoder.from_pretrained(whisper).state_dict()
-    adapter_state = {
-        k: v for k, v in _strip(state, ADAPTER_PREFIX).items() if not k.startswith("whisper.")
+    hfq_former_state = {
+        k: v for k, v in _strip(state, PUBLISHED_HFQ_FORMER_PREFIX).items() if not k.startswith("whisper.")
     }
-    if "compressor1.query" not in adapter_state:
+    if "compressor1.query" not in hfq_former_state:
         raise ModelFileError(f"{checkpoint} has no HFQ-Former weights (encoder.compressor1.*); is it a FastSLM checkpoint?")
 
     llm_state = {LLM_PEFT_PREFIX + k: v for k, v in _strip(state, LLM_PEFT_PREFIX).items()}
@@ -144,13 +147,13 @@ def load_reference_checkpoint(
     whisper_dims = infer_whisper_dims(whisper_state)
     config = FastSLMConfig(
         whisper=whisper_dims,
-        hfq_former=infer_hfq_dims(adapter_state, whisper_dims.n_ctx),
+        hfq_former=infer_hfq_dims(hfq_former_state, whisper_dims.n_ctx),
         qwen3=qwen_dims,
         name=Path(checkpoint).stem,
         description="converted from the published FastSLM checkpoint",
     )
-    tensors = {f"encoder.whisper.{k}": v for k, v in whisper_state.items()}
-    tensors.update({f"encoder.adapter.{k}": v for k, v in adapter_state.items()})
+    tensors = {f"audio_tower.whisper.{k}": v for k, v in whisper_state.items()}
+    tensors.update({f"audio_tower.hfq_former.{k}": v for k, v in hfq_former_state.items()})
     tensors.update({f"llm.{k}": v for k, v in llm_weights.items()})
     from .fastslm import _derived_keys
     from .weights import assign_checked

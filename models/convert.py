@@ -1,7 +1,7 @@
 """`fastslm-convert`: published FastSLM files -> the project's model folder.
 
     fastslm-convert --checkpoint Stage3_FastSLM.pt --qwen Qwen3-4B/ --out fastslm-4b/
-    fastslm-convert --checkpoint adapter_lora.pt --whisper large-v3.pt --qwen Qwen3-4B/ --out fastslm-4b/
+    fastslm-convert --checkpoint hfq_former_lora.pt --whisper large-v3.pt --qwen Qwen3-4B/ --out fastslm-4b/
     fastslm-convert --random-init published --out fastslm-4b-random/ [--llm-layers 2 --encoder-layers 2]
 """
 
@@ -24,9 +24,9 @@ DTYPES = ("float32", "float16", "bfloat16")
 @app.command()
 def convert(
     out: Annotated[Path, typer.Option(help="Model folder to write.")],
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Published FastSLM state dict (.pt), full or adapter+LoRA only.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Published FastSLM state dict (.pt), full or HFQ-Former + LoRA only.")] = None,
     qwen: Annotated[Optional[Path], typer.Option(help="Qwen3-4B folder: config.json, tokenizer.json (+ safetensors if needed).")] = None,
-    whisper: Annotated[Optional[Path], typer.Option(help="Whisper large-v3 (.pt or HF folder) for adapter-only checkpoints.")] = None,
+    whisper: Annotated[Optional[Path], typer.Option(help="Whisper large-v3 (.pt or HF folder) for checkpoints without Whisper weights.")] = None,
     lora_alpha: Annotated[float, typer.Option(help="LoRA alpha used in training.")] = 64.0,
     lora_r: Annotated[int, typer.Option(help="LoRA rank used in training.")] = 16,
     dtype: Annotated[str, typer.Option(help="Stored weight precision: float32, float16 or bfloat16.")] = "float16",

@@ -1,4 +1,8 @@
-"""FastSLM: audio tower (Whisper encoder + HFQ-Former) feeding a Qwen3 decoder.
+"""FastSLM: the audio tower (Whisper encoder + HFQ-Former) feeding a Qwen3 decoder.
+
+Modules: `audio_tower` (`whisper`, `hfq_former`) and `llm`; model folders store the weights under
+those paths (`audio_tower.whisper.*`, ...), older folders' names are read through
+models.weights.current_key.
 
 The two stages stay separate on purpose: the audio tower maps each 30 s window to a fixed
 number of speech tokens independently of the others, and the LLM consumes them as prompt
@@ -24,7 +28,7 @@ from .qwen3 import Qwen3Dims, Qwen3ForCausalLM
 from .weights import assign_checked
 from .whisper_encoder import WhisperEncoder, WhisperEncoderDims
 
-PARTS = ("encoder", "llm")  # the model's two top-level modules: the audio tower and the LLM
+PARTS = ("audio_tower", "llm")  # the model's two top-level modules
 
 
 @dataclass(frozen=True)
@@ -89,21 +93,21 @@ class AudioTower(nn.Module):
     def __init__(self, whisper: WhisperEncoderDims, hfq_former: HFQFormerDims):
         super().__init__()
         self.whisper = WhisperEncoder(whisper)
-        self.adapter = HFQFormer(hfq_former)
+        self.hfq_former = HFQFormer(hfq_former)
 
     def forward(self, mel: Tensor) -> Tensor:
-        return self.adapter(self.whisper(mel))  # (W, 1500, D) -> (W, 50, llm_dim)
+        return self.hfq_former(self.whisper(mel))  # (W, 1500, D) -> (W, 50, llm_dim)
 
 
 class FastSLM(nn.Module):
     def __init__(self, config: FastSLMConfig):
         super().__init__()
         self.config = config
-        self.encoder = AudioTower(config.whisper, config.hfq_former)
+        self.audio_tower = AudioTower(config.whisper, config.hfq_former)
         self.llm = Qwen3ForCausalLM(config.qwen3)
 
     def encode_audio(self, mel: Tensor) -> Tensor:
-        return self.encoder(mel)
+        return self.audio_tower(mel)
 
     # ---- the project's own model folder -------------------------------------------------
 
@@ -128,7 +132,7 @@ class FastSLM(nn.Module):
     ) -> "FastSLM":
         """Load a model folder (model.safetensors, or shards with model.safetensors.index.json).
 
-        Only the named `parts` ("encoder", "llm") are read, each tensor cast to `dtype` as it is
+        Only the named `parts` ("audio_tower", "llm") are read, each tensor cast to `dtype` as it is
         read; the others stay on the meta device (an exporter that streams the LLM's weights
         itself needs the audio tower only).
         """

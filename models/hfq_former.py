@@ -10,9 +10,9 @@ features into a fixed, small number of speech tokens for the LLM.
     memory = concat(1500, 750, 375 frames) ──► out_attn blocks (self + cross attention)
     ──► llm_proj ──► 50 speech tokens of the LLM's width
 
-Module and parameter names follow the published checkpoint (`encoder.compressor1.*`,
-`encoder.stage1.*`, `encoder.out_attn.0.*`, `encoder.llm_proj.*`), so loading it is a
-prefix map, not a rename table.
+Module and parameter names below the HFQ-Former follow the published checkpoint
+(`encoder.compressor1.*`, `encoder.stage1.*`, `encoder.out_attn.0.*`, `encoder.llm_proj.*`), so
+loading it is a prefix map (to `audio_tower.hfq_former.*`), not a rename table.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ LAYER_NORM_EPS = 1e-5
 
 @dataclass(frozen=True)
 class HFQFormerDims:
-    width: int = 1280  # Whisper encoder width; the adapter works at this width throughout
+    width: int = 1280  # Whisper encoder width; the HFQ-Former works at this width throughout
     n_heads: int = 20
     n_frames: int = 1500  # Whisper encoder frames per 30 s window
     stage_queries: tuple[int, int, int] = (80, 80, 80)
@@ -79,8 +79,8 @@ def merge_heads(x: Tensor) -> Tensor:
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(hd)) v, unmasked, written out rather than through
-    F.scaled_dot_product_attention: the adapter's attentions are 50-150 queries over up to
-    2,625 frames, where PyTorch's CPU flash kernel is slow (measured: the adapter's training step
+    F.scaled_dot_product_attention: the HFQ-Former's attentions are 50-150 queries over up to
+    2,625 frames, where PyTorch's CPU flash kernel is slow (measured: the HFQ-Former's training step
     on 8 windows 1.14 s with it, 0.87 s written out, 2 cores, bf16)."""
     scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
     return scores.softmax(dim=-1).to(v.dtype) @ v

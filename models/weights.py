@@ -7,7 +7,8 @@ raises `ModelFileError` with one line naming the first offending key. Loading us
 tensors themselves (no second copy of an 8 GB model in memory).
 
 `read_safetensors_folder` reads a Hugging Face folder's model.safetensors or its shards
-(model.safetensors.index.json) one tensor at a time.
+(model.safetensors.index.json) one tensor at a time; `SafetensorsFolder` reads a fastslm model
+folder's on demand, under today's key names (`current_key` maps those of older folders).
 """
 
 from __future__ import annotations
@@ -22,6 +23,23 @@ import torch
 from torch import nn
 
 from ..runtime.errors import ModelFileError
+
+
+# Model folders written before the audio tower's parts had one name each stored the audio tower
+# as `encoder.*` and the HFQ-Former as `adapter`; the published checkpoint's own layout is mapped
+# by models/checkpoint.py, not here.
+LEGACY_KEY_PREFIXES = (
+    ("encoder.whisper.", "audio_tower.whisper."),
+    ("encoder.adapter.", "audio_tower.hfq_former."),
+)
+
+
+def current_key(name: str) -> str:
+    """A model folder's weight name in today's layout (older folders' names migrated)."""
+    for old, new in LEGACY_KEY_PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return name
 
 
 def _ignored(name: str, patterns: Iterable[str]) -> bool:
@@ -143,7 +161,8 @@ class SafetensorsFolder:
     """The tensors of a folder's model.safetensors or shards, read one at a time on demand.
 
     Nothing is read until asked for, so a 9 GB model can be exported, quantized or checked tensor
-    by tensor with memory for one tensor.
+    by tensor with memory for one tensor. Names are today's (`current_key`), whatever layout the
+    folder was written in.
     """
 
     def __init__(self, folder: Path):
@@ -151,13 +170,18 @@ class SafetensorsFolder:
 
         self.folder = Path(folder)
         self._file_of: dict[str, Path] = {}
+        self._stored: dict[str, str] = {}  # today's name -> the name in the file
         self._shapes: dict[str, tuple[int, ...]] = {}
         for path in safetensors_files(self.folder):
             try:
                 with safe_open(str(path), framework="pt") as handle:
-                    for key in handle.keys():
-                        self._file_of[key] = path
-                        self._shapes[key] = tuple(handle.get_slice(key).get_shape())
+                    for stored in handle.keys():
+                        key = current_key(stored)
+                        if key in self._stored:
+                            raise ModelFileError(f"{self.folder} holds {key} twice ({self._stored[key]}, {stored}); "
+                                                 "re-create the model folder")
+                        self._file_of[key], self._stored[key] = path, stored
+                        self._shapes[key] = tuple(handle.get_slice(stored).get_shape())
             except (SafetensorError, OSError) as exc:
                 raise ModelFileError(f"{path} is damaged ({exc}); re-create the model folder") from None
 
@@ -179,7 +203,7 @@ class SafetensorsFolder:
             # Opened per tensor: safetensors memory-maps the whole file, and pages read through a map
             # that stays open count in the process's RSS (5 GB of them midway through a 4 B model).
             with safe_open(str(self._file_of[name]), framework="pt") as handle:
-                t = handle.get_tensor(name)
+                t = handle.get_tensor(self._stored[name])
         except (SafetensorError, OSError) as exc:
             raise ModelFileError(f"cannot read {name} from {self._file_of[name]}: {exc}; re-create the model folder") from None
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t

@@ -268,9 +268,9 @@ class Pipeline:
         samples = load_audio(audio, sample_rate)
         t1 = time.perf_counter()
         speech = self.encode_samples(samples, progress)
-        tower = time.perf_counter() - t1
+        audio_tower = time.perf_counter() - t1
         return AudioSession(self, speech, samples_sha256(samples), file_sha256=file_key, opened_at=t0,
-                            opening={"audio_tower_s": tower})
+                            opening={"audio_tower_s": audio_tower})
 
     def open_stream(self, prepare: "Sequence[Task | str | None]" = (Task.SQQA,), language: str | None = None, **options) -> "StreamingSession":
         """A recording still being made: `feed` it PCM chunks, `finish` it for an AudioSession.

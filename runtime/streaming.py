@@ -90,7 +90,7 @@ class StreamingSession:
 
             self._resampler = soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float64", quality="HQ")
         self.reencoded_windows = 0
-        self.tower_s = 0.0
+        self.audio_tower_s = 0.0
         self.prefill_s = 0.0
 
     @property
@@ -119,7 +119,7 @@ class StreamingSession:
             raise OptionError("this stream is already finished: keep the session its finish() returned")
         self._finished = True
         t0 = time.perf_counter()
-        tower, prefill = self.tower_s, self.prefill_s
+        audio_tower, prefill = self.audio_tower_s, self.prefill_s
         if self._resampler is not None:
             self._add(self._resampler.resample_chunk(np.zeros(0), last=True).astype(np.float32))
         if self._mel.samples_seen == 0:
@@ -135,7 +135,7 @@ class StreamingSession:
         prefixes = {key: builder.close(eos) for key, builder in self._builders.items()}
         self.prefill_s += time.perf_counter() - t1
         speech = SpeechTokens(np.concatenate(self._tokens), len(self._tokens), seconds)
-        opening = {"audio_tower_s": self.tower_s - tower, "prefill_s": self.prefill_s - prefill}
+        opening = {"audio_tower_s": self.audio_tower_s - audio_tower, "prefill_s": self.prefill_s - prefill}
         return AudioSession(self.pipe, speech, self._hash.hexdigest(), prefixes=prefixes, opened_at=t0, opening=opening)
 
     # ---- internals -------------------------------------------------------------------------
@@ -164,7 +164,7 @@ class StreamingSession:
         t0 = time.perf_counter()
         mel = np.stack([w.clamped(self._peak) for w in windows])
         out = self.pipe.backend.encode_windows(mel)  # (W, tokens_per_window, hidden)
-        self.tower_s += time.perf_counter() - t0
+        self.audio_tower_s += time.perf_counter() - t0
         return list(out)
 
     def _extend_prefixes(self, tokens: np.ndarray) -> None:

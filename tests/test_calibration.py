@@ -289,6 +289,21 @@ def test_ranges_round_trip(tmp_path):
     assert Ranges.load(tmp_path / "bad.json") is None and Ranges.load(tmp_path / "missing.json") is None
 
 
+def test_ranges_of_the_old_layer_names_are_refused_in_one_line(tmp_path):
+    """Format 1 keyed layers `tower.whisper.*` / `tower.adapter.*` (and hashed those keys into its
+    fingerprint): such a file is refused with a line that says how to measure the ranges again."""
+    hist = {"width": 0.01, "amax": 3.0, "counts": [0] * HIST_BINS}
+    version_1 = {"format": "fastslm-ranges", "format_version": 1, "fingerprint": "f" * 64, "windows_sha256": "w" * 64,
+                 "percentile": 99.99, "methods": {"minmax": {"tower.whisper.conv1": 3.0, "tower.adapter.llm_proj": 3.0}},
+                 "histograms": {"tower.whisper.conv1": hist, "tower.adapter.llm_proj": hist}}  # fmt: skip
+    (tmp_path / "ranges.json").write_text(json.dumps(version_1))
+    with pytest.raises(CalibrationError, match=r"ranges format 1, .* re-run fastslm-calibrate --model MODEL --out ") as err:
+        Ranges.load(tmp_path / "ranges.json")
+    assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
+    (tmp_path / "ranges.json").write_text("[]")  # not a record at all: none, as a damaged file
+    assert Ranges.load(tmp_path / "ranges.json") is None
+
+
 @pytest.mark.parametrize("through_file", [False, True])
 def test_ranges_leave_the_graph_as_it_was(through_file, monkeypatch):
     """Beyond protobuf's 2 GB the probe goes through a file (forced here): the graph keeps its weights and outputs."""

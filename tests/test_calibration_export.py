@@ -321,8 +321,8 @@ def test_bench_prints_ratios_against_fp32(fp32, int8, capsys):
 
 
 def test_int8_audio_tower_is_validated_on_calibration_windows(tiny, calib, int8, tmp_path, monkeypatch):
-    """The sanity check feeds the tower real calibration windows (random mel lies outside the calibrated
-    ranges and false-alarmed on a trained adapter), and it still catches a broken graph."""
+    """The sanity check feeds the audio tower real calibration windows (random mel lies outside the calibrated
+    ranges and false-alarmed on a trained HFQ-Former), and it still catches a broken graph."""
     from fastslm.calibration.build import make_quantizer
     from fastslm.export import onnx_export
     from fastslm.export.graphs import graph_specs

@@ -186,7 +186,7 @@ def test_training_sequence_is_the_pipeline_prefill(recipe, tmp_path):
     batch = trainer.examples.batch(feats.numpy(), [example], qa_weight=1.0)
     seq, start, answer_at = trainer.examples.sequence(example)
     with torch.no_grad():
-        speech = model.encoder.adapter(feats)
+        speech = model.audio_tower.hfq_former(feats)
         text = model.llm.embed(batch.ids)
         q = model.config.tokens_per_window
         embeds = torch.cat([text[:, :start], speech, text[:, start + q :]], dim=1)
@@ -289,11 +289,11 @@ def test_time_local_init_spreads_the_queries_over_the_window():
     dims = HFQFormerDims(width=384, n_heads=6, n_frames=1500, stage_queries=(80, 80, 80), n_queries=50, llm_dim=32)
     frames = torch.randn(1, 1500, 384, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    adapter = HFQFormer(dims)
+    hfq_former = HFQFormer(dims)
     with torch.no_grad():
-        before = compressor_attention(adapter.compressor1, frames)
-        train.init_time_local_queries_(adapter)
-        after = compressor_attention(adapter.compressor1, frames)
+        before = compressor_attention(hfq_former.compressor1, frames)
+        train.init_time_local_queries_(hfq_former)
+        after = compressor_attention(hfq_former.compressor1, frames)
     centres = ((torch.arange(80) + 0.5) * 1500 / 80).long()
     near = lambda a: float(np.mean([a[i, max(0, c - 30) : c + 30].sum() for i, c in enumerate(centres.tolist())]))  # noqa: E731
     # random queries read the first frames (query i peaks at frame i); the init moves each to its slice
@@ -336,16 +336,16 @@ def test_aligned_slot_timing_uses_the_token_times(recipe, tmp_path):
 
 
 def test_slot_loss_trains_the_speech_tokens(recipe, tmp_path):
-    """The slot loss falls as the adapter, head and embeddings train on it (the LLM loss switched off)."""
+    """The slot loss falls as the HFQ-Former, head and embeddings train on it (the LLM loss switched off)."""
     trainer = tiny_trainer(recipe, tmp_path, augment_prob=0.0)
     batch = trainer.batch_for(0)
-    adapter = trainer.model.encoder.adapter
-    params = [*adapter.parameters(), *trainer.slot_head.parameters(), trainer.model.llm.model.embed_tokens.weight]
+    hfq_former = trainer.model.audio_tower.hfq_former
+    params = [*hfq_former.parameters(), *trainer.slot_head.parameters(), trainer.model.llm.model.embed_tokens.weight]
     opt = torch.optim.Adam(params, lr=3e-3)
     losses = []
     for _ in range(20):
         embeddings = trainer.model.llm.model.embed_tokens.weight
-        loss = train.slot_cross_entropy(trainer.slot_head(adapter(batch.features), embeddings), batch.slots,
+        loss = train.slot_cross_entropy(trainer.slot_head(hfq_former(batch.features), embeddings), batch.slots,
                                         batch.slot_weights)
         opt.zero_grad()
         loss.backward()
@@ -414,7 +414,15 @@ def test_speech_tokens_per_window_is_a_recipe_dimension(tmp_path, monkeypatch):
     monkeypatch.setattr(recipe, "load_tiny_en", lambda: WhisperEncoder(config.whisper))
     loaded, _, step = trained_model(paths)
     assert step == 3 and loaded.config.tokens_per_window == 150
-    torch.testing.assert_close(loaded.encoder.adapter.compressor.query, model.encoder.adapter.compressor.query)
+    torch.testing.assert_close(loaded.audio_tower.hfq_former.compressor.query, model.audio_tower.hfq_former.compressor.query)
+    # a checkpoint saved before the HFQ-Former had one name keeps it under "adapter"
+    state = train.trainable_state(model)
+    assert set(state) == {"hfq_former", "llm"}
+    torch.save({"step": 4, "model": {"adapter": state["hfq_former"], "llm": state["llm"]}, "config": config.to_dict()},
+               paths.train / train.BEST_FILE)
+    loaded, _, step = trained_model(paths)
+    assert step == 4
+    torch.testing.assert_close(loaded.audio_tower.hfq_former.compressor.query, model.audio_tower.hfq_former.compressor.query)
 
 
 def test_slot_ctc_loss_prefers_the_spoken_order_and_skips_impossible_windows():

@@ -57,6 +57,38 @@ def test_model_folder_round_trip(tmp_path, tiny, tiny_dir):
     assert config["format"] == "fastslm-model" and config["hfq_former"]["n_queries"] == 5
 
 
+def test_model_folder_in_the_old_key_layout_loads(tmp_path, tiny, tiny_dir):
+    """Folders written before the audio tower's parts had one name each (`encoder.whisper.*`,
+    `encoder.adapter.*`) load under today's names, whole or as parts, and export from them reads them too."""
+    from safetensors.torch import load_file
+
+    from fastslm.models.weights import SafetensorsFolder, current_key
+
+    tiny.save_pretrained(tmp_path, tokenizer_json=tiny_dir / "tokenizer.json")
+    today = load_file(tmp_path / "model.safetensors")
+    old_names = {"audio_tower.whisper.": "encoder.whisper.", "audio_tower.hfq_former.": "encoder.adapter."}
+    old = {}
+    for name, tensor in today.items():
+        prefix = next((p for p in old_names if name.startswith(p)), "")
+        old[old_names.get(prefix, "") + name[len(prefix) :]] = tensor
+    assert sum(k.startswith("encoder.adapter.") for k in old) > 10 and not any(k.startswith("audio_tower.") for k in old)
+    save_file(old, str(tmp_path / "model.safetensors"))
+
+    assert {current_key(k) for k in old} == set(today) and SafetensorsFolder(tmp_path).keys() == [current_key(k) for k in old]
+    again = FastSLM.from_pretrained(tmp_path)
+    for name, tensor in tiny.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name
+    only_audio = FastSLM.from_pretrained(tmp_path, parts=("audio_tower",))
+    mel = random_mel(2)
+    with torch.inference_mode():
+        assert torch.equal(only_audio.encode_audio(mel), tiny.encode_audio(mel))
+
+    # A folder holding one weight under both names is refused, not read half from each.
+    save_file({**old, "audio_tower.whisper.conv1.weight": old["encoder.whisper.conv1.weight"].clone()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ModelFileError, match="holds audio_tower.whisper.conv1.weight twice"):
+        FastSLM.from_pretrained(tmp_path)
+
+
 def test_audio_tower_shapes(tiny):
     with torch.inference_mode():
         tokens = tiny.encode_audio(random_mel(3))
@@ -96,10 +128,10 @@ def reference_state_dict(model: FastSLM, seed: int = 3) -> tuple[dict, dict]:
     reference, expected = {}, {}
     for name, tensor in model.state_dict().items():
         expected[name] = tensor.clone()
-        if name.startswith("encoder.whisper."):
-            reference[name] = tensor.clone()
-        elif name.startswith("encoder.adapter."):
-            reference["encoder." + name.removeprefix("encoder.adapter.")] = tensor.clone()
+        if name.startswith("audio_tower.whisper."):
+            reference["encoder.whisper." + name.removeprefix("audio_tower.whisper.")] = tensor.clone()
+        elif name.startswith("audio_tower.hfq_former."):
+            reference["encoder." + name.removeprefix("audio_tower.hfq_former.")] = tensor.clone()
         elif name.startswith("llm."):
             peft = "llm.base_model.model." + name.removeprefix("llm.")
             module = name.rsplit(".", 2)[-2]
@@ -178,12 +210,12 @@ def test_full_reference_checkpoint_loads_with_lora_merged(tmp_path, tiny):
     assert_same_model(loaded, expected, tiny)
 
 
-def test_adapter_only_checkpoint_with_separate_whisper_and_qwen(tmp_path, tiny):
+def test_hfq_former_and_lora_only_checkpoint_with_separate_whisper_and_qwen(tmp_path, tiny):
     reference, expected = reference_state_dict(tiny)
-    adapter_only = {
+    hfq_former_and_lora = {
         k: v for k, v in reference.items() if not k.startswith("encoder.whisper.") and (".lora_" in k or not k.startswith("llm."))
     }
-    torch.save(adapter_only, tmp_path / "adapter.pt")
+    torch.save(hfq_former_and_lora, tmp_path / "hfq_former_lora.pt")
     whisper_dims = tiny.config.whisper
     openai_checkpoint = {
         "dims": {
@@ -199,9 +231,9 @@ def test_adapter_only_checkpoint_with_separate_whisper_and_qwen(tmp_path, tiny):
             "n_text_layer": 1,
         },
         "model_state_dict": {
-            "encoder." + k.removeprefix("encoder.whisper."): v.clone()
+            "encoder." + k.removeprefix("audio_tower.whisper."): v.clone()
             for k, v in tiny.state_dict().items()
-            if k.startswith("encoder.whisper.")
+            if k.startswith("audio_tower.whisper.")
         },
     }
     torch.save(openai_checkpoint, tmp_path / "large-v3.pt")
@@ -209,8 +241,8 @@ def test_adapter_only_checkpoint_with_separate_whisper_and_qwen(tmp_path, tiny):
     qwen.mkdir()
     write_qwen_dir(qwen, tiny, with_weights=True)
     with pytest.raises(ModelFileError, match="pass --whisper"):
-        load_reference_checkpoint(tmp_path / "adapter.pt", qwen, lora=LORA)
-    loaded = load_reference_checkpoint(tmp_path / "adapter.pt", qwen, whisper=tmp_path / "large-v3.pt", lora=LORA)
+        load_reference_checkpoint(tmp_path / "hfq_former_lora.pt", qwen, lora=LORA)
+    loaded = load_reference_checkpoint(tmp_path / "hfq_former_lora.pt", qwen, whisper=tmp_path / "large-v3.pt", lora=LORA)
     assert_same_model(loaded, expected, tiny)
 
 

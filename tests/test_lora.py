@@ -91,7 +91,7 @@ def test_merged_model_equals_base_with_explicit_lora(base_and_lora):
 
 def test_merge_lora_into_adapter_only(base_and_lora):
     base, lora = base_and_lora
-    # A PEFT adapter file: LoRA keys only, no adapter name, plus a non-LLM adapter weight.
+    # A PEFT adapter file: LoRA keys only, no adapter name, plus a non-LLM weight (the HFQ-Former's).
     adapter = {"encoder.llm_proj.weight": torch.randn(64, 32)}
     for module, (a, b) in lora.items():
         adapter[f"{PREFIX}{module}.lora_A.weight"] = a

@@ -26,13 +26,13 @@ runner = CliRunner()
 
 # The published shapes (ARCHITECTURE.md), as stored in a model folder.
 PUBLISHED = {
-    "encoder.whisper.conv1.weight": (1280, 128, 3),
-    "encoder.whisper.conv2.weight": (1280, 1280, 3),
-    "encoder.whisper.blocks.0.attn.query.weight": (1280, 1280),
-    "encoder.whisper.blocks.0.mlp.0.weight": (5120, 1280),
-    "encoder.adapter.compressor1.query": (1, 80, 1280),
-    "encoder.adapter.compressor.query": (1, 50, 1280),
-    "encoder.adapter.llm_proj.weight": (2560, 1280),
+    "audio_tower.whisper.conv1.weight": (1280, 128, 3),
+    "audio_tower.whisper.conv2.weight": (1280, 1280, 3),
+    "audio_tower.whisper.blocks.0.attn.query.weight": (1280, 1280),
+    "audio_tower.whisper.blocks.0.mlp.0.weight": (5120, 1280),
+    "audio_tower.hfq_former.compressor1.query": (1, 80, 1280),
+    "audio_tower.hfq_former.compressor.query": (1, 50, 1280),
+    "audio_tower.hfq_former.llm_proj.weight": (2560, 1280),
     "llm.model.embed_tokens.weight": (151936, 2560),
     "llm.model.layers.0.self_attn.q_proj.weight": (4096, 2560),
     "llm.model.layers.0.self_attn.k_proj.weight": (1024, 2560),
@@ -51,7 +51,7 @@ def test_published_config_has_the_published_shapes_and_size():
     assert sum(1 for n in shapes if n.endswith("attn.query.weight") and "whisper" in n) == 32
     assert sum(1 for n in shapes if n.endswith("q_proj.weight")) == 36
     params = sum(torch.Size(s).numel() for s in shapes.values())
-    # ~635 M encoder + ~56 M adapter + ~4.02 B Qwen3-4B (tied head stored once)
+    # ~635 M Whisper encoder + ~56 M HFQ-Former + ~4.02 B Qwen3-4B (tied head stored once)
     assert 4.65e9 < params < 4.75e9, params
     fewer = stored_shapes(published_config(llm_layers=2, encoder_layers=3))
     assert fewer["llm.model.embed_tokens.weight"] == (151936, 2560)

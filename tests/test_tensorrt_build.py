@@ -251,13 +251,13 @@ def tiny_graphs(tmp_path_factory) -> dict[str, Path]:
     cfg = model.config
     assert (cfg.n_mels, cfg.tokens_per_window, cfg.qwen3.hidden_size, cfg.qwen3.num_layers) == (N_MELS, Q, H, LAYERS)
 
-    class Tower(nn.Module):  # mel fp32 -> speech tokens fp32, the model's dtype inside
+    class AudioTower(nn.Module):  # mel fp32 -> speech tokens fp32, the model's dtype inside
         def __init__(self, dtype):
             super().__init__()
-            self.tower, self.dtype = model.encoder, dtype
+            self.audio_tower, self.dtype = model.audio_tower, dtype
 
         def forward(self, mel):
-            return self.tower(mel.to(self.dtype)).float()
+            return self.audio_tower(mel.to(self.dtype)).float()
 
     class Decoder(nn.Module):  # inputs_embeds fp32, positions, logits_index, past -> logits fp32, present
         def __init__(self, dtype):
@@ -276,7 +276,7 @@ def tiny_graphs(tmp_path_factory) -> dict[str, Path]:
     for precision, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
         model.to(dtype)
         path = folder / f"audio_tower_{precision}.onnx"
-        torch.onnx.export(Tower(dtype).eval(), (torch.randn(2, N_MELS, 3000),), str(path), dynamo=True,
+        torch.onnx.export(AudioTower(dtype).eval(), (torch.randn(2, N_MELS, 3000),), str(path), dynamo=True,
                           input_names=["mel"], output_names=["speech_tokens"],
                           dynamic_shapes=({0: Dim("windows", min=1, max=64)},))
         graphs[f"audio_tower_{precision}"] = path
@@ -727,7 +727,7 @@ def test_demo_model_engines_build_on_cpu(target, llm_bits, tmp_path):
     """FP16 engines, and INT8 Q/DQ audio tower + INT4 LLM weights (the INT8 LLM build is the tiny
     model's test), calibrated on the default audio. No WER gate here, to keep CI short: the
     accuracy gates on the demo model are tests/test_calibration_export.py's. (Calibrated on
-    jfk.flac alone, the INT8 tower's ranges are too narrow for the exporter's random-input check:
+    jfk.flac alone, the INT8 audio tower's ranges are too narrow for the exporter's random-input check:
     cosine 0.965 against its 0.98.)"""
     from typer.testing import CliRunner
 

@@ -206,7 +206,7 @@ class SelectionEvaluator:
     """Greedy WER (and QA accuracy) on held-out eval_seen utterances during training.
 
     The frozen encoder's output for each utterance is computed once (float32, as at inference);
-    each evaluation runs the adapter on it and hands the speech tokens to the runtime Pipeline
+    each evaluation runs the HFQ-Former on it and hands the speech tokens to the runtime Pipeline
     (torch backend around the model being trained), i.e. the same prefill and decode loop as
     `fastslm-run`.
     """
@@ -248,7 +248,7 @@ class SelectionEvaluator:
         with torch.inference_mode():
             speech = []
             for f, s in zip(self.features, self.seconds):
-                tokens = model.encoder.adapter(torch.from_numpy(f)).float().numpy()  # (W, Q, H)
+                tokens = model.audio_tower.hfq_former(torch.from_numpy(f)).float().numpy()  # (W, Q, H)
                 speech.append(SpeechTokens(tokens.reshape(-1, tokens.shape[-1]), len(f), s))
         hyps = transcribe_all(pipe, speech, max_new_tokens=96)  # eval sentences are <= 25 words
         result = {"wer": round(wer([it.text for it in self.items], hyps), 2), "sample": hyps[0][:120]}

@@ -2,14 +2,14 @@
 
 The Whisper encoder is frozen, so one training step starts from its stored output:
 
-    features (B, 1500, D) --adapter--> speech (B, 50, H)
+    features (B, 1500, D) --HFQ-Former--> speech (B, 50, H)
     inputs_embeds = embed(left ids) + speech + embed(right ids) + embed(answer ids + <|im_end|>)
     loss = cross-entropy on the answer tokens and <|im_end|> only
          + align_weight * slot loss(speech tokens, read through the decoder's embedding table)
 
 The slot loss is training-only scaffolding (its head is not part of the model). A decoder
 trained from scratch first learns the language prior, and the LLM loss alone gives the
-adapter almost no signal about what each speech token should hold, so transcripts stay
+HFQ-Former almost no signal about what each speech token should hold, so transcripts stay
 fluent and unrelated to the audio (measured: 2,300 steps at ~100% WER; a CTC term on the
 speech tokens stayed on its blank plateau for 700 steps). But the recipe composed every
 window itself, so it knows when each utterance starts and ends; spreading an utterance's
@@ -150,7 +150,7 @@ def init_llm_(model: FastSLM, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def init_time_local_queries_(adapter: HFQFormer, sharpness: float = 2.0) -> None:
+def init_time_local_queries_(hfq_former: HFQFormer, sharpness: float = 2.0) -> None:
     """Start every compressor query on its own stretch of the window.
 
     A compressor scores query i against frame j with (LN(query_i) + pos_Q(i)) . (LN(x_j) + pos_N(j))
@@ -167,9 +167,9 @@ def init_time_local_queries_(adapter: HFQFormer, sharpness: float = 2.0) -> None
     high-frequency ones) keep ~90% of their mass within 0.6 s of the centre, and the two
     lowest-frequency heads stay global.
     """
-    d = adapter.dims
-    slices = list(zip((adapter.compressor1, adapter.compressor2, adapter.compressor3), d.stage_queries, d.stage_frames))
-    slices.append((adapter.compressor, d.n_queries, d.stage_queries[0]))
+    d = hfq_former.dims
+    slices = list(zip((hfq_former.compressor1, hfq_former.compressor2, hfq_former.compressor3), d.stage_queries, d.stage_frames))
+    slices.append((hfq_former.compressor, d.n_queries, d.stage_queries[0]))
     with torch.no_grad():
         for compressor, n_queries, span in slices:
             n_ctx = compressor.kv_pos_embeds.shape[0]
@@ -179,7 +179,7 @@ def init_time_local_queries_(adapter: HFQFormer, sharpness: float = 2.0) -> None
             compressor.q_ln.weight.fill_(sharpness)
 
 
-def init_adapter_outputs_(adapter: HFQFormer) -> None:
+def init_hfq_former_outputs_(hfq_former: HFQFormer) -> None:
     """out_attn blocks start as the identity and speech tokens at the scale of text embeddings.
 
     With default init the two out_attn blocks add a near-global average to every token (the
@@ -189,26 +189,26 @@ def init_adapter_outputs_(adapter: HFQFormer) -> None:
     projections (trained from there) and a small llm_proj remove both.
     """
     with torch.no_grad():
-        for block in adapter.out_attn:
+        for block in hfq_former.out_attn:
             for attention in (block.attn, block.cross_attn):
                 attention.out_proj.weight.zero_()
                 attention.out_proj.bias.zero_()
-        g = torch.Generator().manual_seed(adapter.dims.width)
-        proj = adapter.llm_proj
+        g = torch.Generator().manual_seed(hfq_former.dims.width)
+        proj = hfq_former.llm_proj
         proj.weight.copy_(torch.randn(proj.weight.shape, generator=g) * (0.05 / math.sqrt(proj.in_features)))
         proj.bias.zero_()
 
 
 def new_model(config: FastSLMConfig, seed: int, whisper: torch.nn.Module | None = None) -> FastSLM:
-    """A FastSLM with seeded random adapter/decoder and (if given) the pretrained, frozen encoder."""
+    """A FastSLM with seeded random HFQ-Former and decoder and (if given) the pretrained, frozen encoder."""
     torch.manual_seed(seed)
     model = FastSLM(config)
     init_llm_(model, seed)
-    init_time_local_queries_(model.encoder.adapter)
-    init_adapter_outputs_(model.encoder.adapter)
+    init_time_local_queries_(model.audio_tower.hfq_former)
+    init_hfq_former_outputs_(model.audio_tower.hfq_former)
     if whisper is not None:
-        model.encoder.whisper.load_state_dict(whisper.state_dict())
-    model.encoder.whisper.requires_grad_(False)
+        model.audio_tower.whisper.load_state_dict(whisper.state_dict())
+    model.audio_tower.whisper.requires_grad_(False)
     return model
 
 
@@ -218,11 +218,12 @@ def trainable_parameters(model: FastSLM) -> list[torch.nn.Parameter]:
 
 def trainable_state(model: FastSLM) -> dict:
     clone = lambda sd: {k: v.detach().clone() for k, v in sd.items()}  # noqa: E731
-    return {"adapter": clone(model.encoder.adapter.state_dict()), "llm": clone(model.llm.state_dict())}
+    return {"hfq_former": clone(model.audio_tower.hfq_former.state_dict()), "llm": clone(model.llm.state_dict())}
 
 
 def load_trainable_state(model: FastSLM, state: dict) -> None:
-    model.encoder.adapter.load_state_dict(state["adapter"])
+    # States saved before the HFQ-Former had one name call it "adapter" (same keys below it).
+    model.audio_tower.hfq_former.load_state_dict(state["hfq_former"] if "hfq_former" in state else state["adapter"])
     model.llm.load_state_dict(state["llm"])
 
 
@@ -349,7 +350,7 @@ class SlotHead(nn.Module):
     slot loss pull each speech token towards the embeddings of the words spoken in its slot,
     so the decoder receives something close to the text itself, and learning to copy from
     context is the first thing a small decoder learns (measured here: a separate linear head
-    taught the adapter words, yet the decoder still ignored the audio after 700 steps).
+    taught the HFQ-Former words, yet the decoder still ignored the audio after 700 steps).
     """
 
     def __init__(self, dim: int, vocab_size: int, seed: int):
@@ -477,7 +478,7 @@ def forward_loss(model: FastSLM, batch: Batch, bf16: bool = False, slot_head: Sl
     mean cross-entropy over the answer tokens, plus `align_weight` times the slot loss and
     `ctc_weight` times the slot CTC loss (see the module docstring)."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        speech = model.encoder.adapter(batch.features)  # (B, Q, H)
+        speech = model.audio_tower.hfq_former(batch.features)  # (B, Q, H)
         answer = answer_loss(model, speech, batch)
     norm = speech.detach().float().norm(dim=-1).mean()
     zero = answer.new_zeros(())

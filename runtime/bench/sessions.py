@@ -72,7 +72,7 @@ def measure(pipe: Pipeline, recording: Path, clip: Path, sampling: SamplingOptio
 
 
 COLUMNS = [
-    ("seconds", "audio s", "{:.0f}"), ("audio_tower_s", "tower s", "{:.1f}"), ("first_ttft_s", "1st TTFT s", "{:.2f}"),
+    ("seconds", "audio s", "{:.0f}"), ("audio_tower_s", "audio tower s", "{:.1f}"), ("first_ttft_s", "1st TTFT s", "{:.2f}"),
     ("second_ttft_s", "2nd TTFT s", "{:.3f}"), ("second_over_first", "2nd/1st", "{:.3f}"),
     ("cache_mb", "cache MB", "{:.1f}"), ("cache_load_s", "cache load s", "{:.2f}"), ("cache_open_s", "open from cache s", "{:.2f}"),
     ("cached_ttft_s", "TTFT from cache s", "{:.2f}"), ("stream_feed_rtf", "stream RTF", "{:.3f}"),

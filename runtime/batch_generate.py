@@ -63,11 +63,11 @@ def generate_rows(
         return [results[i] for i in range(len(samples))]
 
     t0 = time.perf_counter()
-    # One window per audio-tower call, as for a lone segment: batching the tower gains little (its
+    # One window per audio-tower call, as for a lone segment: batching the audio tower gains little (its
     # matrices are already large) and would multiply its peak memory (the encoder's attention
     # scores alone are 54 MB a window).
     speech = np.concatenate([backend.encode_windows(windows[i]) for i in rows])  # (B, tokens_per_window, H)
-    tower = time.perf_counter() - t0
+    audio_tower = time.perf_counter() - t0
 
     t1 = time.perf_counter()
     key = prefix_key(prompt, language)
@@ -109,7 +109,7 @@ def generate_rows(
         logits, cache = backend.decode_rows(backend.embed_tokens(np.asarray(tokens, dtype=np.int64))[:, None], cache)
     decode = time.perf_counter() - t2
 
-    timings = {"audio_tower_s": tower, "prefill_s": prefill, "decode_s": decode, "batch_rows": float(B)}
+    timings = {"audio_tower_s": audio_tower, "prefill_s": prefill, "decode_s": decode, "batch_rows": float(B)}
     for a, i in enumerate(rows):
         results[i] = GenerationResult(
             text=pipe.tokenizer.decode(answers[a]).strip(),

@@ -58,7 +58,7 @@ def session_options(precision: str, providers: Sequence[str], threads: int | Non
     if threads:
         options.intra_op_num_threads = int(threads)
     # INT8 graphs: ONNX Runtime's default x86 kernels multiply uint8 by int8 with vpmaddubsw, which
-    # saturates int16 pair sums on CPUs without VNNI (AVX2-only: the demo tower's WER +2.6 points).
+    # saturates int16 pair sums on CPUs without VNNI (AVX2-only: the demo audio tower's WER +2.6 points).
     # This rewrites the int8 weights to uint8 for the U8U8 kernels, which widen to 16 bits first: the
     # same integers, exact on every x86 CPU (calibration/qdq.py). Graphs without Q/DQ are untouched.
     options.add_session_config_entry("session.x64quantprecision", "1")

@@ -158,11 +158,11 @@ def test_cpu_int8_bundles_cannot_saturate_on_any_x86_cpu(int8, int4, as_ort_runs
     left with them: read from the optimized graph, so it fails on any machine if the U8U8 rewrite
     stops happening (a session option dropped, a fusion ONNX Runtime no longer converts)."""
     for bundle, manifest, _ in (int8, int4):
-        tower = bundle / "audio_tower.onnx"
-        written = worst_u8s8_pair_sum(onnx.load(str(tower)))
+        audio_tower = bundle / "audio_tower.onnx"
+        written = worst_u8s8_pair_sum(onnx.load(str(audio_tower)))
         assert len(written) == manifest["quantization"]["audio_tower"]["layers_int8"] > 0
         assert max(written.values()) == 255 * 2 * INT8_MAX > INT16_MAX
-        ours, default = as_ort_runs_it(tower), as_ort_runs_it(tower, fastslm_options=False)
+        ours, default = as_ort_runs_it(audio_tower), as_ort_runs_it(audio_tower, fastslm_options=False)
         assert integer_kernels(ours) > 0 and saturating_layers(ours) == {}
         assert saturating_layers(default), "the check above would pass vacuously"
 

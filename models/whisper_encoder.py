@@ -5,9 +5,10 @@
 
 Module names are openai-whisper's (conv1, blocks.N.attn.query, mlp.0, ...): the FastSLM
 checkpoint stores the encoder under `encoder.whisper.` with these names (a fastslm model folder
-under `audio_tower.whisper.`), so it loads by stripping that prefix. `WhisperEncoder.from_pretrained` also reads an openai-whisper `.pt`, a
-Hugging Face Whisper folder and a CTranslate2 Whisper folder, each through an explicit key map;
-it only reads local files (the readers are in models/whisper_checkpoints.py).
+under `audio_tower.whisper.`), so it loads by stripping that prefix.
+`WhisperEncoder.from_pretrained` also reads an openai-whisper `.pt`, a Hugging Face Whisper
+folder and a CTranslate2 Whisper folder, each through an explicit key map; it only reads local
+files (the readers are in models/whisper_checkpoints.py).
 """
 
 from __future__ import annotations

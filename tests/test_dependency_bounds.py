@@ -40,7 +40,8 @@ def installed(name: str) -> str | None:
 
 
 def test_runtime_at_the_lowest_bounds(newest, tmp_path):
-    assert bounds.main("lowest", tmp_path, SUBSET, from_checkout=True) == 0, "the runtime subset failed at the lowest bounds (log above)"
+    failed = bounds.main("lowest", tmp_path, SUBSET, from_checkout=True)
+    assert failed == 0, "the runtime subset failed at the lowest bounds (its pytest log is above)"
 
 
 def test_runtime_at_the_newest_bounds(newest, tmp_path):

@@ -84,7 +84,8 @@ def test_model_folder_in_the_old_key_layout_loads(tmp_path, tiny, tiny_dir):
         assert torch.equal(only_audio.encode_audio(mel), tiny.encode_audio(mel))
 
     # A folder holding one weight under both names is refused, not read half from each.
-    save_file({**old, "audio_tower.whisper.conv1.weight": old["encoder.whisper.conv1.weight"].clone()}, str(tmp_path / "model.safetensors"))
+    both = {**old, "audio_tower.whisper.conv1.weight": old["encoder.whisper.conv1.weight"].clone()}
+    save_file(both, str(tmp_path / "model.safetensors"))
     with pytest.raises(ModelFileError, match="holds audio_tower.whisper.conv1.weight twice"):
         FastSLM.from_pretrained(tmp_path)
 

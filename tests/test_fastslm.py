@@ -59,7 +59,7 @@ def test_model_folder_round_trip(tmp_path, tiny, tiny_dir):
 
 def test_model_folder_in_the_old_key_layout_loads(tmp_path, tiny, tiny_dir):
     """Folders written before the audio tower's parts had one name each (`encoder.whisper.*`,
-    `encoder.adapter.*`) load under today's names, whole or as parts, and export from them reads them too."""
+    `encoder.adapter.*`) load under today's names, whole or as parts; one weight under both names is refused."""
     from safetensors.torch import load_file
 
     from fastslm.models.weights import SafetensorsFolder, current_key

@@ -300,6 +300,10 @@ def test_ranges_of_the_old_layer_names_are_refused_in_one_line(tmp_path):
     with pytest.raises(CalibrationError, match=r"ranges format 1, .* re-run fastslm-calibrate --model MODEL --out ") as err:
         Ranges.load(tmp_path / "ranges.json")
     assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
+    from fastslm.calibration.build import QuantOptions
+
+    with pytest.raises(CalibrationError, match="ranges format 1"):
+        QuantOptions(calibration=tmp_path)  # an export refuses the folder before any work
     (tmp_path / "ranges.json").write_text("[]")  # not a record at all: none, as a damaged file
     assert Ranges.load(tmp_path / "ranges.json") is None
 

@@ -43,7 +43,8 @@ def _open(bundle: Path, threads: int | None, disable_cse: bool):
     if disable_cse:
         import onnxruntime as ort
 
-        options = session_options(backend.bundle.precision, backend.providers, threads)
+        options = session_options(backend.bundle.precision, backend.providers, threads,
+                                  exact_int8=not backend.bundle.int8_weights_lack_zero_points)
         backend._audio = ort.InferenceSession(str(backend.bundle.graph_path("audio_tower")), options,
                                               providers=backend.providers,
                                               disabled_optimizers=["CommonSubexpressionElimination"])  # fmt: skip

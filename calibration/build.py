@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ..runtime.bundle import AUDIO_TOWER, CONFIG_FILE, LLM, TOKENIZER_FILE, Bundle, ModelDims
+from ..runtime.bundle import AUDIO_TOWER, CONFIG_FILE, INT8_WEIGHT_ZERO_POINTS, LLM, TOKENIZER_FILE, Bundle, ModelDims
 from ..runtime.errors import OptionError
 from ..runtime.onnx_backend import OnnxBackend, session_options
 from .data import DEFAULT_MAX_WINDOWS, CalibrationSet, collect
@@ -294,6 +294,7 @@ class Quantizer:
             "precision": "int8",
             "scheme": "Q/DQ: int8 symmetric activations (per tensor) and weights (per output channel, zero "
                       "point 0); float biases; ONNX Runtime CPU computes them with U8U8 kernels",
+            INT8_WEIGHT_ZERO_POINTS: True,
             "method": o.method,
             "percentile": o.percentile if o.method == "percentile" else None,
             "calibration": {"folder": str(o.calibration) if o.calibration else None, "windows": len(data.windows),

@@ -53,6 +53,8 @@ MODEL_FORMAT = "fastslm-model"  # config.json's format (models/fastslm.py writes
 MODEL_FORMAT_VERSION = 1
 CALIBRATION_FILE = "calibration.json"  # a calibration folder's record (calibration/data.py writes it)
 CALIBRATION_FORMAT = "fastslm-calibration"
+# The manifest's quantization.audio_tower key that says the INT8 weights carry explicit zero points.
+INT8_WEIGHT_ZERO_POINTS = "weight_zero_points"
 
 AUDIO_TOWER = "audio_tower"
 LLM = "llm"
@@ -141,6 +143,14 @@ class Bundle:
 
     def graph_path(self, name: str) -> Path:
         return self.path / self.graph(name)["file"]
+
+    @property
+    def int8_weights_lack_zero_points(self) -> bool:
+        """An INT8 audio tower exported before its weights carried explicit zero points: ONNX Runtime's
+        exact U8U8 kernels cannot take it (onnx_backend.session_options), so it runs the U8S8 kernels
+        that saturate on CPUs without VNNI."""
+        record = self.manifest.get("quantization", {}).get("audio_tower")
+        return isinstance(record, dict) and not record.get(INT8_WEIGHT_ZERO_POINTS, False)
 
     @property
     def embeddings_path(self) -> Path:

@@ -22,8 +22,16 @@ class AudioError(FastSLMError):
     """The audio could not be read or is unusable (missing, corrupt, empty, NaN)."""
 
 
-class AudioWarning(UserWarning):
+class FastSLMWarning(UserWarning):
+    """Something the user should know that does not stop the work; printed as one line by the CLIs."""
+
+
+class AudioWarning(FastSLMWarning):
     """The audio was read but is not all there (a WAV shorter than its header says)."""
+
+
+class ModelWarning(FastSLMWarning):
+    """A bundle loads and runs, but was made by an older fastslm and computes less well than a re-export."""
 
 
 class ModelFileError(FastSLMError):
@@ -71,13 +79,13 @@ def reported_in_one_line(tool: str, interrupted: str = "interrupted") -> Iterato
     """For a command's body: a FastSLMError becomes `tool: error: message` on stderr and its exit
     code, Ctrl-C becomes `interrupted` and 130, a missing optional dependency names the extra to
     install; anything else keeps its traceback (a real bug).
-    An AudioWarning is printed as one `tool: warning: message` line."""
+    A FastSLMWarning is printed as one `tool: warning: message` line."""
     import warnings
 
     import typer  # echo only; the exit is a plain SystemExit, so argparse scripts can use this too
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, AudioWarning):
+        if issubclass(category, FastSLMWarning):
             typer.echo(f"{tool}: warning: {' '.join(str(message).split())}", err=True)
         else:
             shown(message, category, filename, lineno, file, line)

@@ -9,6 +9,8 @@ decode). The KV cache is a `KVCache` of numpy arrays in the dtype the graph decl
 
 from __future__ import annotations
 
+import warnings
+
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .bundle import AUDIO_TOWER, LLM, Bundle, kv_input_name, kv_output_name, load_bundle
-from .errors import ModelFileError, OptionError
+from .errors import ModelFileError, ModelWarning, OptionError
 from .kv_cache import KVCache
 
 # Fastest first. TensorRT and CUDA come with onnxruntime-gpu (the [gpu] extra, instead of [cpu]).
@@ -47,7 +49,9 @@ def resolve_providers(requested: Sequence[str] | str | None = None) -> list[str]
     return chosen
 
 
-def session_options(precision: str, providers: Sequence[str], threads: int | None = None) -> ort.SessionOptions:
+def session_options(
+    precision: str, providers: Sequence[str], threads: int | None = None, exact_int8: bool = True
+) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if precision == "fp16" and providers[0] == "CPUExecutionProvider":
@@ -60,8 +64,9 @@ def session_options(precision: str, providers: Sequence[str], threads: int | Non
     # INT8 graphs: ONNX Runtime's default x86 kernels multiply uint8 by int8 with vpmaddubsw, which
     # saturates int16 pair sums on CPUs without VNNI (AVX2-only: the demo audio tower's WER +2.6 points).
     # This rewrites the int8 weights to uint8 for the U8U8 kernels, which widen to 16 bits first: the
-    # same integers, exact on every x86 CPU (calibration/qdq.py). Graphs without Q/DQ are untouched.
-    options.add_session_config_entry("session.x64quantprecision", "1")
+    # same integers, exact on every x86 CPU (calibration/qdq.py). Graphs without Q/DQ are untouched;
+    # INT8 bundles exported before their weights had zero points cannot take it (exact_int8=False).
+    options.add_session_config_entry("session.x64quantprecision", "1" if exact_int8 else "0")
     options.log_severity_level = 3  # ORT's warnings (unused initializers, ...) mean nothing to a user
     return options
 
@@ -117,6 +122,11 @@ class OnnxBackend:
         self.max_context = dims.max_position_embeddings
         self.max_windows_per_batch = max_windows_per_batch
         self.providers = resolve_providers(providers)
+        if bundle.int8_weights_lack_zero_points and self.providers[0] == "CPUExecutionProvider":
+            warnings.warn(ModelWarning(
+                f"{bundle.path} is an INT8 bundle from an older fastslm: on CPUs without VNNI (AVX2 only) its audio "
+                f"tower can lose accuracy; re-export it with fastslm-export to compute INT8 exactly on every CPU"
+            ), stacklevel=3)  # fmt: skip
         self._audio = self._session(AUDIO_TOWER, threads)
         self._llm = self._session(LLM, threads)
         self._kv_dtype = _NUMPY_DTYPES[self._input_types(self._llm)[kv_input_name(0, "key")]]
@@ -147,10 +157,12 @@ class OnnxBackend:
             # MatMuls, after which ORT's QDQ fusion no longer matches them: with it on, 23 of 45
             # MatMuls of the demo audio tower run int8 kernels, without it 45 (1.20x -> 1.40x).
             extra["disabled_optimizers"] = ["CommonSubexpressionElimination"]
+        exact = not self.bundle.int8_weights_lack_zero_points
         try:
             session = ort.InferenceSession(
-                str(path), session_options(self.bundle.precision, self.providers, threads), providers=providers, **extra
-            )
+                str(path), session_options(self.bundle.precision, self.providers, threads, exact), providers=providers,
+                **extra,
+            )  # fmt: skip
         except Exception as exc:  # onnxruntime raises its own exception types for unloadable graphs
             reason = " ".join(str(exc).split())[:300]
             raise ModelFileError(

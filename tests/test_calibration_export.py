@@ -167,6 +167,42 @@ def test_cpu_int8_bundles_cannot_saturate_on_any_x86_cpu(int8, int4, as_ort_runs
         assert saturating_layers(default), "the check above would pass vacuously"
 
 
+def test_an_int8_bundle_from_before_the_weight_zero_points_still_runs_and_says_so(int8, tmp_path, jfk_path):
+    """Bundles exported before the weights carried zero points cannot take ONNX Runtime's U8U8 rewrite
+    (it fails at run time on them): they run as they always did, with one warning to re-export."""
+    import shutil
+    import warnings
+
+    from fastslm.runtime.bundle import sha256_file
+    from fastslm.runtime.errors import ModelWarning
+
+    old = tmp_path / "old"
+    shutil.copytree(int8[0], old)
+    graph = onnx.load(str(old / "audio_tower.onnx"))
+    inits = {i.name for i in graph.graph.initializer}
+    stripped = 0
+    for node in graph.graph.node:
+        if node.op_type == "DequantizeLinear" and len(node.input) == 3 and node.input[0] in inits:
+            del node.input[2]
+            stripped += 1
+    assert stripped == int8[1]["quantization"]["audio_tower"]["layers_int8"]
+    onnx.save(graph, str(old / "audio_tower.onnx"))
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["quantization"]["audio_tower"]["weight_zero_points"]
+    manifest["files"]["audio_tower.onnx"] = {"sha256": sha256_file(old / "audio_tower.onnx"),
+                                             "bytes": (old / "audio_tower.onnx").stat().st_size}  # fmt: skip
+    (old / "manifest.json").write_text(json.dumps(manifest))
+
+    mel = audio_to_windows(load_audio(jfk_path), n_mels=80)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        legacy = OnnxBackend.from_bundle(old, threads=1)
+    assert [str(w.message).count("re-export") for w in caught if w.category is ModelWarning] == [1]
+    current = OnnxBackend.from_bundle(int8[0], threads=1)
+    a, b = current.encode_windows(mel).ravel(), legacy.encode_windows(mel).ravel()
+    assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) >= 0.98  # the same integers, up to U8S8 saturation
+
+
 def test_int8_bundle_runs_on_the_onnx_runtime_backend(int8, fp32, jfk_path):
     backend = OnnxBackend.from_bundle(int8[0], threads=1)
     reference = OnnxBackend.from_bundle(fp32, threads=1)

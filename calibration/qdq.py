@@ -336,8 +336,11 @@ def saturating_layers(optimized: onnx.ModelProto) -> dict[str, int]:
         if index is None or len(node.input) <= index or node.input[index] not in inits:
             continue
         weight = inits[node.input[index]]
-        if weight.data_type == TensorProto.INT8 and _pair_sum(weight) > U8_MAX * 2 * INT8_SATURATION_FREE_MAX:
-            found[node.name or node.output[0]] = _pair_sum(weight)
+        if weight.data_type != TensorProto.INT8:
+            continue
+        pair_sum = _pair_sum(weight)
+        if pair_sum > U8_MAX * 2 * INT8_SATURATION_FREE_MAX:
+            found[node.name or node.output[0]] = pair_sum
     return found
 
 

@@ -10,7 +10,6 @@ decode). The KV cache is a `KVCache` of numpy arrays in the dtype the graph decl
 from __future__ import annotations
 
 import warnings
-
 from pathlib import Path
 from typing import Any, Sequence
 

@@ -11,7 +11,9 @@ Per export (`Quantizer`, made by the target for `bundle_writer`):
 1. audio tower: calibration windows (a `fastslm-calibrate` folder, or the default audio
    collected now) -> activation ranges (reused from the folder when they were measured on the
    same weights) -> per-layer sensitivity (PyTorch, simulated INT8) -> the most sensitive layers
-   stay float until the audio tower reaches `target_cosine` -> Q/DQ graph (qdq.insert_int8_qdq)
+   stay float until the audio tower reaches `target_cosine` -> Q/DQ graph (qdq.insert_int8_qdq); when an
+   audio-tower gate misses in step 3, twice as many of the most sensitive layers stay float and the
+   gates run again, until they pass or half the layers are float (`escalate`)
 2. LLM: weight-only Q/DQ (qdq.insert_weight_only); the KV cache and the I/O stay float
 3. after both graphs and the embedding table are in the staging folder: the accuracy gates
    (gates.run_gates) against the fp32 PyTorch model, printed as a table; a miss stops the
@@ -34,7 +36,7 @@ from ..runtime.bundle import AUDIO_TOWER, CONFIG_FILE, INT8_WEIGHT_ZERO_POINTS, 
 from ..runtime.errors import OptionError
 from ..runtime.onnx_backend import OnnxBackend, session_options
 from .data import DEFAULT_MAX_WINDOWS, CalibrationSet, collect
-from .gates import GateRow, GateThresholds, eval_items, run_gates
+from .gates import GateRow, GateThresholds, eval_items, run_gates, unseen_by_calibration
 from .qdq import find_layers, insert_int8_qdq, insert_weight_only, load_graph, save_graph
 from .ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS, RANGES_FILE, Ranges, collect_ranges, weights_fingerprint
 
@@ -74,6 +76,9 @@ class CheckBackend(OnnxBackend):
 # INT8 LLM logits 0.9996, INT4 LLM logits 0.95; on the demo model (hidden 256, so blocks of 32
 # along K are an eighth of a row) INT4 LLM logits 0.897 on the random "batch 2 chunk" case, while
 # its WER gate on speech passes. A broken graph lands far below these bounds.
+# Gates whose miss the audio tower's float layers can fix (GateRow.gate starts with one of these).
+AUDIO_GATES = ("speech-token cosine", "WER, INT8 audio tower")
+
 VALIDATION_MIN_COSINE = {AUDIO_TOWER: 0.98, (LLM, 8): 0.99, (LLM, 4): 0.8}
 STREAMED_LLM_MIN_COSINE = 0.99
 STREAMED_LLM_NOTE = ("the LLM was exported streamed, with no fp32 copy in memory to decode with; its graph was "
@@ -95,6 +100,7 @@ class QuantOptions:
     block_size: int = 32  # INT4 block along K
     llm_keep_float: tuple[str, ...] = ()  # LLM layers (e.g. llm.lm_head) that keep float weights
     thresholds: GateThresholds = field(default_factory=GateThresholds)
+    escalate: bool = True  # an audio-tower gate missed: keep more sensitive layers float and gate again
     override_gates: bool = False
     gate_windows: int = 16
     eval_corpus: Path | None = None  # folder of eval_seen.jsonl; None: FASTSLM_CORPUS or the shipped eval subset
@@ -131,6 +137,7 @@ class Quantizer:
         self.llm_bits = self.options.llm_bits or bits
         self.fp16 = target.float_dtype == "float16"
         self.records: dict[str, dict] = {}
+        self._tower: dict | None = None  # the float audio tower and its ranking, for _keep_more_float
         self._calibration: CalibrationSet | None = None
         self.calibration()  # bad calibration input fails now, before any graph is exported
 
@@ -207,7 +214,6 @@ class Quantizer:
         dims = ModelDims.from_config(config, stage / CONFIG_FILE)
         # fp16 graphs open with the fp16 session options (ORT_ENABLE_EXTENDED), as a bundle of that precision would.
         precision = "fp16" if self.fp16 else self.target.precision
-        candidate = CheckBackend(Bundle.unpublished(stage, graphs, precision, dims), providers=["CPUExecutionProvider"])
         reference = TorchBackend(self.reference)
         tokenizer = Tokenizer.from_file(stage / TOKENIZER_FILE)
         items, why = eval_items(o.eval_corpus, o.wer_items)
@@ -216,13 +222,23 @@ class Quantizer:
         llm_in_memory = not self.reference.llm.lm_head.weight.is_meta
         if not llm_in_memory:
             items, why = [], STREAMED_LLM_NOTE
-        report = run_gates(
-            reference, candidate, tokenizer,
-            title=f"accuracy gates: {self.target.name} vs FP32 ({dims.name})",
-            windows=self.calibration().subset(max(1, o.gate_windows)),
-            audio_quantized=True, llm_bits=self.llm_bits if llm_in_memory else None, thresholds=o.thresholds,
-            items=items, no_wer_reason=why, log=self.log,
-        )  # fmt: skip
+        items, seen = unseen_by_calibration(items, self.calibration().sources)
+        if seen:
+            self.log(f"accuracy gates: {len(seen)} WER item(s) are calibration audio and are not scored "
+                     f"(e.g. {seen[0].audio}); calibrate on other audio to score them")
+            if not items:
+                why = "every WER item is calibration audio"
+        while True:
+            candidate = CheckBackend(Bundle.unpublished(stage, graphs, precision, dims), providers=["CPUExecutionProvider"])
+            report = run_gates(
+                reference, candidate, tokenizer,
+                title=f"accuracy gates: {self.target.name} vs FP32 ({dims.name})",
+                windows=self.calibration().subset(max(1, o.gate_windows)),
+                audio_quantized=True, llm_bits=self.llm_bits if llm_in_memory else None, thresholds=o.thresholds,
+                items=items, no_wer_reason=why, log=self.log,
+            )  # fmt: skip
+            if not (o.escalate and self._keep_more_float(report)):
+                break
         if not llm_in_memory:
             report.rows.append(GateRow(f"LLM top-1 agreement, INT{self.llm_bits} weights", "",
                                        f">= {100 * o.thresholds.top1(self.llm_bits):g}%", None,
@@ -232,6 +248,38 @@ class Quantizer:
         if report.failed:
             self.log("fastslm-export: the gates above failed and --override-gates was given: writing the bundle anyway")
         return {**self.records, "gates": report.to_dict(), "gates_overridden": bool(report.failed)}
+
+    def _keep_more_float(self, report: Any) -> bool:
+        """After a missed audio-tower gate: rewrite the tower with more of its most sensitive layers
+        float (twice as many as now, at least one more) and return True to gate again; False when
+        no audio-tower gate failed or the limit (max_float_layers, else half the layers) is reached.
+
+        The sensitivity pass picks the float layers on a few windows by speech-token cosine; the WER
+        gate is what decides, so the count grows until the gate passes.
+        """
+        tower = self._tower
+        missed = [r for r in report.failed if r.gate.startswith(AUDIO_GATES)]
+        if not missed or tower is None:
+            return False
+        keep = list(tower["keep"])
+        limit = self.options.max_float_layers if self.options.max_float_layers is not None else tower["n_layers"] // 2
+        more = [k for k in tower["ranking"] if k not in keep][: max(1, len(keep))]
+        more = more[: max(0, limit + len(self.options.keep_float) - len(keep))]
+        if not more:
+            self.log(f"audio_tower: {missed[0].gate} missed with {len(keep)} layer(s) float, the most allowed")
+            return False
+        keep += more
+        graph = onnx.ModelProto()
+        graph.CopyFrom(tower["float_graph"])
+        graph, int8 = insert_int8_qdq(graph, tower["amax"], set(keep))
+        save_graph(graph, tower["path"])
+        tower["keep"] = keep
+        self.records[AUDIO_TOWER].update(layers_int8=len(int8), keep_float=keep)
+        self.records[AUDIO_TOWER].setdefault("escalations", []).append(
+            {"missed": missed[0].gate, "measured": missed[0].measured, "float_layers": len(keep)})
+        self.log(f"audio_tower: {missed[0].gate} missed ({missed[0].measured}); keeping {len(keep)} layers float "
+                 f"(+{', '.join(more)}) and gating again")  # fmt: skip
+        return True
 
     # ---- the graphs -------------------------------------------------------------------------
 
@@ -287,6 +335,11 @@ class Quantizer:
             worst = ", ".join(f"{s.key} {s.cosine:.5f}" for s in result.layers[:3])
             self.log(f"audio_tower: INT8 sensitivity on {result.windows} windows: most sensitive {worst}; all INT8 "
                      f"{result.cosine_all_int8:.5f}; {len(keep)} layer(s) kept float -> {result.cosine_chosen:.5f}")  # fmt: skip
+        if o.escalate and sensitivity is not None:  # what _keep_more_float needs to rewrite the tower
+            float_graph = onnx.ModelProto()
+            float_graph.CopyFrom(graph)
+            self._tower = {"path": path, "float_graph": float_graph, "amax": amax, "keep": list(keep),
+                           "ranking": [s.key for s in result.layers], "n_layers": len(layers)}
         graph, int8 = insert_int8_qdq(graph, amax, set(keep))
         save_graph(graph, path)
         self.log(f"audio_tower: {len(int8)} of {len(layers)} layers INT8 ({o.method} ranges), {len(keep)} float")

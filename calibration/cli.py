@@ -72,7 +72,7 @@ def audio_tower_graph(model: dict, workdir: Path) -> Path:
 def calibrate(
     model: Annotated[Path, typer.Option(help="fastslm model folder or a float (onnx / onnx-fp16) bundle.")],
     out: Annotated[Path, typer.Option(help="Calibration folder to write (windows.npy, ranges.json, calibration.json).")],
-    audio: Annotated[Optional[list[Path]], typer.Option(help="Recordings: files or folders (repeatable). Default: the demo eval audio and jfk.flac.")] = None,
+    audio: Annotated[Optional[list[Path]], typer.Option(help="Recordings: files or folders (repeatable). Default: the demo recipe's calibration audio (models/demo/calibration), never the gates' eval audio.")] = None,
     max_windows: Annotated[int, typer.Option(help="Keep at most this many 30 s windows, spread over the recordings.")] = 64,
     percentile: Annotated[float, typer.Option(help="Percentile recorded with the ranges (exports may choose another).")] = 99.99,
     force: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,

@@ -12,9 +12,9 @@ A calibration folder (what `fastslm-calibrate --out` writes):
     windows.npy        float32 (W, n_mels, 3000) log-mel windows
     ranges.json        activation ranges of the audio tower (see ranges.py)
 
-The default recordings are the demo model's evaluation audio (the subset shipped in
-models/demo/eval_subset, or the corpus FASTSLM_CORPUS names) and jfk.flac where
-FASTSLM_SHARED_DATA points: an installed fastslm looks nowhere outside itself.
+The default recordings are the demo recipe's calibration split: models/demo/calibration as shipped,
+or CORPUS/audio/calib of the corpus FASTSLM_CORPUS names. Never the evaluation audio the accuracy
+gates score, nor jfk.flac: a gate that scores audio calibration saw reports too small a loss.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import numpy as np
 from ..runtime.audio import SAMPLE_RATE, audio_to_windows, load_audio
 from ..runtime.bundle import CALIBRATION_FILE, CALIBRATION_FORMAT
 from ..runtime.errors import FastSLMError
-from .evaluation import jfk_utterance
 
 CALIBRATION_FORMAT_VERSION = 1
 WINDOWS_FILE = "windows.npy"
@@ -54,11 +53,12 @@ def default_corpus() -> Path:
 
 
 def default_audio() -> list[Path]:
-    """The demo eval audio and jfk.flac: the paths of those that exist (jfk first)."""
-    corpus = default_corpus() / "audio"
-    jfk = jfk_utterance()
-    candidates = ([jfk.path] if jfk else []) + [corpus / "eval_seen", corpus / "eval_unseen"]
-    return [p for p in candidates if p.exists()]
+    """The demo recipe's calibration audio: FASTSLM_CORPUS/audio/calib, else the shipped copy ([] if neither)."""
+    from ..runtime.loading import DEMO_CALIBRATION
+
+    corpus = os.environ.get("FASTSLM_CORPUS")
+    candidates = ([Path(corpus) / "audio" / "calib"] if corpus else []) + [DEMO_CALIBRATION / "audio" / "calib"]
+    return [p for p in candidates if p.is_dir()][:1]
 
 
 def find_audio(paths: list[Path]) -> list[Path]:
@@ -172,8 +172,8 @@ def collect(
         paths = default_audio()
         if not paths:
             raise CalibrationError(
-                f"no calibration audio: the default set ({default_corpus()}/audio/eval_*, and jfk.flac where "
-                "FASTSLM_SHARED_DATA points) is missing; pass --audio with recordings of speech"
+                "no calibration audio: the default set (the demo recipe's calib split, models/demo/calibration) is "
+                "missing; pass --audio with recordings of speech"
             )
     files = find_audio(list(paths))
     chosen = [files[i] for i in spread(len(files), max_windows)]  # most recordings are shorter than a window

@@ -177,6 +177,29 @@ def eval_items(corpus: Path | None, limit: int) -> tuple[list[EvalItem], str]:
     return items[:limit], ""
 
 
+def unseen_by_calibration(items: list[EvalItem], sources: list[dict]) -> tuple[list[EvalItem], list[EvalItem]]:
+    """(kept, dropped): the WER items whose audio is not among the calibration recordings.
+
+    A gate that scores audio the ranges were measured on reports too small a loss, so such items
+    are left out; a recording counts as the same by its resolved path or by its bytes (a copy).
+    """
+    import hashlib
+
+    def digest(path: Path) -> str | None:
+        try:
+            return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        except OSError:
+            return None
+
+    seen_paths = {Path(s["path"]).resolve() for s in sources if s.get("path")}
+    seen_bytes = {d for d in (digest(p) for p in seen_paths) if d}
+    kept, dropped = [], []
+    for item in items:
+        same = Path(item.audio).resolve() in seen_paths or digest(item.audio) in seen_bytes
+        (dropped if same else kept).append(item)
+    return kept, dropped
+
+
 # (audio-tower backend, LLM backend, items) -> greedy transcripts: the seam the WER gate runs through.
 Transcriber = Callable[[Any, Any, list[EvalItem]], list[str]]
 

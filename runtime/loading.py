@@ -21,6 +21,7 @@ DEFAULT_MODEL_FOLDER = SHIPPED_DIR / "model"
 DEFAULT_MODEL_DIR = SHIPPED_DIR / "onnx"
 # The slice of the demo model's held-out sets shipped with it (models/demo/eval_subset/README.md).
 DEMO_EVAL_SUBSET = SHIPPED_DIR.parent / "eval_subset"
+DEMO_CALIBRATION = SHIPPED_DIR.parent / "calibration"  # INT8 calibration audio, disjoint from the eval subset
 DEFAULT_MODEL_NOTE = "the default is a small English demo model; pass --model for a real FastSLM"
 
 

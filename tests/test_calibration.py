@@ -505,3 +505,40 @@ def test_wer_gate_gives_up_early_on_a_model_that_does_not_transcribe():
     rows = wer_rows(FakeBackend(), FakeBackend(), False, 8, GateThresholds(), items, "", transcribe)
     assert calls == [5] and len(rows) == 1
     assert rows[0].passed is None and rows[0].note.startswith("skipped: FP32 WER 100% on the first 5 utterances")
+
+
+def test_default_calibration_audio_is_disjoint_from_what_the_gates_score(jfk_path, tmp_path, monkeypatch):
+    """The shipped calibration set is the recipe's calib split: none of its recordings (by bytes or by
+    sentence) is in the eval subset the WER gate scores, and jfk.flac is not among them."""
+    import hashlib
+    import json
+
+    from fastslm.calibration.data import default_audio, find_audio
+    from fastslm.calibration.gates import WerItem, eval_items, unseen_by_calibration
+    from fastslm.runtime.loading import DEMO_CALIBRATION, DEMO_EVAL_SUBSET
+
+    monkeypatch.delenv("FASTSLM_CORPUS", raising=False)
+    assert default_audio() == [DEMO_CALIBRATION / "audio" / "calib"]
+    files = find_audio(default_audio())
+    assert len(files) == 48
+    digest = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()  # noqa: E731
+    scored = [p for p in (DEMO_EVAL_SUBSET / "audio").rglob("*.flac")] + [jfk_path]
+    assert not {digest(p) for p in files} & {digest(p) for p in scored}
+    texts = lambda jsonl: {json.loads(line)["text"].lower() for line in Path(jsonl).read_text().splitlines()}  # noqa: E731
+    calib_texts = texts(DEMO_CALIBRATION / "calib.jsonl")
+    assert len(calib_texts) == 48
+    assert not calib_texts & (texts(DEMO_EVAL_SUBSET / "eval_seen.jsonl") | texts(DEMO_EVAL_SUBSET / "eval_unseen.jsonl"))
+
+    items, _ = eval_items(None, 50)
+    kept, dropped = unseen_by_calibration(items, [{"path": str(f)} for f in files])
+    assert len(items) == 41 and kept == items and not dropped
+    # the old default (eval audio + jfk.flac) overlapped every item; a copy counts as the same recording
+    copy = tmp_path / "copy.flac"
+    copy.write_bytes(Path(items[0].audio).read_bytes())
+    old_default = [{"path": str(copy)}, {"path": str(jfk_path)}, {"path": "gone/elsewhere.flac"}]
+    kept, dropped = unseen_by_calibration(items, old_default)
+    assert [d.id for d in dropped] == [items[0].id, "jfk"] and len(kept) == 39
+    monkeypatch.setenv("FASTSLM_CORPUS", str(tmp_path))
+    (tmp_path / "audio" / "calib").mkdir(parents=True)
+    assert default_audio() == [tmp_path / "audio" / "calib"]
+    assert isinstance(kept[0], WerItem)

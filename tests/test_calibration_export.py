@@ -390,3 +390,28 @@ def test_int8_audio_tower_is_validated_on_calibration_windows(tiny, calib, int8,
     onnx.save(broken, str(tmp_path / "broken.onnx"))
     with pytest.raises(ExportError, match="the quantized graph is broken"):
         quantizer.validate(spec, spec.wrap(reference), tmp_path / "broken.onnx")
+
+
+def test_a_missed_audio_gate_keeps_more_layers_float_until_it_passes(tiny, calib, int8, tmp_path):
+    """The sensitivity pass's cosine target is a guess; the gate decides how many layers stay float."""
+    all_int8 = rows(int8[1])["speech-token cosine"]["value"]  # the fixture's tower, sensitivity target 0.999
+    strict = GateThresholds(speech_cosine=round(1.0 - (1.0 - all_int8) / 2, 7))  # half the fixture's error
+    log: list[str] = []
+    manifest = export(tiny, tmp_path / "escalated", "onnx-int8", log, calibration=calib, target_cosine=0.5,
+                      thresholds=strict, gate_windows=1, wer_items=0)  # fmt: skip
+    audio = manifest["quantization"]["audio_tower"]
+    steps = audio["escalations"]
+    counts = [s["float_layers"] for s in steps]
+    assert counts and counts == [2**i for i in range(len(counts))]  # 1, 2, 4, ...: twice as many each round
+    assert all(s["missed"].startswith("speech-token cosine") for s in steps)
+    assert audio["sensitivity"]["keep_float"] == []  # the cosine target alone kept none float
+    ranking = [s["layer"] for s in audio["sensitivity"]["most_sensitive"]]
+    assert audio["keep_float"][:10] == ranking[: len(audio["keep_float"])]  # most sensitive first
+    assert audio["layers_int8"] == len(audio["amax"]) - len(audio["keep_float"])
+    assert manifest["quantization"]["gates"]["passed"] and rows(manifest)["speech-token cosine"]["value"] >= strict.speech_cosine
+    assert sum("and gating again" in line for line in log) == len(steps)
+    # a limit it cannot reach: it stops at max_float_layers and the gate error stands
+    with pytest.raises(GateError, match="speech-token cosine"):
+        export(tiny, tmp_path / "capped", "onnx-int8", calibration=calib, target_cosine=0.5, max_float_layers=1,
+               thresholds=GateThresholds(speech_cosine=0.9999999), gate_windows=1, wer_items=0)  # fmt: skip
+    assert not (tmp_path / "capped").exists()

@@ -350,6 +350,25 @@ def build(out: Path, seed: int = 0, n_train: int = DEFAULT_TRAIN_UTTERANCES, job
     print("done", file=sys.stderr, flush=True)
 
 
+def ship_split(out: Path, split: str, dest: Path) -> int:
+    """Copy one finished split (manifest + audio) to ``dest`` in the corpus layout: the shipped
+    calibration set is the recipe's ``calib`` split, copied this way. Returns the utterance count."""
+    import shutil  # noqa: PLC0415
+
+    out, dest = Path(out), Path(dest)
+    records = read_manifest(out, split, repair=False)
+    if not records:
+        raise SystemExit(f"{out / (split + '.jsonl')} holds no utterances: build the {split} split first")
+    (dest / "audio" / split).mkdir(parents=True, exist_ok=True)
+    lines = []
+    for uid in sorted(records):
+        rec = records[uid]
+        shutil.copyfile(out / rec["path"], dest / rec["path"])
+        lines.append(json.dumps(rec) + "\n")
+    (dest / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")
+    return len(lines)
+
+
 def check(out: Path) -> dict[str, dict]:
     """Counts and hours per split (read-only)."""
     out = Path(out)
@@ -378,7 +397,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="training voices and variation: wide (the recipe's) or shipped (the shipped model's corpus)")
     p.add_argument("--splits", nargs="*", default=list(SPLITS), choices=SPLITS)
     p.add_argument("--check", action="store_true", help="print counts and hours per split and exit")
+    p.add_argument("--ship-calibration", type=Path, metavar="DIR",
+                   help="copy the finished calib split to DIR (the package's models/demo/calibration) and exit")
     a = p.parse_args(argv)
+    if a.ship_calibration:
+        n = ship_split(a.out, "calib", a.ship_calibration)
+        print(f"calib: {n} utterances -> {a.ship_calibration}", file=sys.stderr)
+        return 0
     if a.check:
         for split, r in check(a.out).items():
             print(f"{split:12s} {r['utterances']:6d} utterances  {r['hours']:7.3f} h  "

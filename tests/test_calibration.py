@@ -514,7 +514,8 @@ def test_default_calibration_audio_is_disjoint_from_what_the_gates_score(jfk_pat
     import json
 
     from fastslm.calibration.data import default_audio, find_audio
-    from fastslm.calibration.gates import WerItem, eval_items, unseen_by_calibration
+    from fastslm.calibration.evaluation import EvalItem
+    from fastslm.calibration.gates import eval_items, unseen_by_calibration
     from fastslm.runtime.loading import DEMO_CALIBRATION, DEMO_EVAL_SUBSET
 
     monkeypatch.delenv("FASTSLM_CORPUS", raising=False)
@@ -541,4 +542,4 @@ def test_default_calibration_audio_is_disjoint_from_what_the_gates_score(jfk_pat
     monkeypatch.setenv("FASTSLM_CORPUS", str(tmp_path))
     (tmp_path / "audio" / "calib").mkdir(parents=True)
     assert default_audio() == [tmp_path / "audio" / "calib"]
-    assert isinstance(kept[0], WerItem)
+    assert isinstance(kept[0], EvalItem)

@@ -9,6 +9,8 @@ The strategy, by task:
   partial answers do not fit one turn, neighbouring ones are reduced first, recursively.
 
 Every part reuses the speech tokens the session already has: the audio tower never runs twice.
+There is no length limit: the session reads the recording in bounded blocks (streaming.open_recording)
+and holds only its speech tokens (the demo model: 150 x 256 float32 per 30 s, 18 MB an hour).
 The result says which strategy ran (`GenerationResult.strategy`, one line; `fastslm-run` prints
 it on stderr) and keeps each part's answer (`parts`).
 """
@@ -30,7 +32,6 @@ if TYPE_CHECKING:
     from .generate import GenerationResult
     from .session import AudioSession
 
-MAX_HOURS = 4.0  # longest recording answered in parts (its samples and speech tokens are held in memory)
 JOINED_TASKS = (Task.ASR, Task.AST)  # their answers for consecutive parts simply follow one another
 
 

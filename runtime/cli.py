@@ -59,6 +59,8 @@ def run(
         from .streaming import PCM_FORMATS
 
         prompts = prompt or ["transcribe"]
+        if any(not p.strip() for p in prompts):  # an empty shell variable, most likely; not a silent transcription
+            raise OptionError('--prompt is empty: give "transcribe", "summarize" or a question (no -p transcribes)')
         fmt = "json" if json_output else output_format
         if fmt not in FORMATS:
             raise OptionError(f"--format {output_format!r} is unknown; choose one of {', '.join(FORMATS)}")
@@ -73,8 +75,12 @@ def run(
             raise OptionError("--cache and --output-dir write next to or named after a recording file; stdin (-) has none")
         if input_format not in PCM_FORMATS:
             raise OptionError(f"unknown --input-format {input_format!r}: use one of {', '.join(PCM_FORMATS)}")
-        if input_rate <= 0 or input_channels <= 0:
-            raise OptionError("--input-rate and --input-channels must be positive whole numbers")
+        from .audio import MAX_CHANNELS, MAX_RATE, MIN_RATE
+
+        if not MIN_RATE <= input_rate <= MAX_RATE:
+            raise OptionError(f"--input-rate {input_rate} is invalid: give the raw audio's rate in Hz, {MIN_RATE}..{MAX_RATE}")
+        if not 1 <= input_channels <= MAX_CHANNELS:
+            raise OptionError(f"--input-channels {input_channels} is invalid: give the raw audio's channels, 1..{MAX_CHANNELS}")
         if output_dir is not None:
             check_outputs(output_dir, list(audio), overwrite)
         sampling = SamplingOptions(

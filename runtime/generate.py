@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .audio import SAMPLE_RATE, WINDOW_SECONDS, audio_to_windows, load_audio, window_count
+from .audio_stream import AudioReader
 from .backend import Backend
-from .beyond_context import MAX_HOURS, duration_text
+from .beyond_context import duration_text
 from .bundle import sha256_file
 from .errors import AudioError, OptionError
 from .kv_cache import KVCache
@@ -170,8 +171,8 @@ class Pipeline:
     ) -> bool:
         """Whether `seconds` of audio + the prompt + the answer fit the LLM's context in one prefill.
 
-        Past the context a session answers in parts (`beyond_context`); this raises only when the answer
-        alone leaves no room for audio, or the recording is longer than that strategy takes on.
+        Past the context a session answers in parts (`beyond_context`), at any length; this raises only
+        when the prompt and the answer leave no room for audio.
         """
         max_context = self.backend.max_context
         per_window = self.backend.tokens_per_window
@@ -189,11 +190,6 @@ class Pipeline:
             raise OptionError(
                 f"max_new_tokens {max_new_tokens} with the {text}-token prompt leaves no room for audio in the model's "
                 f"{max_context}-token context; lower it to at most {max_context - text - per_window}"
-            )
-        if seconds > MAX_HOURS * 3600:
-            raise AudioError(
-                f"{source} is {duration_text(seconds)}: past the model's {max_context}-token context fastslm answers in "
-                f"parts, but only up to {MAX_HOURS:g} h; split the audio into parts of at most {MAX_HOURS:g} h"
             )
         return False
 
@@ -256,21 +252,19 @@ class Pipeline:
         t0 = time.perf_counter()
         if isinstance(audio, SpeechTokens):
             return AudioSession(self, audio, None, opened_at=t0)
+        from .streaming import open_recording
+
         # A file's bytes hash lets a saved cache be trusted without decoding the audio at all.
         file_key = sha256_file(Path(audio)) if isinstance(audio, (str, Path)) and Path(audio).is_file() else None
         if cache is not None and Path(cache).exists():
             from .prefix_cache import load_session
 
-            session = load_session(self, Path(cache), file_key, lambda: samples_sha256(load_audio(audio, sample_rate)))
+            session = load_session(self, Path(cache), file_key, lambda: samples_sha256(AudioReader(audio, sample_rate).blocks()))
             session._opened_at = t0
             session._opening = {"cache_load_s": time.perf_counter() - t0}
             return session
-        samples = load_audio(audio, sample_rate)
-        t1 = time.perf_counter()
-        speech = self.encode_samples(samples, progress)
-        audio_tower = time.perf_counter() - t1
-        return AudioSession(self, speech, samples_sha256(samples), file_sha256=file_key, opened_at=t0,
-                            opening={"audio_tower_s": audio_tower})
+        # Read in bounded blocks, never whole: an hour-long file costs its speech tokens, not its samples.
+        return open_recording(self, audio, sample_rate, progress, file_sha256=file_key, opened_at=t0)
 
     def open_stream(self, prepare: "Sequence[Task | str | None]" = (Task.SQQA,), language: str | None = None, **options) -> "StreamingSession":
         """A recording still being made: `feed` it PCM chunks, `finish` it for an AudioSession.

@@ -24,6 +24,12 @@ def _copy_array(array: Any) -> Any:
     return array.clone() if hasattr(array, "clone") else array.copy()
 
 
+def _nbytes(array: Any) -> int:
+    if hasattr(array, "nbytes"):  # numpy, torch
+        return int(array.nbytes)
+    return int(np.prod(array.shape)) * np.dtype(array.dtype).itemsize  # device tensors with a numpy dtype
+
+
 @dataclass
 class KVCache:
     keys: list[Any] = field(default_factory=list)
@@ -41,6 +47,11 @@ class KVCache:
     def length(self) -> int:
         """Number of cached positions (0 for an empty cache)."""
         return int(self.keys[0].shape[2]) if self.keys else 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes its keys and values hold (numpy, torch and device tensors alike)."""
+        return sum(_nbytes(a) for a in self.keys + self.values)
 
     def copy(self) -> "KVCache":
         return KVCache([_copy_array(k) for k in self.keys], [_copy_array(v) for v in self.values])

@@ -92,6 +92,8 @@ def load_session(pipe: "Pipeline", path: Path, file_sha256: str | None, audio_sh
     from .session import AudioSession
 
     fix = f"delete {path.name} to rebuild it from the recording"
+    if path.is_file() and not zipfile.is_zipfile(path):  # np.load would take any other bytes for a pickle
+        raise CacheFileError(f"{path} is not a fastslm audio-prefix cache (not an .npz file, or cut short); {fix}")
     try:
         with np.load(path, allow_pickle=False) as data:
             header = json.loads(bytes(data["header"]).decode())

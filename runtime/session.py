@@ -15,7 +15,7 @@ windows complete, so a streamed recording and the same recording opened whole gi
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,11 +39,15 @@ def prefix_key(prompt: str | None, language: str | None) -> PrefixKey:
     return task, next(code for code, tok in LANGUAGE_TOKENS.items() if tok == token)
 
 
-def samples_sha256(samples: np.ndarray) -> str:
-    """The content key of a recording: sha256 of its 16 kHz float32 mono samples (any container, any rate)."""
+def samples_sha256(samples: "np.ndarray | Iterable[np.ndarray]") -> str:
+    """The content key of a recording: sha256 of its 16 kHz float32 mono samples (any container, any rate),
+    given whole or as consecutive blocks (e.g. `AudioReader.blocks()`, so a long file is never held whole)."""
     import hashlib
 
-    return hashlib.sha256(np.ascontiguousarray(samples, dtype=np.float32).tobytes()).hexdigest()
+    digest = hashlib.sha256()
+    for block in [samples] if isinstance(samples, np.ndarray) else samples:
+        digest.update(np.ascontiguousarray(block, dtype=np.float32).tobytes())
+    return digest.hexdigest()
 
 
 class AudioSession:
@@ -77,6 +81,11 @@ class AudioSession:
         self.last_result: GenerationResult | None = None
         self._opened_at = opened_at
         self._opening = dict(opening or {})  # timings charged to the first answer
+
+    @property
+    def nbytes(self) -> int:
+        """Memory it holds: the speech tokens and every prefix's KV cache (a prefix is added per task asked)."""
+        return int(self.speech.embeddings.nbytes) + sum(cache.nbytes for cache in list(self.prefixes.values()))
 
     # ---- the audio prefix ----------------------------------------------------------------------
 

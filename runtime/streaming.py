@@ -18,19 +18,26 @@ Two things tie earlier windows to later audio, and both are handled here:
   windows whose mel that changes are encoded again and the prefixes rebuilt, as audio arrives.
   The work left at `finish` is the last window, plus such a repair only if the last window is the
   loudest of the recording (`reencoded_windows` counts them).
+
+A recording that is already whole (a file, an array) is opened the same way (`open_recording`),
+read twice as a bounded stream of blocks (runtime.audio_stream): once for its loudest mel value,
+once to encode each window with it. No repair is needed then, and nothing but the speech tokens
+grows with the recording's length, so an hour-long file costs its speech tokens, not its samples.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, load_audio
-from .errors import OptionError
+from .audio import MAX_RATE, MIN_RATE, SAMPLE_RATE, load_audio, window_count
+from .audio_stream import AudioReader
+from .errors import AudioError, OptionError
 from .mel_stream import MelWindowStream, RawWindow
 from .prompt import AUDIO_EOS, Task
 from .sampling import SamplingOptions
@@ -64,9 +71,18 @@ class StreamingSession:
         language: str | None = None,
         sample_rate: int = SAMPLE_RATE,
         reserve_tokens: int = SamplingOptions().max_new_tokens + 64,
+        peak: float | None = None,
+        progress: "Callable[[int, int], None] | None" = None,
+        expected_windows: int = 0,
     ):
-        if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
-            raise OptionError(f"sample rate {sample_rate!r} is invalid: give the input's rate in Hz, e.g. 16000")
+        """`peak`: the recording's loudest raw log-mel value when known up front (`open_recording`):
+        windows are then encoded once, in the backend's batches, and not kept for a repair.
+        `progress(windows done, expected_windows)` is called after each encoding."""
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or not MIN_RATE <= sample_rate <= MAX_RATE:
+            # A rate of 1 Hz would make every input byte 16000 samples: hours of "audio" from a few bytes.
+            raise OptionError(
+                f"sample rate {sample_rate!r} is invalid: give the input's rate in Hz, {MIN_RATE}..{MAX_RATE} (e.g. 16000)"
+            )
         self.pipe = pipe
         self.sample_rate = sample_rate
         self._keys: list[PrefixKey] = []
@@ -76,9 +92,13 @@ class StreamingSession:
                 self._keys.append(key)
         self._reserve = reserve_tokens
         self._mel = MelWindowStream(pipe.backend.n_mels)
-        self._raw: list[RawWindow] = []  # kept so a louder later window can re-clamp them
+        self._raw: list[RawWindow] = []  # kept so a louder later window can re-clamp them (peak unknown)
+        self._pending: list[RawWindow] = []  # peak known: windows waiting for a full audio-tower batch
         self._tokens: list[np.ndarray] = []  # speech tokens per window
-        self._peak = -np.inf
+        self._known_peak = peak is not None
+        self._peak = -np.inf if peak is None else float(peak)
+        self._progress = progress
+        self._expected_windows = expected_windows
         self._left = {key: prefix_ids(pipe, *key)[0] for key in self._keys}
         self._builders = {key: PrefixBuilder(pipe, left) for key, left in self._left.items()}
         self._beyond_context = False
@@ -107,7 +127,13 @@ class StreamingSession:
         samples = np.asarray(samples)
         if samples.size == 0:
             return len(self._tokens)
-        mono = load_audio(samples, SAMPLE_RATE)  # scaling and channel mixing as for a whole recording
+        frames = len(samples)
+        if samples.ndim == 2 and samples.shape[0] <= samples.shape[1]:
+            # A chunk of fewer frames than channels (a pipe can hand over one stereo frame): load_audio takes
+            # the shorter side for the channels, so pad it with silent frames and keep the real ones.
+            silence = np.zeros((samples.shape[1] + 1 - frames, samples.shape[1]), samples.dtype)
+            samples = np.concatenate([samples, silence])
+        mono = load_audio(samples, SAMPLE_RATE)[:frames]  # scaling and channel mixing as for a whole recording
         if self._resampler is not None:
             mono = self._resampler.resample_chunk(mono.astype(np.float64)).astype(np.float32)
         self._add(mono)
@@ -123,11 +149,10 @@ class StreamingSession:
         if self._resampler is not None:
             self._add(self._resampler.resample_chunk(np.zeros(0), last=True).astype(np.float32))
         if self._mel.samples_seen == 0:
-            from .errors import AudioError
-
             raise AudioError("the audio stream has no samples: pass a non-empty recording")
         seconds = self.seconds
         self._take(self._mel.finish())
+        self._encode_pending()
         from .generate import SpeechTokens
 
         t1 = time.perf_counter()
@@ -147,6 +172,13 @@ class StreamingSession:
 
     def _take(self, windows: list[RawWindow]) -> None:
         for window in windows:
+            if self._known_peak:
+                if window.peak > self._peak:
+                    raise AudioError("the recording changed while it was being read (it got louder): open it again once it is written")
+                self._pending.append(window)
+                if len(self._pending) >= max(1, self.pipe.backend.max_windows_per_batch):
+                    self._encode_pending()
+                continue
             new_peak = max(self._peak, window.peak)
             changed = [w.index for w in self._raw if w.changed_by(self._peak, new_peak)]
             self._peak = new_peak
@@ -159,6 +191,22 @@ class StreamingSession:
             (tokens,) = self._encode([window])
             self._tokens.append(tokens)
             self._extend_prefixes(tokens)
+            self._report()
+
+    def _encode_pending(self) -> None:
+        """Encode the windows held for a batch (the batches `Pipeline.encode_samples` makes, so the same tokens)."""
+        if not self._pending:
+            return
+        for tokens in self._encode(self._pending):
+            self._tokens.append(tokens)
+            self._extend_prefixes(tokens)
+        self._pending = []
+        self._report()
+
+    def _report(self) -> None:
+        if self._progress is not None:
+            done = len(self._tokens)
+            self._progress(done, max(done, self._expected_windows))
 
     def _encode(self, windows: list[RawWindow]) -> list[np.ndarray]:
         t0 = time.perf_counter()
@@ -190,3 +238,36 @@ class StreamingSession:
             for builder in self._builders.values():
                 builder.add(tokens)
         self.prefill_s += time.perf_counter() - t0
+
+
+def open_recording(
+    pipe: "Pipeline",
+    audio: "str | Path | np.ndarray",
+    sample_rate: int | None = None,
+    progress: "Callable[[int, int], None] | None" = None,
+    file_sha256: str | None = None,
+    opened_at: float | None = None,
+) -> AudioSession:
+    """`Pipeline.open`'s work for a whole recording: read it twice in bounded blocks, never whole.
+
+    The first pass finds the loudest raw log-mel value (Whisper's clamp needs the whole
+    recording's); the second encodes each window clamped by it, as `audio_to_windows` would, in
+    the backend's batches, hashing the samples for the content key on the way.
+    """
+    t0 = time.perf_counter()
+    opened_at = t0 if opened_at is None else opened_at
+    reader = AudioReader(audio, sample_rate)
+    mel = MelWindowStream(pipe.backend.n_mels)
+    peak = -np.inf
+    for block in reader.blocks():
+        peak = max([peak, *(w.peak for w in mel.feed(block))])
+    peak = max([peak, *(w.peak for w in mel.finish())])
+    live = StreamingSession(pipe, prepare=(), peak=peak, progress=progress,
+                            expected_windows=window_count(int(round(reader.seconds * SAMPLE_RATE))))
+    for block in reader.blocks():
+        live._add(block)  # already 16 kHz float32 mono, checked by the reader
+    session = live.finish()
+    session.file_sha256, session._opened_at = file_sha256, opened_at
+    session._opening = {"audio_tower_s": time.perf_counter() - t0}  # reading, log-mel and the audio tower
+    return session
+

@@ -204,6 +204,44 @@ def test_second_question_about_the_same_audio_skips_encoding(server, client, jfk
     assert after["prefix_cache_hits"] == before["prefix_cache_hits"] + 1
 
 
+
+def test_prefix_cache_is_bounded_by_bytes():
+    """Least recently used sessions go first, counted in bytes, again after a question adds a prefix."""
+    import threading
+
+    from fastslm.runtime.generate import SpeechTokens
+    from fastslm.runtime.kv_cache import KVCache
+    from fastslm.runtime.prompt import Task
+    from fastslm.runtime.serve.engine import CachedSession, PrefixCache
+    from fastslm.runtime.session import AudioSession
+
+    mb = 2**20
+
+    def entry(megabytes: float) -> CachedSession:
+        speech = SpeechTokens(np.zeros((int(megabytes * mb) // 256, 64), np.float32), 1, 30.0)
+        return CachedSession(AudioSession(None, speech, None), threading.Lock())
+
+    cache = PrefixCache(3 * mb)
+    a, b, c, d = entry(1), entry(1), entry(1), entry(1)
+    for key, item in zip("abc", (a, b, c)):
+        cache.put(key, item)
+    assert len(cache) == 3 and cache.nbytes == 3 * mb
+    assert cache.get("a") is a  # now the most recent
+    cache.put("d", d)
+    assert [k for k in "abcd" if cache.get(k)] == ["a", "c", "d"] and cache.nbytes == 3 * mb
+    half = np.zeros((1, 2, 1024, 64), np.float32)  # 0.5 MiB per array
+    a.session.prefixes[(Task.SQQA, None)] = KVCache([half], [half])  # a question built a 1 MiB prefix
+    cache.recount("a", a)
+    # order was a, c, d (the gets above); a re-counted at 2 MiB goes last and c, now the oldest, is dropped
+    assert a.nbytes == 2 * mb and cache.nbytes == 3 * mb and len(cache) == 2
+    assert cache.get("c") is None and cache.get("d") is d and cache.get("a") is a
+    cache.put("big", entry(3.5))  # larger than the whole bound: not kept, nothing dropped for it
+    assert cache.get("big") is None and cache.nbytes <= 3 * mb and cache.get("a") is a
+    empty = PrefixCache(0)
+    empty.put("a", entry(0.001))
+    assert len(empty) == 0 and empty.nbytes == 0
+
+
 def test_sixteen_concurrent_clients(server, client, pipe, clips, transcripts):
     """Each clip transcribed once and asked about three times (two from the prefix cache), all at once."""
     names = list(clips)
@@ -379,7 +417,8 @@ def test_engine_stops_when_its_client_is_gone(pipe, jfk_path, two_utterances):
 
 def test_options_refuse_absurd_values():
     for bad in ({"port": 0}, {"workers": 0}, {"queue_size": -1}, {"max_audio_seconds": float("nan")},
-                {"api_key": " "}, {"prefix_cache_entries": -1}):  # fmt: skip
+                {"api_key": " "}, {"prefix_cache_mb": -1},
+                {"prefix_cache_mb": float("inf")}):  # fmt: skip
         with pytest.raises(OptionError):
             ServeOptions(**bad)
     assert ServeOptions().loopback and ServeOptions(host="::1").loopback and not ServeOptions(host="0.0.0.0").loopback

@@ -308,6 +308,71 @@ def test_cli_names_the_strategy_past_the_context(tmp_path):
     assert record["strategy"] in notes[0] and f"in {len(record['parts'])} parts" in notes[0] and len(record["parts"]) > 1
 
 
+
+def test_a_file_is_opened_in_bounded_blocks_with_the_plain_tokens(tiny, recording, tmp_path):
+    """`Pipeline.open(FILE)` reads twice in blocks (peak, then windows): memory does not grow with the
+    length, each window is encoded once (the loudest second is in the last window: a stream would
+    repair), and the speech tokens are the whole-file path's bit for bit."""
+    import tracemalloc
+
+    import soundfile as sf
+
+    short, long = tmp_path / "short.wav", tmp_path / "long.wav"
+    pcm = np.round(recording * 32767).astype(np.int16)
+    sf.write(short, pcm[: 60 * SAMPLE_RATE], SAMPLE_RATE, subtype="PCM_16")
+    louder = np.tile(pcm, 7)[: 620 * SAMPLE_RATE].copy()  # 21 windows
+    louder[-5 * SAMPLE_RATE :] = np.clip(louder[-5 * SAMPLE_RATE :].astype(np.int32) * 4, -32767, 32767)
+    sf.write(long, louder, SAMPLE_RATE, subtype="PCM_16")
+
+    peaks = {}
+    for path in (short, long):
+        before = tiny.backend.windows_encoded
+        tracemalloc.start()
+        session = tiny.open(path)
+        peaks[path] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert tiny.backend.windows_encoded - before == session.speech.n_windows
+    assert session.speech.n_windows == 21 and session.speech.seconds == 620.0
+    # 560 s more audio is 36 MB more as float32 samples (72 MB as float64); the opening grows by the
+    # speech tokens only (21 x 5 x 64 float32 here).
+    assert peaks[long] - peaks[short] < 4e6, peaks
+    assert np.array_equal(session.speech.embeddings, tiny.encode(long).embeddings)
+    assert session.audio_sha256 == samples_sha256(load_audio(long))
+    assert session.ask(PROMPTS[1], sampling=GREEDY).token_ids == plain(tiny, load_audio(long), [PROMPTS[1]])[PROMPTS[1]]
+
+
+def test_no_length_limit_past_the_context(tiny):
+    """Ten hours are answered in parts (the session holds speech tokens, not samples); only a prompt and
+    answer that leave no room for audio are refused."""
+    assert tiny.check_answerable(10 * 3600.0, "What was decided?", None, 16) is False
+    with pytest.raises(OptionError, match="max_new_tokens"):
+        tiny.check_answerable(10 * 3600.0, "What was decided?", None, tiny.backend.max_context)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-p", "What?", "-p", " ", "any.wav"], '--prompt is empty: give "transcribe", "summarize" or a question (no -p transcribes)'),
+    (["--input-rate", "1", "-"], "--input-rate 1 is invalid: give the raw audio's rate in Hz, 1000..384000"),
+    (["--input-channels", "65", "-"], "--input-channels 65 is invalid: give the raw audio's channels, 1..64"),
+])  # fmt: skip
+def test_cli_refuses_absurd_options_in_one_line(tiny_dir, args, message):
+    result = cli("--model", tiny_dir, "--backend", "torch", *args, input=b"\0" * 64)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines() == [f"fastslm-run: error: {message}"]
+
+
+def test_streamed_stereo_in_chunks_smaller_than_a_frame_count_is_the_whole_array(tiny, recording):
+    """(frames, channels) chunks with fewer frames than channels (a pipe may hand over one frame) stay frames."""
+    pcm = np.round(recording[: 35 * SAMPLE_RATE] * 32767).astype(np.int16)
+    stereo = np.stack([pcm, pcm // 3], axis=1)
+    live, i, k, sizes = tiny.open_stream(prepare=()), 0, 0, [1, 2, 3, 50_000]
+    while i < len(stereo):
+        live.feed(stereo[i : i + sizes[k % 4]])
+        i, k = i + sizes[k % 4], k + 1
+    streamed, whole = live.finish(), tiny.open(stereo, SAMPLE_RATE)
+    assert streamed.speech.seconds == whole.speech.seconds == 35.0
+    assert streamed.audio_sha256 == whole.audio_sha256  # the very same 16 kHz mono samples
+    assert np.abs(streamed.speech.embeddings - whole.speech.embeddings).max() <= 1e-5
+
 # ---- the shipped demo model ----------------------------------------------------------------------
 
 

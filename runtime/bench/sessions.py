@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("work/bench_sessions"))
     parser.add_argument("--max-new-tokens", type=int, default=16)
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]  # the 1-minute load average: was the machine otherwise busy?
     pipe = Pipeline.load(args.model)
     sampling = SamplingOptions(max_new_tokens=args.max_new_tokens)
     recordings = _recordings(args.out, [30, *args.seconds])
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     header = (
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {_machine()}, "
         f"model {pipe.model_name} on {pipe.backend.name}, questions {FIRST!r} then {SECOND!r}, greedy, "
-        f"max_new_tokens {args.max_new_tokens}"
+        f"max_new_tokens {args.max_new_tokens}, load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after"
     )
     text = header + "\n\n" + table(rows)
     print(text)

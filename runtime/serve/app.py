@@ -79,7 +79,8 @@ def create_app(engine: Engine) -> FastAPI:
     async def health() -> dict:
         pipe = engine.pipe
         return {"status": "ok", "model": pipe.model_name, "variant": pipe.variant, "waiting": engine.waiting,
-                **engine.stats}  # fmt: skip
+                **engine.stats, "prefix_cache_sessions": len(engine.cache),
+                "prefix_cache_mb": round(engine.cache.nbytes / 2**20, 3)}  # fmt: skip
 
     @app.get("/v1/models")
     async def models() -> dict:

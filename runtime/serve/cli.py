@@ -28,7 +28,8 @@ def serve(
     max_audio_mb: Annotated[float, typer.Option(help="Largest recording accepted, in MiB.")] = 25.0,
     max_audio_seconds: Annotated[float, typer.Option(help="Longest recording accepted.")] = 1800.0,
     max_new_tokens: Annotated[int, typer.Option(help="Default and largest max_tokens of a request.")] = 512,
-    prefix_cache_entries: Annotated[int, typer.Option(help="Recordings whose encoded audio is kept for the next question.")] = 8,
+    prefix_cache_mb: Annotated[float, typer.Option(
+        help="MiB of encoded recordings (speech tokens, audio-prefix KV caches) kept for the next question; 0 keeps none.")] = 1024.0,
     ray: Annotated[bool, typer.Option("--ray", help="Serve on Ray Serve (joins RAY_ADDRESS or a `ray start` cluster, "
                                       "else starts one here); needs fastslm[ray].")] = False,
     min_replicas: Annotated[int, typer.Option(help="--ray: fewest replicas the autoscaler keeps.")] = 1,
@@ -44,7 +45,7 @@ def serve(
         options = ServeOptions(
             host=host, port=port, api_key=api_key or os.environ.get("FASTSLM_API_KEY") or None,
             max_audio_bytes=int(max_audio_mb * 2**20), max_audio_seconds=max_audio_seconds, queue_size=queue_size,
-            workers=workers, prefix_cache_entries=prefix_cache_entries, max_new_tokens=max_new_tokens,
+            workers=workers, prefix_cache_mb=prefix_cache_mb, max_new_tokens=max_new_tokens,
         )  # fmt: skip
         if ray:
             run_on_ray(options, model, backend, precision, providers, min_replicas, max_replicas, cpus_per_replica,

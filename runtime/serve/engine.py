@@ -100,15 +100,24 @@ class Job:
 class CachedSession:
     session: AudioSession  # the recording's speech tokens and its audio-prefix KV cache per task
     lock: threading.Lock
+    nbytes: int = 0  # its size when last counted (it grows by a prefix for each new task asked)
 
 
 class PrefixCache:
-    """Least-recently-used audio sessions by upload sha256 (thread-safe)."""
+    """Least-recently-used audio sessions by upload sha256, bounded by the bytes they hold (thread-safe).
 
-    def __init__(self, entries: int):
-        self.entries = entries
+    Bytes, not entries: a session of an 11 s clip on the demo model is under 1 MB, one of a long
+    recording on a 4B model hundreds. A session larger than the whole bound is not kept.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.nbytes = 0
         self._items: OrderedDict[str, CachedSession] = OrderedDict()
         self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     def get(self, key: str) -> CachedSession | None:
         with self._lock:
@@ -118,13 +127,31 @@ class PrefixCache:
             return item
 
     def put(self, key: str, entry: CachedSession) -> None:
-        if self.entries == 0:
-            return
+        """Keep `entry`, dropping the least recently used sessions past the bound."""
         with self._lock:
-            self._items[key] = entry
-            self._items.move_to_end(key)
-            while len(self._items) > self.entries:
-                self._items.popitem(last=False)
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.nbytes -= old.nbytes
+            self._keep(key, entry)
+
+    def recount(self, key: str, entry: CachedSession) -> None:
+        """Count `entry` again after a question (a new task adds its prefix), if it is still kept."""
+        with self._lock:
+            if self._items.get(key) is not entry:
+                return
+            del self._items[key]
+            self.nbytes -= entry.nbytes
+            self._keep(key, entry)
+
+    def _keep(self, key: str, entry: CachedSession) -> None:
+        entry.nbytes = entry.session.nbytes
+        if entry.nbytes > self.max_bytes:
+            return
+        self._items[key] = entry
+        self.nbytes += entry.nbytes
+        while self.nbytes > self.max_bytes:
+            _, dropped = self._items.popitem(last=False)
+            self.nbytes -= dropped.nbytes
 
 
 class Engine:
@@ -133,7 +160,7 @@ class Engine:
     def __init__(self, pipe: Pipeline, options: ServeOptions):
         self.pipe = pipe
         self.options = options
-        self.cache = PrefixCache(options.prefix_cache_entries)
+        self.cache = PrefixCache(options.prefix_cache_bytes)
         self.stats = {"running": 0, "completed": 0, "cancelled": 0, "failed": 0, "audio_encoded": 0,
                       "prefix_cache_hits": 0}  # fmt: skip
         self._stats_lock = threading.Lock()
@@ -247,6 +274,7 @@ class Engine:
                     pieces.close()
                     break
             result = session.last_result
+            self.cache.recount(question.upload.sha256, entry)
         if stopped or result is None:
             return Answer(text="".join(text).strip(), prompt_tokens=0, completion_tokens=0, finish_reason="cancelled",
                           audio_seconds=question.upload.seconds, audio_cached=cached)  # fmt: skip

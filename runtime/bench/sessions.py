@@ -32,43 +32,52 @@ FIRST = "What is the first word?"
 SECOND = "What is the last word?"
 
 
-def measure(pipe: Pipeline, recording: Path, clip: Path, sampling: SamplingOptions) -> dict:
+STEPS = ("questions", "cache", "stream")
+
+
+def measure(pipe: Pipeline, recording: Path, clip: Path, sampling: SamplingOptions, steps: tuple[str, ...] = STEPS) -> dict:
+    """One row; `steps` (a subset of STEPS) lets a long recording be measured in shorter runs."""
     row: dict = {"seconds": sf.info(str(recording)).duration}
     cache = cache_path_for(recording)
     cache.unlink(missing_ok=True)
+    first = None
 
-    session = pipe.open(recording)
-    first = session.ask(FIRST, sampling=sampling)
-    second = session.ask(SECOND, sampling=sampling)
-    row.update(first_ttft_s=first.timings["time_to_first_token_s"], second_ttft_s=second.timings["time_to_first_token_s"],
-               audio_tower_s=first.timings["audio_tower_s"], prefix_prefill_s=first.timings["prefill_s"])
-    row["second_over_first"] = row["second_ttft_s"] / row["first_ttft_s"]
+    if "questions" in steps or "cache" in steps:
+        session = pipe.open(recording)
+        first = session.ask(FIRST, sampling=sampling)
+        second = session.ask(SECOND, sampling=sampling)
+        row.update(first_ttft_s=first.timings["time_to_first_token_s"], second_ttft_s=second.timings["time_to_first_token_s"],
+                   audio_tower_s=first.timings["audio_tower_s"], prefix_prefill_s=first.timings["prefill_s"])
+        row["second_over_first"] = row["second_ttft_s"] / row["first_ttft_s"]
 
-    session.save(cache)
-    row["cache_mb"] = cache.stat().st_size / 1e6
-    t0 = time.perf_counter()
-    reopened = pipe.open(recording, cache=cache)
-    row["cache_open_s"] = time.perf_counter() - t0  # decode + content hash + load
-    row["cache_load_s"] = reopened._opening["cache_load_s"]
-    again = reopened.ask(FIRST, sampling=sampling)
-    row["cached_ttft_s"] = again.timings["time_to_first_token_s"]
-    row["cached_same_tokens"] = again.token_ids == first.token_ids
-    cache.unlink()
+    if "cache" in steps:
+        session.save(cache)
+        row["cache_mb"] = cache.stat().st_size / 1e6
+        t0 = time.perf_counter()
+        reopened = pipe.open(recording, cache=cache)
+        row["cache_open_s"] = time.perf_counter() - t0  # file hash + load
+        row["cache_load_s"] = reopened._opening["cache_load_s"]
+        again = reopened.ask(FIRST, sampling=sampling)
+        row["cached_ttft_s"] = again.timings["time_to_first_token_s"]
+        row["cached_same_tokens"] = again.token_ids == first.token_ids
+        cache.unlink()
 
-    samples = load_audio(recording)
-    live = pipe.open_stream(prepare=[FIRST])
-    t0 = time.perf_counter()
-    for start in range(0, len(samples), SAMPLE_RATE):
-        live.feed(samples[start : start + SAMPLE_RATE])
-    row["stream_feed_rtf"] = (time.perf_counter() - t0) / row["seconds"]  # < 1: the machine keeps up with real time
-    streamed = live.finish().ask(FIRST, sampling=sampling)
-    row["stream_end_ttft_s"] = streamed.timings["time_to_first_token_s"]
-    row["stream_reencoded_windows"] = live.reencoded_windows
-    row["stream_same_tokens"] = streamed.token_ids == first.token_ids
+    if "stream" in steps:
+        samples = load_audio(recording)
+        live = pipe.open_stream(prepare=[FIRST])
+        t0 = time.perf_counter()
+        for start in range(0, len(samples), SAMPLE_RATE):
+            live.feed(samples[start : start + SAMPLE_RATE])
+        row["stream_feed_rtf"] = (time.perf_counter() - t0) / row["seconds"]  # < 1: the machine keeps up with real time
+        streamed = live.finish().ask(FIRST, sampling=sampling)
+        row["stream_end_ttft_s"] = streamed.timings["time_to_first_token_s"]
+        row["stream_reencoded_windows"] = live.reencoded_windows
+        if first is not None:
+            row["stream_same_tokens"] = streamed.token_ids == first.token_ids
 
-    clip_answer = pipe.open(clip).ask(FIRST, sampling=sampling)
-    row["clip30_ttft_s"] = clip_answer.timings["time_to_first_token_s"]
-    row["stream_end_over_clip30"] = row["stream_end_ttft_s"] / row["clip30_ttft_s"]
+        clip_answer = pipe.open(clip).ask(FIRST, sampling=sampling)
+        row["clip30_ttft_s"] = clip_answer.timings["time_to_first_token_s"]
+        row["stream_end_over_clip30"] = row["stream_end_ttft_s"] / row["clip30_ttft_s"]
     return row
 
 
@@ -86,7 +95,7 @@ COLUMNS = [
 def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
-        lines.append("| " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |")
+        lines.append("| " + " | ".join(fmt.format(row[key]) if key in row else "-" for key, _, fmt in COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -96,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=int, nargs="+", default=[600, 3600])
     parser.add_argument("--out", type=Path, default=Path("work/bench_sessions"))
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS),
+                        help="what to measure (split a long recording's row over shorter runs)")
     args = parser.parse_args(argv)
     load_before = os.getloadavg()[0]  # the 1-minute load average: was the machine otherwise busy?
     pipe = Pipeline.load(args.model)
@@ -105,12 +116,12 @@ def main(argv: list[str] | None = None) -> None:
     pipe.open(clip).ask(FIRST, sampling=sampling)  # warm-up: first ORT runs allocate
     rows = []
     for seconds in args.seconds:
-        rows.append(measure(pipe, recordings[seconds][0], clip, sampling))
+        rows.append(measure(pipe, recordings[seconds][0], clip, sampling, tuple(args.steps)))
         print(json.dumps(rows[-1]), flush=True)
     header = (
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {_machine()}, "
         f"model {pipe.model_name} on {pipe.backend.name}, questions {FIRST!r} then {SECOND!r}, greedy, "
-        f"max_new_tokens {args.max_new_tokens}, load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after"
+        f"max_new_tokens {args.max_new_tokens}, steps {' '.join(args.steps)}, load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after"
     )
     text = header + "\n\n" + table(rows)
     print(text)

@@ -45,7 +45,7 @@ def run(
         "--cache", help="Keep each recording's encoded audio prefix next to it (FILE.fastslm-cache.npz) for questions: "
         "load it when present, save it otherwise; a cache for other audio or another model is refused.")] = False,
     input_rate: Annotated[int, typer.Option(help="Sample rate of raw PCM on stdin (audio -), in Hz.")] = 16000,
-    input_format: Annotated[str, typer.Option(help="Raw PCM sample format on stdin: s16le, s32le or f32le.")] = "s16le",
+    input_format: Annotated[str, typer.Option(help="Raw PCM sample format on stdin (ffmpeg's names): u8, s16le, s24le, s32le, f32le or f64le.")] = "s16le",
     input_channels: Annotated[int, typer.Option(help="Interleaved channels of raw PCM on stdin.")] = 1,
 ) -> None:
     with reported_in_one_line("fastslm-run"), ExitStack() as closing:
@@ -168,7 +168,7 @@ def read_stdin(pipe, prompts: list[str], language, raw_input: RawInput):
     from .streaming import PCM_FORMATS, pcm_from_bytes
 
     live = pipe.open_stream(prepare=prompts, language=language, sample_rate=raw_input.rate)
-    frame = PCM_FORMATS[raw_input.format].itemsize * raw_input.channels
+    frame = PCM_FORMATS[raw_input.format] * raw_input.channels
     block = frame * max(1, raw_input.rate // 10)  # about 0.1 s per read: small enough to follow a live source
     pending = b""
     stream = sys.stdin.buffer

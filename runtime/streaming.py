@@ -46,18 +46,23 @@ from .session import AudioSession, PrefixBuilder, PrefixKey, prefix_ids, prefix_
 if TYPE_CHECKING:
     from .generate import Pipeline
 
-# Raw PCM sample formats `fastslm-run -` reads (little-endian, interleaved channels).
-PCM_FORMATS = {"s16le": np.dtype("<i2"), "s32le": np.dtype("<i4"), "f32le": np.dtype("<f4")}
+# Raw PCM sample formats `fastslm-run -` reads (ffmpeg's names; little-endian, interleaved channels):
+# bytes per sample, and the numpy dtype (s24le has none: it is unpacked into int32).
+PCM_FORMATS = {"u8": 1, "s16le": 2, "s24le": 3, "s32le": 4, "f32le": 4, "f64le": 8}
+_PCM_DTYPES = {"u8": "u1", "s16le": "<i2", "s32le": "<i4", "f32le": "<f4", "f64le": "<f8"}
 
 
 def pcm_from_bytes(data: bytes, fmt: str, channels: int) -> np.ndarray:
-    """Raw interleaved PCM bytes -> (samples, channels) array in the format's dtype (whole frames only)."""
+    """Raw interleaved PCM bytes -> (samples, channels) array (whole frames only), scaled by load_audio later."""
     if fmt not in PCM_FORMATS:
         raise OptionError(f"unknown input format {fmt!r}: use one of {', '.join(PCM_FORMATS)}")
-    frame = PCM_FORMATS[fmt].itemsize * channels
+    frame = PCM_FORMATS[fmt] * channels
     if len(data) % frame:
         raise OptionError(f"the raw audio ends in the middle of a {frame}-byte sample frame: check --input-format and channels")
-    return np.frombuffer(data, dtype=PCM_FORMATS[fmt]).reshape(-1, channels)
+    if fmt == "s24le":  # each sample's 3 bytes into the top of an int32: exact, and scaled as 32-bit PCM
+        b = np.frombuffer(data, dtype=np.uint8).reshape(-1, 3).astype(np.uint32)
+        return ((b[:, 0] << 8) | (b[:, 1] << 16) | (b[:, 2] << 24)).view(np.int32).reshape(-1, channels)
+    return np.frombuffer(data, dtype=_PCM_DTYPES[fmt]).reshape(-1, channels)
 
 
 class StreamingSession:

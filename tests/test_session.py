@@ -249,6 +249,28 @@ def test_cli_reads_pcm_from_stdin(tiny_dir, recording, tmp_path):
     assert bad.exit_code == 2 and "middle of a 2-byte sample frame" in bad.stderr
 
 
+
+@pytest.mark.parametrize("fmt", ["u8", "s16le", "s24le", "s32le", "f32le", "f64le"])
+def test_every_raw_pcm_format_reads_as_the_same_samples(fmt):
+    """ffmpeg's -f FORMAT bytes of a 16-bit stereo recording read back as its samples (u8: to 8 bits)."""
+    from fastslm.runtime.streaming import pcm_from_bytes
+
+    pcm = np.array([[0, -1], [32767, -32768], [1234, -4321], [-77, 5]], dtype=np.int16)
+    data = {
+        "u8": ((pcm.astype(np.int32) >> 8) + 128).astype(np.uint8).tobytes(),
+        "s16le": pcm.astype("<i2").tobytes(),
+        "s24le": b"".join((int(v) * 256).to_bytes(3, "little", signed=True) for v in pcm.ravel()),
+        "s32le": (pcm.astype("<i4") << 16).tobytes(),
+        "f32le": (pcm / 32768).astype("<f4").tobytes(),
+        "f64le": (pcm / 32768).astype("<f8").tobytes(),
+    }[fmt]
+    got = load_audio(pcm_from_bytes(data, fmt, 2), SAMPLE_RATE)
+    want = load_audio(pcm, SAMPLE_RATE)
+    assert np.abs(got - want).max() <= (2**-7 if fmt == "u8" else 0.0)
+    with pytest.raises(OptionError, match="middle of a"):
+        pcm_from_bytes(data[:-1], fmt, 2)
+
+
 def short_context_folder(folder: Path, context: int) -> Path:
     """The tiny model with a context of `context` positions: a few minutes of audio are already past it."""
     import dataclasses

@@ -470,6 +470,11 @@ def test_negative_steps_is_one_error_line(tmp_path, capsys):
     assert exit_info.value.code == 2 and len(err) == 1
     assert "--steps must be a step count, or 0" in err[0] and "got -1" in err[0]
     assert not (tmp_path / "w").exists()  # refused before any stage touched the folder
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--work", str(tmp_path / "w"), "--stage", "train", "--eval-every", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "--eval-every must be a positive step count" in err[0]
+    assert not (tmp_path / "w").exists()
 
 
 def test_align_stage_is_skipped_or_says_what_is_missing(tmp_path, capsys):

@@ -409,6 +409,9 @@ def parse_args(argv: list[str] | None):
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--warmup-steps", type=int, default=300)
     g.add_argument("--eval-minutes", type=float, default=6.0)
+    g.add_argument("--eval-every", type=int, metavar="STEPS",
+                   help="evaluate every N steps instead of every --eval-minutes; the checkpoint chosen then does "
+                        "not depend on how fast the machine was (minutes become steps once, at calibration)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the training step")
     g.add_argument("--align-weight", type=float, default=1.0,
                    help="weight of the training-only slot loss on the speech tokens (0: off)")
@@ -452,6 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     window_options = WindowOptions(seed=a.seed, passes=a.passes, single_fraction=a.single_fraction)
     train_options = TrainOptions(seed=a.seed, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps,
                                  steps=a.steps or None, hours=a.hours, eval_minutes=a.eval_minutes, bf16=a.bf16,
+                                 eval_every=a.eval_every,
                                  align_weight=a.align_weight, reading_batch=a.reading_batch, ctc_weight=a.ctc_weight,
                                  slot_timing=a.slot_timing, select_qa_weight=a.select_qa_weight,
                                  augment_prob=a.spec_prob, time_masks=a.spec_time_masks,
@@ -460,6 +464,8 @@ def main(argv: list[str] | None = None) -> None:
     with reported_in_one_line("fastslm.models.demo", "interrupted (rerun the same command to resume)"):
         if a.steps < 0:  # 0 is meaningful (size from --hours), a negative count is not
             raise RecipeError(f"--steps must be a step count, or 0 to size the schedule from --hours; got {a.steps}")
+        if a.eval_every is not None and a.eval_every < 1:
+            raise RecipeError(f"--eval-every must be a positive step count; got {a.eval_every}")
         for stage in stages:
             t0 = time.perf_counter()
             if stage == "tokenizer":

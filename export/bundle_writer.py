@@ -124,7 +124,7 @@ def _export(options: ExportOptions, target: Target, model_dir: Path, output: Out
         bar.update()
 
         graphs, diffs = {}, {}
-        for spec in graph_specs(reference.config):
+        for spec in graph_specs(reference.config, target.runtime):
             if streamed and spec.name == LLM:
                 graphs[spec.name], diffs[spec.name] = _streamed_graph(
                     spec, model_dir, reference.config, stage, target, options, step, bar, write, quantizer
@@ -242,7 +242,7 @@ def _streamed_graph(spec: GraphSpec, model_dir: Path, config, stage: Path, targe
     path = stage / spec.file
     structure = stage / f".{spec.file}.structure"
     step(f"tracing {spec.name} (no weights)")
-    weights = trace_structure(spec, config, structure, target.dtype, options.opset)
+    weights = trace_structure(spec, config, structure, target.dtype, options.opset, target.runtime == "tensorrt")
     bar.update()
     plan = quantizer.llm_plan() if quantizer else None  # (bits, block size, layers kept float)
     bits, block, keep = plan if plan else (None, 32, frozenset())
@@ -290,7 +290,7 @@ def _stream_float_graph(spec: GraphSpec, model_dir: Path, config, path: Path, ta
     from .streamed import fill_weights, trace_structure
 
     structure = path.with_name(f".{path.name}.structure")
-    weights = trace_structure(spec, config, structure, target.dtype, options.opset)
+    weights = trace_structure(spec, config, structure, target.dtype, options.opset, target.runtime == "tensorrt")
     report = fill_weights(structure, path, SafetensorsFolder(model_dir), config, weights)
     structure.unlink()
     return report.data_file

@@ -28,7 +28,7 @@ class TensorSpec:
     shape: tuple[int | str, ...]  # str = symbolic dim, named in GraphSpec.dims
     dtype: str = "float32"  # "float32", "int64", or "compute" (the target precision's float type)
     # How validation fills it: "normal" (N(0,1) * scale), "positions" (past + arange(seq), + the
-    # case's position_offset), "last_positions" (the last `keep` of arange(seq)).
+    # case's position_offset), "last_positions" (the last `keep` of arange(seq)), "past_length" (past per row).
     fill: str = "normal"
     scale: float = 1.0
 
@@ -96,17 +96,32 @@ class AudioTowerGraph(nn.Module):
 class DecoderGraph(nn.Module):
     """The KV-cache decoder with logits only at `logits_index` (fp32 graph I/O for embeds and logits)."""
 
+    takes_past_length = False
+
     def __init__(self, model: FastSLM):
         super().__init__()
         self.llm = model.llm
         self.dtype = model.llm.lm_head.weight.dtype
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        inputs_embeds, position_ids, logits_index, *past = inputs  # (B, T, H), (B, T), (K,), 2 per layer
+        inputs_embeds, position_ids, logits_index, *past = inputs  # (B, T, H), (B, T), (K,), [(B,)], 2 per layer
+        past_length = past.pop(0) if self.takes_past_length else None
         logits, keys, values = self.llm.forward_embeds(
-            inputs_embeds.to(self.dtype), position_ids, past[0::2], past[1::2], logits_index
+            inputs_embeds.to(self.dtype), position_ids, past[0::2], past[1::2], logits_index, past_length
         )
         return (logits, *(t for pair in zip(keys, values) for t in pair))
+
+
+class InPlaceCacheDecoderGraph(DecoderGraph):
+    """The decoder for ONNX Runtime: `past_length` in, attention by ONNX Runtime's GroupQueryAttention.
+
+    Fed exact-length past tensors it computes what DecoderGraph does; fed one preallocated buffer
+    per layer as both past and present (IO binding), it appends the step's keys and values to the
+    buffer instead of copying the cache into new present tensors (models/qwen3.py cache_attention_op).
+    TensorRT cannot run that op: its targets export DecoderGraph.
+    """
+
+    takes_past_length = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +144,8 @@ def audio_tower_spec(config: FastSLMConfig) -> GraphSpec:
     )
 
 
-def llm_spec(config: FastSLMConfig) -> GraphSpec:
+def llm_spec(config: FastSLMConfig, in_place_cache: bool = False) -> GraphSpec:
+    """The decoder's table; `in_place_cache`: ONNX Runtime's form (InPlaceCacheDecoderGraph, a `past_length` input)."""
     d = config.qwen3
     ctx = d.max_position_embeddings
     kv = ("batch", d.num_kv_heads, "past", d.head_dim)
@@ -143,6 +159,7 @@ def llm_spec(config: FastSLMConfig) -> GraphSpec:
             TensorSpec("inputs_embeds", ("batch", "seq", d.hidden_size), scale=0.05),
             TensorSpec("position_ids", ("batch", "seq"), "int64", fill="positions"),
             TensorSpec("logits_index", ("keep",), "int64", fill="last_positions"),
+            *((TensorSpec("past_length", ("batch",), "int64", fill="past_length"),) if in_place_cache else ()),
             *(TensorSpec(kv_input_name(i, kind), kv, "compute") for i in layers for kind in ("key", "value")),
         ),
         outputs=(
@@ -164,12 +181,13 @@ def llm_spec(config: FastSLMConfig) -> GraphSpec:
             Case("far positions", {"batch": 1, "seq": 2, "past": 3, "keep": 2}, position_offset=max(0, ctx - 8)),
         ),
         tolerances={"fp32": Tolerance(max_abs=1e-4), "fp16": Tolerance(min_cosine=0.999)},
-        wrap=DecoderGraph,
+        wrap=InPlaceCacheDecoderGraph if in_place_cache else DecoderGraph,
     )
 
 
 GRAPHS: tuple[Callable[[FastSLMConfig], GraphSpec], ...] = (audio_tower_spec, llm_spec)
 
 
-def graph_specs(config: FastSLMConfig) -> list[GraphSpec]:
-    return [make(config) for make in GRAPHS]
+def graph_specs(config: FastSLMConfig, runtime: str = "onnx") -> list[GraphSpec]:
+    """The graphs a bundle for `runtime` ("onnx" or "tensorrt") holds."""
+    return [audio_tower_spec(config), llm_spec(config, in_place_cache=runtime == "onnx")]

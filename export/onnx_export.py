@@ -145,6 +145,8 @@ def sample_inputs(
             x = np.broadcast_to(np.arange(start, start + shape[-1], dtype=np.int64), shape).copy()
         elif t.fill == "last_positions":  # (K,): the last K of the T new positions
             x = np.arange(sizes["seq"] - shape[0], sizes["seq"], dtype=np.int64)
+        elif t.fill == "past_length":  # (B,): the cached positions of each row
+            x = np.full(shape, sizes["past"], dtype=np.int64)
         else:
             raise ValueError(f"{spec.name}: unknown fill {t.fill!r} for {t.name}")
         arrays.append(x)

@@ -208,23 +208,30 @@ def llm_decode(
     threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads [default: all cores].")] = None,
     graph_only: Annotated[bool, typer.Option(help="Write the graph (2 GB of RAM) and stop before the timed session (6 GB).")] = False,
     profile: Annotated[bool, typer.Option(help="Also record the timed steps' milliseconds per ONNX Runtime operator type (profiling slows them).")] = False,
+    copy_cache: Annotated[bool, typer.Option(help="Feed exact-length past tensors (the graph copies them into present) even where the graph can keep the cache in place.")] = False,
     record: Annotated[Path, typer.Option(help="JSON-lines file the rows are appended to.")] = RECORD,
 ) -> None:
-    """The INT4 LLM graph alone (streamed from the model folder as fastslm-export writes it), then decode on the CPU."""
+    """The INT4 LLM graph alone (streamed from the model folder as fastslm-export writes it), then decode on the CPU.
+
+    A graph written before the cache was kept in place (no `past_length` input) is timed as the
+    runtime runs it: exact-length past in, present copied out.
+    """
     with reported_in_one_line("scale llm-decode"):
         from ..export.graphs import llm_spec
         from ..export.streamed import fill_weights, trace_structure
         from ..models.fastslm import read_config
         from ..models.weights import SafetensorsFolder
         from ..runtime.bundle import kv_input_name, kv_output_name
-        from ..runtime.onnx_backend import session_options
+        from ..runtime.kv_buffers import KVBuffers
+        from ..runtime.kv_cache import KVCache
+        from ..runtime.onnx_backend import PAST_LENGTH, run_in_place, session_options
         import onnxruntime as ort
         import torch
 
         if prefill < 1 or decode < 1 or past < 0:
             raise OptionError("--prefill and --decode must be >= 1, --past >= 0")
         config = read_config(model)
-        spec = llm_spec(config)
+        spec = llm_spec(config, in_place_cache=True)
         workdir.mkdir(parents=True, exist_ok=True)
         graph = workdir / spec.file
         command = f"python -m fastslm.export.scale llm-decode --model {model} --workdir {workdir}"
@@ -250,20 +257,29 @@ def llm_decode(
         rng = np.random.default_rng(0)
         names = ["logits"] + [kv_output_name(i, k) for i in range(d.num_layers) for k in ("key", "value")]
         # A decode step's cost depends on the cache's length, not on its values: random ones stand in for a long prefill.
-        cache = [(rng.standard_normal((1, d.num_kv_heads, past, d.head_dim)) * 0.5).astype(np.float32)
-                 for _ in range(2 * d.num_layers)]  # fmt: skip
+        cache = KVCache(*([(rng.standard_normal((1, d.num_kv_heads, past, d.head_dim)) * 0.5).astype(np.float32)
+                           for _ in range(d.num_layers)] for _ in range(2)))  # fmt: skip
+        in_place = PAST_LENGTH in {i.name for i in session.get_inputs()}
 
-        def step(embeds: np.ndarray, past: list[np.ndarray]) -> list[np.ndarray]:
-            n, start = len(embeds), past[0].shape[2]
+        def step(embeds: np.ndarray, cache: KVCache) -> KVCache:
+            n, start = len(embeds), cache.length
             feeds = {"inputs_embeds": embeds[None], "position_ids": np.arange(start, start + n, dtype=np.int64)[None],
                      "logits_index": np.array([n - 1], np.int64)}  # fmt: skip
-            feeds.update({kv_input_name(i, k): past[2 * i + j] for i in range(d.num_layers) for j, k in enumerate(("key", "value"))})
-            return session.run(names, feeds)[1:]
+            if in_place:
+                feeds[PAST_LENGTH] = np.array([start], np.int64)
+            if in_place and not copy_cache:
+                buffers = KVBuffers.for_step(cache, n, d.max_position_embeddings, d.num_kv_heads, d.head_dim, np.float32)
+                return run_in_place(session, feeds, buffers, start + n)[1]
+            feeds.update({kv_input_name(i, k): a[i] for i in range(d.num_layers) for k, a in (("key", cache.keys), ("value", cache.values))})
+            present = session.run(names, feeds)[1:]
+            return KVCache(present[0::2], present[1::2])
 
         embeds = (rng.standard_normal((prefill + 1, d.hidden_size)) * 0.02).astype(np.float32)
         command += f" --prefill {prefill} --decode {decode}" + (f" --past {past}" if past else "") + (
             f" --threads {threads}" if threads else "") + (" --profile" if profile else "")  # fmt: skip
+        command += " --copy-cache" if copy_cache else ""
         what = f"{d.num_layers} layers" + (f", {threads} threads" if threads else "") + (", profiled" if profile else "")
+        what += ", cache in place" if in_place and not copy_cache else ", cache copied"
         start = time.perf_counter()
         cache = step(embeds[:prefill], cache)
         _record(record, {"label": f"INT4 LLM prefill, {what}: {prefill} positions after {past}", "command": command,
@@ -275,8 +291,8 @@ def llm_decode(
         wall = time.perf_counter() - start
         weights = llm_weight_bytes(graph)
         per_token = sum(weights.values())
-        kv = sum(a.nbytes for a in cache)
-        row = {"label": f"INT4 LLM decode, {what} ({cache[0].shape[2]} positions at the end)", "command": command,
+        kv = sum(a.nbytes for a in cache.keys + cache.values)
+        row = {"label": f"INT4 LLM decode, {what} ({cache.length} positions at the end)", "command": command,
                "tokens_s": round(decode / wall, 3), "weights_bytes_per_token": per_token, "weights_by_kind": weights,
                "kv_cache_bytes": kv, "weights_bytes_s": round(per_token * decode / wall),
                "peak_rss_bytes": peak_rss_bytes()}  # fmt: skip
@@ -288,6 +304,75 @@ def llm_decode(
         if profile:
             row["ms_per_step_by_op"] = _ms_per_step_by_op(Path(session.end_profiling()), decode)
         _record(record, row)
+
+
+@app.command("trt-llm")
+def trt_llm(
+    model: Annotated[Path, typer.Option(help="A model folder (e.g. fastslm-convert --random-init published).")],
+    workdir: Annotated[Path, typer.Option(help="Folder for the fp16 LLM graph and its engine (the graph is kept for reruns).")],
+    graph_only: Annotated[bool, typer.Option(help="Write the fp16 graph and stop before the build.")] = False,
+    max_context: Annotated[Optional[int], typer.Option(help="Positions the engine serves [default: the planner's choice].")] = None,
+    flavour: Annotated[str, typer.Option(help="TensorRT flavour: auto, tensorrt, tensorrt_rtx.")] = "auto",
+    record: Annotated[Path, typer.Option(help="JSON-lines file the rows are appended to.")] = RECORD,
+) -> None:
+    """The fp16 LLM graph of trt-fp16 (streamed from the model folder as fastslm-export writes it), then its TensorRT engine.
+
+    The graph and the build run in separate invocations when the graph is already there, so the
+    build row's peak RSS is the builder's own (plus the interpreter and TensorRT's libraries).
+    """
+    with reported_in_one_line("scale trt-llm"):
+        from ..export.graphs import llm_spec
+        from ..export.onnx_export import read_io
+        from ..export.streamed import fill_weights, trace_structure
+        from ..export.tensorrt_build import BuildOptions, build_engine
+        from ..export.trt_profiles import plan_profiles
+        from ..models.fastslm import read_config
+        from ..models.weights import SafetensorsFolder
+        import torch
+
+        config = read_config(model)
+        spec = llm_spec(config)  # TensorRT's form: past and new concatenated, no ONNX Runtime op
+        workdir.mkdir(parents=True, exist_ok=True)
+        graph = workdir / spec.file
+        command = f"python -m fastslm.export.scale trt-llm --model {model} --workdir {workdir}"
+        if not graph.is_file():
+            start, cpu = time.perf_counter(), time.process_time()
+            weights = trace_structure(spec, config, workdir / "structure.onnx", torch.float16, fold_constants=True)
+            fill_weights(workdir / "structure.onnx", graph, SafetensorsFolder(model), config, weights)
+            (workdir / "structure.onnx").unlink()
+            _record(record, {"label": f"fp16 LLM graph for TensorRT, {config.qwen3.num_layers} layers, streamed",
+                             "command": command + " --graph-only", "wall_s": round(time.perf_counter() - start, 1),
+                             "cpu_s": round(time.process_time() - cpu, 1), "peak_rss_bytes": peak_rss_bytes(),
+                             "output_bytes": disk_bytes(graph) + disk_bytes(graph.with_name(graph.name + ".data"))})  # fmt: skip
+            return
+        if graph_only:
+            return
+        q = config.qwen3
+        plan = plan_profiles(tokens_per_window=config.tokens_per_window, window_bytes=1,
+                             max_position_embeddings=q.max_position_embeddings, max_context=max_context)  # fmt: skip
+        inputs, _ = read_io(graph)
+        start, cpu = time.perf_counter(), time.process_time()
+        entry = build_engine(graph, workdir / "llm.engine", graph="llm", declared_inputs=[(t["name"], t["shape"]) for t in inputs],
+                             profiles=plan.for_graph("llm"), options=BuildOptions(flavour=flavour, progress=False),
+                             precision=("fp16",))  # fmt: skip
+        fp16_bytes = 2 * sum(int(np.prod(s)) for name, (s, _) in _llm_parameters(config).items())
+        _record(record, {"label": f"TensorRT fp16 LLM engine build, {q.num_layers} layers",
+                         "command": command + (f" --max-context {max_context}" if max_context else "") + f" --flavour {flavour}",
+                         "wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(time.process_time() - cpu, 1),
+                         "peak_rss_bytes": peak_rss_bytes(), "output_bytes": entry["bytes"], "llm_fp16_weights_bytes": fp16_bytes,
+                         "peak_rss_over_llm_fp16_weights": round(peak_rss_bytes() / fp16_bytes, 3),
+                         "max_context": plan.max_context, "build_seconds": entry["build_seconds"]})  # fmt: skip
+
+
+def _llm_parameters(config) -> dict:
+    """{name: (shape, dtype)} of the LLM's parameters, the tied head once (shapes only: no memory)."""
+    import torch
+
+    from ..models.qwen3 import Qwen3ForCausalLM
+
+    with torch.device("meta"):
+        llm = Qwen3ForCausalLM(config.qwen3)
+    return {name: (tuple(p.shape), p.dtype) for name, p in llm.named_parameters()}
 
 
 def _ms_per_step_by_op(trace: Path, steps: int) -> dict[str, float]:

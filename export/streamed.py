@@ -25,6 +25,7 @@ The embedding table for the runtime is written the same way (`write_embedding_ta
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -38,6 +39,7 @@ from ..calibration.qdq import BLOCK_OPSET, INT8_MAX, module_path, pack_int4, qua
 from ..models.fastslm import FastSLM, FastSLMConfig
 from ..models.qwen3 import Qwen3DecoderLayer, RMSNorm, rope_cos_sin, rope_frequencies
 from ..models.weights import SafetensorsFolder
+from ..runtime.bundle import kv_input_name
 from .graphs import Case, GraphSpec
 from .onnx_export import OPSET, _quiet_exporter, sample_inputs
 
@@ -59,8 +61,14 @@ class StreamReport:
     float_weights: int = 0
 
 
-def trace_structure(spec: GraphSpec, config: FastSLMConfig, path: Path, dtype: torch.dtype, opset: int = OPSET) -> dict:
-    """Export the graph of `spec` without weights to `path`; returns {weight name: (shape, dtype)} it refers to."""
+def trace_structure(spec: GraphSpec, config: FastSLMConfig, path: Path, dtype: torch.dtype, opset: int = OPSET,
+                    fold_constants: bool = False) -> dict:  # fmt: skip
+    """Export the graph of `spec` without weights to `path`; returns {weight name: (shape, dtype)} it refers to.
+
+    `fold_constants`: fold the graph's constant subgraphs (reduction axes, shapes) into small
+    initializers, as the exporter's optimizer does when it holds the weights: TensorRT's parser
+    needs axes as build-time constants ("Axis input must resolve to a build-time constant").
+    """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.export import Dim
 
@@ -79,19 +87,39 @@ def trace_structure(spec: GraphSpec, config: FastSLMConfig, path: Path, dtype: t
     example = sample_inputs(spec, spec.trace, 0, compute, seed=0)
     dims = {name: Dim(name, min=d.min) for name, d in spec.dims.items()}
     dynamic = tuple({axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs)
-    with _quiet_exporter(), torch.no_grad():
+    with _quiet_exporter(), torch.no_grad(), _without_guard_code():
         program = torch.onnx.export(
             wrapper, tuple(torch.from_numpy(x) for x in example), dynamo=True,
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
             dynamic_shapes=(dynamic,), opset_version=opset, optimize=False, verbose=False,
         )  # fmt: skip
         program.save(str(path), include_initializers=False)
+        if fold_constants:
+            import onnxscript.optimizer
+
+            onnx.save(onnxscript.optimizer.optimize(onnx.load(str(path))), str(path))
     state = dict(wrapper.named_parameters(remove_duplicate=False))
     state.update(wrapper.named_buffers(remove_duplicate=False))
     found = {name: (tuple(t.shape), t.dtype) for name, t in state.items()}
     # Rotary frequencies are a plain fp32 attribute (see Qwen3ForCausalLM), traced as a constant.
     found["llm.inv_freq"] = ((config.qwen3.head_dim // 2,), torch.float32)
     return found
+
+
+@contextlib.contextmanager
+def _without_guard_code():
+    """torch.export, done, renders its shape guards as code from the graph's fake values; with the
+    weights faked in our own FakeTensorMode beside torch.export's, a graph holding an ONNX symbolic
+    op (ONNX Runtime's attention, models/qwen3.py) has values of both modes and that rendering
+    stops. The ONNX graph does not use those guards: skip them while tracing."""
+    from torch.export import exported_program
+
+    original = exported_program._convert_guards_to_code
+    exported_program._convert_guards_to_code = lambda graph_module: []
+    try:
+        yield
+    finally:
+        exported_program._convert_guards_to_code = original
 
 
 class _DataWriter:
@@ -147,7 +175,7 @@ def fill_weights(
     """Write `out` (+ `out`.data): the traced `structure` with every weight it names read from `store`."""
     model = onnx.load(str(structure))
     graph = model.graph
-    produced = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    produced = {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | {i.name for i in graph.initializer}
     needed = list(dict.fromkeys(i for n in graph.node for i in n.input if i and i not in produced))
     consumers: dict[str, list[int]] = {}
     for index, node in enumerate(graph.node):
@@ -333,11 +361,13 @@ def reference_outputs(store: SafetensorsFolder, config: FastSLMConfig, spec: Gra
     runs = []
     for seed, case in enumerate(cases):
         feeds = sample_inputs(spec, case.sizes, case.position_offset, compute, seed=seed + 1)
-        x = torch.from_numpy(feeds[0].astype(np.float32))
-        cos, sin = rope_cos_sin(torch.from_numpy(feeds[1]), inv_freq, torch.float32)
-        past = [torch.from_numpy(a.astype(np.float32)) for a in feeds[3:]]
+        named = {t.name: a for t, a in zip(spec.inputs, feeds)}
+        x = torch.from_numpy(named["inputs_embeds"].astype(np.float32))
+        cos, sin = rope_cos_sin(torch.from_numpy(named["position_ids"]), inv_freq, torch.float32)
+        past = [torch.from_numpy(named[kv_input_name(i, kind)].astype(np.float32))
+                for i in range(d.num_layers) for kind in ("key", "value")]  # fmt: skip
         runs.append({"feeds": feeds, "x": x, "cos": cos, "sin": sin, "past": past, "present": [],
-                     "index": torch.from_numpy(feeds[2])})  # fmt: skip
+                     "index": torch.from_numpy(named["logits_index"])})  # fmt: skip
     with torch.no_grad():
         for i in range(d.num_layers):
             with torch.device("meta"):

@@ -161,6 +161,35 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
+def cache_attention_op(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor,
+                       past_length: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """ONNX Runtime's GroupQueryAttention in an exported graph: (B, T, h * hd) attention, present keys and values.
+
+    q (B, h, T, hd) and k, v (B, kv, T, hd), rotated and normed; past_length (B,) int64 counts
+    the cached positions. The op appends k, v at rows [past_length, past_length + T) and reads
+    the cache where it lies. Fed past (B, kv, P, hd) of P = past_length rows, its present is
+    past + new as the plain graph's; fed one buffer of any capacity as both past and present
+    (ONNX Runtime IO binding), it writes the new rows into that buffer and copies nothing else,
+    which is what keeps a long context's decode step from copying the whole cache
+    (runtime/onnx_backend.py). Scale 1/sqrt(hd) and the causal offset are the op's defaults.
+    """
+    B, h, T, hd = q.shape
+    kv, P = past_k.shape[1], past_k.shape[2]
+    flat = lambda t: t.transpose(1, 2).reshape(B, T, t.shape[1] * hd)  # noqa: E731  (B, T, heads * hd)
+    seqlens_k = (past_length + T - 1).to(torch.int32)  # (B,): the op's "total length - 1" per row
+    total = (past_length.max() + T).to(torch.int32)  # scalar
+    # query_seqlens (all T rows valid): the op then takes chunks after a past for batches above 1 too.
+    query_seqlens = (past_length * 0 + T).to(torch.int32)
+    optional = [None] * 9  # cos/sin caches, position_ids, attention_bias, head_sink, k/v scales, q/k norms
+    y, present_k, present_v = torch.onnx.ops.symbolic_multi_out(
+        "com.microsoft::GroupQueryAttention",
+        [flat(q), flat(k), flat(v), past_k, past_v, seqlens_k, total, *optional, query_seqlens],
+        {"num_heads": h, "kv_num_heads": kv}, dtypes=[q.dtype, past_k.dtype, past_v.dtype],
+        shapes=[(B, T, h * hd), (B, kv, P + T, hd), (B, kv, P + T, hd)], version=1,
+    )  # fmt: skip
+    return y, present_k, present_v
+
+
 # ---------------------------------------------------------------------------------------------
 # Modules (Hugging Face names)
 
@@ -188,12 +217,18 @@ class Qwen3Attention(nn.Module):
         self.q_norm = RMSNorm(dims.head_dim, dims.rms_norm_eps)
         self.k_norm = RMSNorm(dims.head_dim, dims.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor, past_v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor, past_v: Tensor, past_length: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """past_length (B,) int64: exported for ONNX Runtime as its cache-in-place attention op (else unused)."""
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, h, T, hd)
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)  # (B, kv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, kv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past_length is not None and torch.compiler.is_exporting():
+            y, k, v = cache_attention_op(q, k, v, past_k, past_v, past_length)
+            return self.o_proj(y), k, v
 
         k = torch.cat([past_k, k], dim=2)  # (B, kv, P + T, hd) = present
         v = torch.cat([past_v, v], dim=2)
@@ -230,8 +265,10 @@ class Qwen3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(dims.hidden_size, dims.rms_norm_eps)
         self.mlp = Qwen3MLP(dims)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor, past_v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v)
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor, past_v: Tensor, past_length: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v, past_length)
         x = x + attn  # (B, T, H)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v
@@ -281,6 +318,7 @@ class Qwen3ForCausalLM(nn.Module):
         past_keys: list[Tensor],
         past_values: list[Tensor],
         logits_index: Tensor | None = None,
+        past_length: Tensor | None = None,
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """inputs_embeds (B, T, H), position_ids (B, T) int64, past (B, kv, P, hd) per layer, P >= 0.
 
@@ -288,12 +326,15 @@ class Qwen3ForCausalLM(nn.Module):
         and present keys/values (B, kv, P + T, hd) per layer. Rows are picked before the final
         norm and the vocabulary projection: a prefill needs one row, and projecting every prompt
         position onto a 152k vocabulary would cost ~10% of a real Qwen3-4B prefill.
+        past_length (B,) int64, the cached positions per row: given, an ONNX export writes ONNX
+        Runtime's attention op that can update a cache buffer in place (`cache_attention_op`); the
+        numbers are the same.
         """
         x = inputs_embeds  # (B, T, H)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq.to(x.device), x.dtype)  # angles in fp32
         present_keys, present_values = [], []
         for layer, past_k, past_v in zip(self.model.layers, past_keys, past_values, strict=True):
-            x, k, v = layer(x, cos, sin, past_k, past_v)
+            x, k, v = layer(x, cos, sin, past_k, past_v, past_length)
             present_keys.append(k)
             present_values.append(v)
         if logits_index is not None:

@@ -287,6 +287,10 @@ def check_files(path: Path, manifest: dict[str, Any], verify: bool) -> None:
             )
 
 
+# Inputs a graph may have: the LLM's cached-positions count, since its attention keeps the cache in place.
+OPTIONAL_IO = {LLM: {"past_length": (None,)}}
+
+
 def expected_io(dims: ModelDims) -> dict[str, dict[str, tuple]]:
     """Static sizes each graph's inputs/outputs must have for this config (None = any)."""
     kv = (None, dims.num_kv_heads, None, dims.head_dim)
@@ -325,8 +329,14 @@ def check_against_config(path: Path, manifest: dict[str, Any], dims: ModelDims) 
                     f"{path}: {graph} {name} is shaped {list(got) if got else 'absent'}, config.json needs "
                     f"{['*' if w is None else w for w in want]}: the bundle mixes files from another model; re-export it"
                 )
-        if set(declared) != set(io):
-            extra = sorted(set(declared) - set(io))
+        for name, want in OPTIONAL_IO.get(graph, {}).items():  # newer bundles have them, older ones not
+            if name in declared and len(declared[name]) != len(want):
+                raise ModelFileError(
+                    f"{path}: {graph} {name} is shaped {list(declared[name])}, expected {len(want)} dims; re-export it"
+                )
+        known = set(io) | set(OPTIONAL_IO.get(graph, {}))
+        if not known >= set(declared):
+            extra = sorted(set(declared) - known)
             raise ModelFileError(
                 f"{path}: {graph} has unexpected inputs/outputs {extra[:3]}: it comes from another model; re-export it"
             )

@@ -34,6 +34,8 @@ def _nbytes(array: Any) -> int:
 class KVCache:
     keys: list[Any] = field(default_factory=list)
     values: list[Any] = field(default_factory=list)
+    # The buffers these arrays are views of, when a backend keeps the cache in place (runtime/kv_buffers.py).
+    buffers: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.keys) != len(self.values):

@@ -3,8 +3,10 @@
 Two sessions: the audio tower (run on batches of at most `max_windows_per_batch` windows, so
 memory stays bounded by the batch) and the KV-cache decoder (one graph for prefill and
 decode). The KV cache is a `KVCache` of numpy arrays in the dtype the graph declares for its
-`past_key_values.*` inputs (the bundle's precision), so each step feeds the previous step's
-`present.*` outputs back without a copy or cast.
+`past_key_values.*` inputs (the bundle's precision). Graphs with a `past_length` input (exported
+since the cache is kept in place) get one buffer per layer as both past and present through IO
+binding, and append each step's rows to it (runtime/kv_buffers.py); older graphs get the previous
+step's `present.*` outputs back, which their graph copies into the next step's.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import onnxruntime as ort
 
 from .bundle import AUDIO_TOWER, LLM, Bundle, kv_input_name, kv_output_name, load_bundle
 from .errors import ModelFileError, ModelWarning, OptionError
+from .kv_buffers import KVBuffers
 from .kv_cache import KVCache
 
 # Fastest first. TensorRT and CUDA come with onnxruntime-gpu (the [gpu] extra, instead of [cpu]).
@@ -26,6 +29,7 @@ PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExe
                     "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}  # fmt: skip
 
 PREFILL_CHUNK = 512  # prompt positions per LLM call (see OnnxBackend.decode)
+PAST_LENGTH = "past_length"  # the LLM graph's input when its attention keeps the cache in place
 _NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 _MANIFEST_DTYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)"}
 
@@ -131,6 +135,9 @@ class OnnxBackend:
         self._kv_dtype = _NUMPY_DTYPES[self._input_types(self._llm)[kv_input_name(0, "key")]]
         kv_outputs = [kv_output_name(i, kind) for i in range(self.num_layers) for kind in ("key", "value")]
         self._llm_outputs = ["logits", *kv_outputs]
+        self._takes_past_length = PAST_LENGTH in self._input_types(self._llm)
+        # Such a graph also takes exact-length past tensors (and copies them into its present outputs).
+        self.cache_in_place = self._takes_past_length
         try:
             # Memory-mapped: the 0.8 GB fp16 table of the real model is paged in row by row as used.
             self._embed = np.load(bundle.embeddings_path, mmap_mode="r")
@@ -262,8 +269,38 @@ class OnnxBackend:
             "position_ids": np.broadcast_to(np.arange(past, past + T, dtype=np.int64), (B, T)).copy(),  # (B, T)
             "logits_index": np.asarray(logits_index, dtype=np.int64),  # (K,)
         }
+        if self._takes_past_length:
+            feeds[PAST_LENGTH] = np.full(B, past, dtype=np.int64)
+        if self.cache_in_place:
+            return self._run_in_place(feeds, cache, T)
         for i in range(self.num_layers):
             feeds[kv_input_name(i, "key")] = cache.keys[i]
             feeds[kv_input_name(i, "value")] = cache.values[i]
         logits, *present = self._llm.run(self._llm_outputs, feeds)
         return logits, KVCache(present[0::2], present[1::2])
+
+    def _run_in_place(self, feeds: dict[str, np.ndarray], cache: KVCache, new_rows: int) -> tuple[np.ndarray, KVCache]:
+        dims = self.bundle.dims
+        buffers = KVBuffers.for_step(cache, new_rows, self.max_context, dims.num_kv_heads, dims.head_dim, self._kv_dtype)
+        return run_in_place(self._llm, feeds, buffers, cache.length + new_rows)
+
+
+def run_in_place(session: ort.InferenceSession, feeds: dict[str, np.ndarray], buffers: KVBuffers,
+                 length: int) -> tuple[np.ndarray, KVCache]:  # fmt: skip
+    """One decoder call with each layer's buffer bound as its past and its present: the graph writes the new rows only.
+
+    `feeds` holds every input but the cache; returns the logits and the cache of `length` rows.
+    """
+    binding = session.io_binding()
+    binding.bind_output("logits", "cpu")
+    for name, value in feeds.items():
+        binding.bind_cpu_input(name, value)
+    dtype = buffers.keys[0].dtype.type
+    for i, (key, value) in enumerate(zip(buffers.keys, buffers.values)):
+        for kind, array in (("key", key), ("value", value)):
+            shape, address = list(array.shape), array.ctypes.data
+            binding.bind_input(kv_input_name(i, kind), "cpu", 0, dtype, shape, address)
+            binding.bind_output(kv_output_name(i, kind), "cpu", 0, dtype, shape, address)
+    session.run_with_iobinding(binding)
+    logits = binding.get_outputs()[0].numpy()
+    return logits, buffers.view(length)

@@ -24,15 +24,19 @@ import soundfile as sf
 import torch
 from typer.testing import CliRunner
 
+from fastslm.export import bundle_writer
 from fastslm.export.bundle_writer import ExportOptions, export_bundle
+from fastslm.export.graphs import graph_specs
 from fastslm.models.fastslm import FastSLM
 from fastslm.models.tiny import build_tiny_model, tiny_config
 from fastslm.models.torch_backend import TorchBackend
+from fastslm.runtime import kv_buffers
 from fastslm.runtime.audio import SAMPLE_RATE, audio_to_windows, load_audio
 from fastslm.runtime.bundle import sha256_file
 from fastslm.runtime.cli import app as run_app
 from fastslm.runtime.errors import OptionError
 from fastslm.runtime.generate import Pipeline
+from fastslm.runtime.kv_cache import KVCache
 from fastslm.runtime.loading import DEFAULT_MODEL_FOLDER, load_pipeline
 from fastslm.runtime.prompt import Task, build_prompt
 from fastslm.runtime.onnx_backend import OnnxBackend, resolve_providers, session_options, tensorrt_profile
@@ -246,6 +250,67 @@ def test_greedy_tokens_fp32(which, reference, ort_fp32, bundles, jfk_path, long_
     assert len(set(ref)) > 1 or which == "95 s"  # the varied tiny model answers with several tokens
     if gaps.min() > FP32_TIE:  # no near-tie anywhere: every token must match
         assert agreed == GREEDY_TOKENS
+
+
+# ---- the KV cache kept in place ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def copying_bundle(model_dir, tmp_path_factory) -> Path:
+    """An fp32 bundle whose LLM graph has the attention from before the in-place cache (no
+    past_length input: past and new concatenated into present), as TensorRT bundles keep it."""
+    out = tmp_path_factory.mktemp("copying") / "fp32"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bundle_writer, "graph_specs", lambda config, runtime: graph_specs(config, "tensorrt"))
+        export_bundle(ExportOptions(model=model_dir, out=out, progress=False), log=lambda line: None)
+    return out
+
+
+def test_cache_in_place_gives_the_copying_graphs_tokens(ort_fp32, copying_bundle, bundles, jfk_path):
+    copying = OnnxBackend.from_bundle(copying_bundle, threads=1)
+    assert ort_fp32.cache_in_place and not copying.cache_in_place
+    tokenizer = bundles["fp32"] / "tokenizer.json"
+    before, before_logits = greedy(copying, tokenizer, jfk_path)
+    after, after_logits = greedy(ort_fp32, tokenizer, jfk_path)
+    agreed = assert_greedy_agrees(before, before_logits, after, FP32_TIE, "in place vs copying graph")
+    gaps = np.diff(np.sort(before_logits, axis=1)[:, -2:], axis=1)
+    print(f"cache in place: {agreed}/{GREEDY_TOKENS} greedy tokens as the copying graph's, "
+          f"logits max rel. diff {relative_error(after_logits[:agreed], before_logits[:agreed]):.2e}")  # fmt: skip
+    assert relative_error(after_logits[:agreed], before_logits[:agreed]) <= FP32_RTOL
+    if gaps.min() > FP32_TIE:
+        assert agreed == GREEDY_TOKENS
+
+
+def test_cache_in_place_keeps_every_cache_a_value(ort_fp32, reference, bundles, jfk_path, monkeypatch):
+    """Caches handed out are views of the buffers the graph appends to: a kept prefix asked twice,
+    chunked prefill across a buffer's growth and batch rows must give exactly the numbers of
+    feeding the same graph exact-length copies."""
+    monkeypatch.setattr(kv_buffers, "GROW_ROWS", 8)  # buffers grow several times over the prompt
+    windows = audio_to_windows(load_audio(jfk_path), n_mels=reference.config.n_mels)
+    embeds = prompt_embeds(reference, bundles["fp32"] / "tokenizer.json", windows)
+    questions = [ort_fp32.embed_tokens(np.array([t, t + 1])) for t in (5, 9)]
+
+    def run(in_place: bool) -> list[np.ndarray]:
+        backend = OnnxBackend(ort_fp32.bundle, threads=1, prefill_chunk=16)
+        backend.cache_in_place = in_place
+        _, prefix = backend.decode(embeds, backend.empty_cache())
+        out = []
+        for q in questions:  # the same prefix, two questions, then the first answer continued
+            out.append(backend.decode(q, prefix)[0])
+        _, cache = backend.decode(questions[0], prefix)
+        logits, cache = backend.decode(questions[1][:1], cache)
+        out.append(logits)
+        rows = KVCache([np.repeat(k, 2, axis=0) for k in prefix.keys], [np.repeat(v, 2, axis=0) for v in prefix.values])
+        logits, rows = backend.decode_rows(np.stack(questions), rows)
+        out.append(logits)
+        logits, rows = backend.decode_rows(np.stack(questions)[:, :1], rows)
+        out.append(logits)
+        assert cache.length == len(embeds) + 3 and rows.length == len(embeds) + 3
+        out += [np.asarray(prefix.keys[-1]), np.asarray(cache.values[0])]  # views still hold their rows
+        return out
+
+    for got, want in zip(run(True), run(False)):
+        np.testing.assert_array_equal(got, want)
 
 
 # ---- fp16, in a child process ------------------------------------------------------------------

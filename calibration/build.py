@@ -229,7 +229,10 @@ class Quantizer:
             if not items:
                 why = "every WER item is calibration audio"
         while True:
-            candidate = CheckBackend(Bundle.unpublished(stage, graphs, precision, dims), providers=["CPUExecutionProvider"])
+            # The LLM's session opens only if a gate decodes: a streamed LLM's gates do not, and its
+            # session (5.6 GB for the published size's INT4 LLM) would sit beside the fp32 audio tower.
+            candidate = CheckBackend(Bundle.unpublished(stage, graphs, precision, dims), providers=["CPUExecutionProvider"],
+                                     lazy_llm=True)  # fmt: skip
             report = run_gates(
                 reference, candidate, tokenizer,
                 title=f"accuracy gates: {self.target.name} vs FP32 ({dims.name})",

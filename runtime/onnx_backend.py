@@ -110,7 +110,9 @@ class OnnxBackend:
         max_windows_per_batch: int = 4,
         threads: int | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
+        lazy_llm: bool = False,
     ):
+        """`lazy_llm`: open the LLM's session at its first use, not here (an exporter checking only the audio tower)."""
         if not isinstance(max_windows_per_batch, int) or max_windows_per_batch < 1:
             raise OptionError(f"max_windows_per_batch {max_windows_per_batch!r} is invalid: use a whole number >= 1")
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
@@ -131,11 +133,14 @@ class OnnxBackend:
                 f"tower can lose accuracy; re-export it with fastslm-export to compute INT8 exactly on every CPU"
             ), stacklevel=3)  # fmt: skip
         self._audio = self._session(AUDIO_TOWER, threads)
-        self._llm = self._session(LLM, threads)
-        self._kv_dtype = _NUMPY_DTYPES[self._input_types(self._llm)[kv_input_name(0, "key")]]
+        self._threads = threads
+        self._llm_session = None if lazy_llm else self._session(LLM, threads)
+        # From the manifest, which _check_io holds the graph to when its session opens.
+        llm_inputs = {t["name"]: _MANIFEST_DTYPES.get(t["dtype"]) for t in bundle.graph(LLM)["inputs"]}
+        self._kv_dtype = _NUMPY_DTYPES[llm_inputs[kv_input_name(0, "key")]]
         kv_outputs = [kv_output_name(i, kind) for i in range(self.num_layers) for kind in ("key", "value")]
         self._llm_outputs = ["logits", *kv_outputs]
-        self._takes_past_length = PAST_LENGTH in self._input_types(self._llm)
+        self._takes_past_length = PAST_LENGTH in llm_inputs
         # Such a graph also takes exact-length past tensors (and copies them into its present outputs).
         self.cache_in_place = self._takes_past_length
         try:
@@ -149,6 +154,12 @@ class OnnxBackend:
         return cls(load_bundle(path, runtime="onnx", verify=verify), **options)
 
     # ---- sessions ------------------------------------------------------------------------
+
+    @property
+    def _llm(self) -> ort.InferenceSession:
+        if self._llm_session is None:
+            self._llm_session = self._session(LLM, self._threads)
+        return self._llm_session
 
     def _session(self, graph: str, threads: int | None) -> ort.InferenceSession:
         path = self.bundle.graph_path(graph)

@@ -165,6 +165,7 @@ def parse_onnx(trt: ModuleType, builder: Any, logger: Any, path: Path) -> tuple[
     parser = trt.OnnxParser(network, logger)
     if not path.is_file():
         raise OnnxParseError(f"ONNX graph {path} does not exist; export the bundle again")
+    _refuse_onnx_runtime_ops(path)
     if not parser.parse_from_file(str(path)):
         problems = []
         for i in range(parser.num_errors):
@@ -179,6 +180,19 @@ def parse_onnx(trt: ModuleType, builder: Any, logger: Any, path: Path) -> tuple[
             "(for INT8 use symmetric Q/DQ without quantized biases)"
         )
     return network, parser
+
+
+def _refuse_onnx_runtime_ops(path: Path) -> None:
+    """ONNX Runtime bundles' LLM graphs compute attention with ONNX Runtime's own op (the KV cache
+    kept in place, export/graphs.py), which TensorRT has no importer for: say which export to use."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    if any(node.domain == "com.microsoft" for node in graph.node):
+        raise OnnxParseError(
+            f"{path.name} is an ONNX Runtime graph (its attention is ONNX Runtime's GroupQueryAttention); "
+            "export the model with --target trt-fp16 or trt-int8 for TensorRT"
+        )
 
 
 def _dtype_name(dtype: Any) -> str:

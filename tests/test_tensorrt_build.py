@@ -692,7 +692,8 @@ def test_backend_encodes_windows_in_engine_sized_batches(host_backend, tiny_grap
 @needs_trt
 @pytest.mark.slow
 def test_engines_for_an_exported_bundle(tmp_path):
-    """The real exporter's onnx-fp16 bundle -> engines.json + both engines, profiles from the model's config."""
+    """The real exporter's trt-fp16 bundle, rebuilt -> engines.json + both engines, profiles from the model's config;
+    an ONNX Runtime bundle's LLM graph (ONNX Runtime's attention op) is refused in one line."""
     bundle_writer = pytest.importorskip("fastslm.export.bundle_writer")
     from fastslm.export.tensorrt_build import BuildOptions, build_bundle_engines
     from fastslm.models.tiny import build_tiny_model
@@ -700,7 +701,14 @@ def test_engines_for_an_exported_bundle(tmp_path):
 
     build_tiny_model(tmp_path / "model")
     bundle = tmp_path / "bundle"
-    bundle_writer.export_bundle(bundle_writer.ExportOptions(model=tmp_path / "model", out=bundle, target="onnx-fp16",
+    ort_bundle = tmp_path / "ort-bundle"
+    bundle_writer.export_bundle(bundle_writer.ExportOptions(model=tmp_path / "model", out=ort_bundle, target="onnx-fp16",
+                                                            progress=False))
+    from fastslm.export.tensorrt_build import OnnxParseError
+
+    with pytest.raises(OnnxParseError, match="ONNX Runtime graph .*--target trt-fp16"):
+        build_bundle_engines(ort_bundle, "trt-fp16", BuildOptions(progress=False))
+    bundle_writer.export_bundle(bundle_writer.ExportOptions(model=tmp_path / "model", out=bundle, target="trt-fp16",
                                                             progress=False))
     m = build_bundle_engines(bundle, "trt-fp16", BuildOptions(progress=False), max_windows=3, prefill_chunk=32)
     assert read_engine_manifest(bundle) == m

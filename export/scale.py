@@ -313,6 +313,7 @@ def trt_llm(
     graph_only: Annotated[bool, typer.Option(help="Write the fp16 graph and stop before the build.")] = False,
     max_context: Annotated[Optional[int], typer.Option(help="Positions the engine serves [default: the planner's choice].")] = None,
     flavour: Annotated[str, typer.Option(help="TensorRT flavour: auto, tensorrt, tensorrt_rtx.")] = "auto",
+    compute_capability: Annotated[Optional[list[str]], typer.Option(help="TensorRT for RTX target, e.g. 8.6 (repeatable) [default: its defaults].")] = None,
     record: Annotated[Path, typer.Option(help="JSON-lines file the rows are appended to.")] = RECORD,
 ) -> None:
     """The fp16 LLM graph of trt-fp16 (streamed from the model folder as fastslm-export writes it), then its TensorRT engine.
@@ -353,11 +354,14 @@ def trt_llm(
         inputs, _ = read_io(graph)
         start, cpu = time.perf_counter(), time.process_time()
         entry = build_engine(graph, workdir / "llm.engine", graph="llm", declared_inputs=[(t["name"], t["shape"]) for t in inputs],
-                             profiles=plan.for_graph("llm"), options=BuildOptions(flavour=flavour, progress=False),
+                             profiles=plan.for_graph("llm"), options=BuildOptions(
+                                 flavour=flavour, progress=False, compute_capabilities=tuple(compute_capability or ())),
                              precision=("fp16",))  # fmt: skip
         fp16_bytes = 2 * sum(int(np.prod(s)) for name, (s, _) in _llm_parameters(config).items())
-        _record(record, {"label": f"TensorRT fp16 LLM engine build, {q.num_layers} layers",
-                         "command": command + (f" --max-context {max_context}" if max_context else "") + f" --flavour {flavour}",
+        targets = f", compute capability {' '.join(compute_capability)}" if compute_capability else ""
+        _record(record, {"label": f"TensorRT fp16 LLM engine build, {q.num_layers} layers{targets}",
+                         "command": command + (f" --max-context {max_context}" if max_context else "") + f" --flavour {flavour}"
+                         + "".join(f" --compute-capability {c}" for c in compute_capability or ()),
                          "wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(time.process_time() - cpu, 1),
                          "peak_rss_bytes": peak_rss_bytes(), "output_bytes": entry["bytes"], "llm_fp16_weights_bytes": fp16_bytes,
                          "peak_rss_over_llm_fp16_weights": round(peak_rss_bytes() / fp16_bytes, 3),

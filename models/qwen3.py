@@ -202,7 +202,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if torch.compiler.is_exporting():
+            # x / sqrt(...) is the form ONNX Runtime fuses into one SimplifiedLayerNormalization
+            # kernel; x * rsqrt(...) stays 5 kernels (Pow, ReduceMean, Sqrt, Reciprocal, Mul) per
+            # norm. The export checks hold the graph to the eager form's numbers.
+            normed = xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        else:
+            normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
 
 

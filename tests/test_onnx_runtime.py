@@ -509,23 +509,9 @@ def one_error_line(result, *needles: str) -> str:
     return lines[0]
 
 
-def write_hours_of_silence(path: Path, hours: float) -> None:
-    """A valid 16-bit mono WAV of `hours` of digital silence, made sparse: instant, no disk."""
-    with sf.SoundFile(path, "w", samplerate=SAMPLE_RATE, channels=1, subtype="PCM_16", format="WAV") as f:
-        f.write(np.zeros(SAMPLE_RATE, np.int16))
-    n = int(hours * 3600 * SAMPLE_RATE)
-    data = bytearray(path.read_bytes()[:44])
-    assert data[:4] == b"RIFF" and data[36:40] == b"data"
-    data[4:8] = (36 + 2 * n).to_bytes(4, "little")
-    data[40:44] = (2 * n).to_bytes(4, "little")
-    with open(path, "wb") as f:
-        f.write(bytes(data))
-        f.truncate(44 + 2 * n)
-
-
 def bad_audio(folder: Path, jfk_path: Path, case: str) -> Path:
     path = folder / {"empty file": "empty.wav", "not audio": "notes.wav", "corrupt": "cut.flac",
-                     "0 s": "zero.wav", "nan": "nan.wav", "missing": "missing.wav", "10 h silence": "long.wav"}[case]  # fmt: skip
+                     "0 s": "zero.wav", "nan": "nan.wav", "missing": "missing.wav"}[case]  # fmt: skip
     if case == "empty file":
         path.write_bytes(b"")
     elif case == "not audio":
@@ -536,21 +522,14 @@ def bad_audio(folder: Path, jfk_path: Path, case: str) -> Path:
         sf.write(path, np.zeros(0, np.float32), SAMPLE_RATE)
     elif case == "nan":
         sf.write(path, np.full(SAMPLE_RATE, np.nan, np.float32), SAMPLE_RATE, subtype="FLOAT")
-    elif case == "10 h silence":
-        write_hours_of_silence(path, 10)
     return path
 
 
-@pytest.mark.parametrize("case", ["empty file", "not audio", "corrupt", "0 s", "nan", "missing", "10 h silence"])
+@pytest.mark.parametrize("case", ["empty file", "not audio", "corrupt", "0 s", "nan", "missing"])
 def test_cli_bad_audio(case, bundles, tmp_path, jfk_path):
     path = bad_audio(tmp_path, jfk_path, case)
-    # Transcription takes any length (segment by segment); a whole-recording prompt must fit the context.
-    prompt = ["--prompt", "summarize"] if case == "10 h silence" else []
-    result = run_cli("--model", str(bundles["fp32"]), *prompt, str(path))
+    result = run_cli("--model", str(bundles["fp32"]), str(path))
     line = one_error_line(result, path.name)
-    if case == "10 h silence":
-        # Refused from the header, before a sample is read: no 2 GB of samples, no 11 GB STFT.
-        assert "10.0 h" in line and "context" in line and "split the audio" in line
     if case == "0 s":
         assert "no samples" in line
 

@@ -275,7 +275,7 @@ class Quantizer:
         graph = onnx.ModelProto()
         graph.CopyFrom(tower["float_graph"])
         graph, int8 = insert_int8_qdq(graph, tower["amax"], set(keep))
-        save_graph(graph, tower["path"])
+        self._save_audio_tower(graph, tower["path"])
         tower["keep"] = keep
         self.records[AUDIO_TOWER].update(layers_int8=len(int8), keep_float=keep)
         self.records[AUDIO_TOWER].setdefault("escalations", []).append(
@@ -344,7 +344,7 @@ class Quantizer:
             self._tower = {"path": path, "float_graph": float_graph, "amax": amax, "keep": list(keep),
                            "ranking": [s.key for s in result.layers], "n_layers": len(layers)}
         graph, int8 = insert_int8_qdq(graph, amax, set(keep))
-        save_graph(graph, path)
+        self._save_audio_tower(graph, path)
         self.log(f"audio_tower: {len(int8)} of {len(layers)} layers INT8 ({o.method} ranges), {len(keep)} float")
         self.records[AUDIO_TOWER] = {
             "precision": "int8",
@@ -361,6 +361,15 @@ class Quantizer:
             "sensitivity": sensitivity,
             "weights_fingerprint": ranges.fingerprint,
         }
+
+    def _save_audio_tower(self, graph: onnx.ModelProto, path: Path) -> None:
+        save_graph(graph, path)
+        if not self.fp16 and not path.with_name(path.name + ".data").exists():
+            # The layers kept float hold most of the file: stored as fp16 where exact and cast back
+            # to fp32 once at load (export/fp16_storage.py), the same numbers from about half the bytes.
+            from ..export.fp16_storage import store_weights_fp16
+
+            store_weights_fp16(path)
 
     def _llm(self, path: Path) -> None:
         o = self.options

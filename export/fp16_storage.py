@@ -10,6 +10,9 @@ docs/QUANTIZATION.md), so fp16 weights are worth keeping only as storage.
 
 Weights of an fp16 model folder are all exact; computed tables (sinusoids, rotary angles) and
 weights that export folded with a scale usually are not and stay fp32, so nothing is rounded.
+In a calibrated INT8 graph the layers kept float are stored the same way; the scales and zero
+points of its Q/DQ nodes stay as they are, since ONNX Runtime fuses a Q/DQ pair into an integer
+kernel only when they are initializers.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 MIN_ELEMENTS = 1024  # small tensors (norm weights, biases) are not worth a Cast node each
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
 def store_weights_fp16(path: Path, spec=None, stage: Path | None = None) -> int:
@@ -32,9 +36,10 @@ def store_weights_fp16(path: Path, spec=None, stage: Path | None = None) -> int:
         raise OptionError("onnx-fp16w rewrites graphs held in one file (< 2 GB); use --target onnx for this model")
     model = onnx.load(str(path))
     graph = model.graph
+    qdq_inputs = {name for node in graph.node if node.op_type in QDQ_OPS for name in node.input}
     casts, converted = [], 0
     for init in list(graph.initializer):
-        if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) < MIN_ELEMENTS:
+        if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) < MIN_ELEMENTS or init.name in qdq_inputs:
             continue
         values = numpy_helper.to_array(init)
         half = values.astype(np.float16)

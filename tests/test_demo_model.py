@@ -85,13 +85,19 @@ def test_eval_subset_wer(onnx_pipe, split):
 
 @pytest.mark.slow
 def test_reference_and_bundle_agree(onnx_pipe, torch_pipe, jfk_path):
-    """The PyTorch reference (fp16 weights, computed in fp32) and the ONNX bundle: same words."""
+    """The PyTorch reference (fp16 weights, computed in fp32) and the shipped INT8 bundle: as accurate.
+
+    The bundle is the exporter's INT8 (its gates: whole bundle within +1 pt on 41 utterances), so
+    its words differ from the reference's in places; it must not transcribe worse than the gates allow."""
     items = load_split("eval_seen", EVAL_SUBSET)[:10]
     inputs = [jfk_path] + [it.audio for it in items]
+    truth = [JFK_TRANSCRIPT] + [it.text for it in items]
     onnx = transcribe_all(onnx_pipe, inputs, max_new_tokens=96)
     ref = transcribe_all(torch_pipe, inputs, max_new_tokens=96)
-    # measured 2.2 %: jfk.flac parts late, after a near-tie of fp32 and fp16 compute; the other 10 agree
-    assert wer(ref, onnx) <= 3.0, list(zip(ref, onnx))
+    # measured 2026-11-29: the two read each other at 12.2% WER; against the truth the bundle scored
+    # 36.9% and the reference 42.6%
+    assert wer(ref, onnx) <= 20.0, list(zip(ref, onnx))
+    assert wer(truth, onnx) <= wer(truth, ref) + 3.0, list(zip(truth, onnx))
 
 
 @pytest.mark.slow

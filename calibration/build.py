@@ -228,6 +228,7 @@ class Quantizer:
                      f"(e.g. {seen[0].audio}); calibrate on other audio to score them")
             if not items:
                 why = "every WER item is calibration audio"
+        fp32_transcripts: dict[str, str] = {}  # the reference's WER transcripts, made once for every round
         while True:
             # The LLM's session opens only if a gate decodes: a streamed LLM's gates do not, and its
             # session (5.6 GB for the published size's INT4 LLM) would sit beside the fp32 audio tower.
@@ -238,7 +239,7 @@ class Quantizer:
                 title=f"accuracy gates: {self.target.name} vs FP32 ({dims.name})",
                 windows=self.calibration().subset(max(1, o.gate_windows)),
                 audio_quantized=True, llm_bits=self.llm_bits if llm_in_memory else None, thresholds=o.thresholds,
-                items=items, no_wer_reason=why, log=self.log,
+                items=items, no_wer_reason=why, fp32_transcripts=fp32_transcripts, log=self.log,
             )  # fmt: skip
             if not (o.escalate and self._keep_more_float(report)):
                 break

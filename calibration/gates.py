@@ -248,9 +248,14 @@ def run_gates(
     top1_prompts: int = 8,
     top1_tokens: int = 32,
     transcriber: Transcriber | None = None,
+    fp32_transcripts: dict[str, str] | None = None,
     log: Callable[[str], None] = lambda line: None,
 ) -> GateReport:
-    """Every gate that applies: the audio tower's if it is quantized, the LLM's if its weights are."""
+    """Every gate that applies: the audio tower's if it is quantized, the LLM's if its weights are.
+
+    `fp32_transcripts` (item id -> the reference's transcript) is filled as the reference is
+    transcribed; pass the same dict to gate again with the same reference and items (the exporter's
+    rounds with more float layers) and the reference's transcripts are not made again."""
     report = GateReport(title)
     t = thresholds
     if audio_quantized:
@@ -270,14 +275,16 @@ def run_gates(
                                    f"{100 * rate:.1f}% of {positions} positions", f">= {100 * limit:g}%",
                                    rate >= limit, rate))  # fmt: skip
     report.rows += wer_rows(reference, candidate, audio_quantized, llm_bits, t, items or [], no_wer_reason,
-                            transcriber or pipeline_transcriber(tokenizer), log)  # fmt: skip
+                            transcriber or pipeline_transcriber(tokenizer), log, fp32_transcripts)  # fmt: skip
     return report
 
 
 def wer_rows(reference: Any, candidate: Any, audio_quantized: bool, llm_bits: int | None, t: GateThresholds,
              items: list[EvalItem], no_wer_reason: str, transcribe: Transcriber,
-             log: Callable[[str], None] = lambda line: None) -> list[GateRow]:  # fmt: skip
-    """WER of each quantized stage alone and of the whole candidate, against the FP32 WER."""
+             log: Callable[[str], None] = lambda line: None,
+             fp32_transcripts: dict[str, str] | None = None) -> list[GateRow]:  # fmt: skip
+    """WER of each quantized stage alone and of the whole candidate, against the FP32 WER
+    (`fp32_transcripts`: see run_gates)."""
     stages = []  # (label, audio backend, LLM backend, limit)
     if audio_quantized:
         stages.append(("WER, INT8 audio tower + FP32 LLM", candidate, reference, t.wer_audio_int8))
@@ -297,16 +304,21 @@ def wer_rows(reference: Any, candidate: Any, audio_quantized: bool, llm_bits: in
     except ImportError:
         return skipped("needs jiwer and whisper-normalizer (pip install jiwer whisper-normalizer)")
     refs = [it.text for it in items]
+    known = {} if fp32_transcripts is None else fp32_transcripts
+
+    def fp32(subset: list[EvalItem]) -> list[str]:
+        todo = [it for it in subset if it.id not in known]
+        if todo:
+            log(f"gates: FP32 transcripts of {len(todo)} utterances")
+            known.update(zip((it.id for it in todo), transcribe(reference, reference, todo)))
+        return [known[it.id] for it in subset]
+
     # A model that does not transcribe (an untrained one) shows it on a few utterances already.
     probe = items[:PROBE_ITEMS]
-    log(f"gates: FP32 transcripts of {len(probe)} utterances")
-    probe_hyps = transcribe(reference, reference, probe)
-    probe_wer = wer(refs[: len(probe)], probe_hyps)
+    probe_wer = wer(refs[: len(probe)], fp32(probe))
     if len(items) > len(probe) and math.isfinite(probe_wer) and probe_wer > PROBE_MAX_WER:
         return skipped(f"FP32 WER {probe_wer:.0f}% on the first {len(probe)} utterances: the model does not transcribe yet")
-    log(f"gates: FP32 transcripts of {len(items)} utterances")
-    rest = items[len(probe) :]  # the probe's transcripts are the first of the FP32 ones
-    base = wer(refs, probe_hyps + (transcribe(reference, reference, rest) if rest else []))
+    base = wer(refs, fp32(items))  # the probe's transcripts are the first of them
     if not math.isfinite(base) or base > MAX_REFERENCE_WER:
         return skipped(f"FP32 WER {base:.1f}% on {len(items)} utterances: the model does not transcribe yet")
     rows = []

@@ -492,6 +492,28 @@ def test_wer_gate_with_a_fake_transcriber(hyps, expect):
     assert all(r.passed is None and r.note == "skipped: no eval audio (x missing)" for r in no_items)
 
 
+def test_wer_gate_transcribes_the_reference_once_across_rounds():
+    """The exporter gates again after keeping more layers float: the FP32 transcripts do not change."""
+    pytest.importorskip("jiwer")
+    pytest.importorskip("whisper_normalizer")
+    ref, cand = FakeBackend(), FakeBackend(noise=1.0)
+    items = [EvalItem(f"u{i}", "a b c d", Path(f"u{i}.wav")) for i in range(8)]
+    calls = []
+
+    def transcribe(audio, llm, got_items):
+        calls.append((audio is ref and llm is ref, [it.id for it in got_items]))
+        return ["a b c d"] * len(got_items)
+
+    known: dict[str, str] = {}
+    first = wer_rows(ref, cand, True, 4, GateThresholds(), items, "", transcribe, fp32_transcripts=known)
+    assert [c for c in calls if c[0]] == [(True, [f"u{i}" for i in range(5)]), (True, ["u5", "u6", "u7"])]
+    assert known == {f"u{i}": "a b c d" for i in range(8)}
+    calls.clear()
+    again = wer_rows(ref, cand, True, 4, GateThresholds(), items, "", transcribe, fp32_transcripts=known)
+    assert [c for c in calls if c[0]] == [] and len(calls) == 3  # only the three candidate rows
+    assert [r.value for r in again] == [r.value for r in first] == [0.0, 0.0, 0.0]
+
+
 def test_wer_gate_gives_up_early_on_a_model_that_does_not_transcribe():
     pytest.importorskip("jiwer")
     pytest.importorskip("whisper_normalizer")

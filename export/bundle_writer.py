@@ -30,7 +30,7 @@ from ..runtime.bundle import (
 )
 from ..runtime.errors import ModelFileError
 from ..runtime.output_folder import OutputFolder
-from .graphs import GRAPHS, GraphSpec, graph_specs
+from .graphs import GraphSpec, graph_specs
 from .onnx_export import (
     EXTERNAL_DATA_THRESHOLD, OPSET, OutputDiff, check_graph, export_graph, summarize, validate_graph,
 )
@@ -96,8 +96,9 @@ def _export(options: ExportOptions, target: Target, model_dir: Path, output: Out
     # load; export, post-process, check, validate per graph; tables; manifest
     config = read_config(model_dir)
     streamed = options_streamed(options, config)
+    specs = graph_specs(config, target.runtime)
     rewrites = target.post_process is not None or target.quantizer is not None
-    steps = 1 + len(GRAPHS) * (4 if rewrites else 3) + 2 + (target.runtime == "tensorrt") + (target.quantizer is not None)
+    steps = 1 + len(specs) * (4 if rewrites else 3) + 2 + (target.runtime == "tensorrt") + (target.quantizer is not None)
     steps += streamed and not rewrites  # the streamed LLM: trace, fill, check, validate
     with tqdm(total=steps, desc="fastslm-export", unit="step", file=sys.stderr, disable=_disable(options.progress)) as bar:
         write = log or (lambda line: tqdm.write(line, file=sys.stderr))
@@ -124,7 +125,7 @@ def _export(options: ExportOptions, target: Target, model_dir: Path, output: Out
         bar.update()
 
         graphs, diffs = {}, {}
-        for spec in graph_specs(reference.config, target.runtime):
+        for spec in specs:
             if streamed and spec.name == LLM:
                 graphs[spec.name], diffs[spec.name] = _streamed_graph(
                     spec, model_dir, reference.config, stage, target, options, step, bar, write, quantizer

@@ -185,9 +185,6 @@ def llm_spec(config: FastSLMConfig, in_place_cache: bool = False) -> GraphSpec:
     )
 
 
-GRAPHS: tuple[Callable[[FastSLMConfig], GraphSpec], ...] = (audio_tower_spec, llm_spec)
-
-
 def graph_specs(config: FastSLMConfig, runtime: str = "onnx") -> list[GraphSpec]:
     """The graphs a bundle for `runtime` ("onnx" or "tensorrt") holds."""
     return [audio_tower_spec(config), llm_spec(config, in_place_cache=runtime == "onnx")]

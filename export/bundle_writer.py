@@ -25,16 +25,16 @@ import numpy as np
 
 from ..models.fastslm import PARTS, FastSLM, read_config
 from ..runtime.bundle import (
-    BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, CONFIG_FILE, EMBEDDINGS_FILE, LLM, MANIFEST_FILE, TOKENIZER_FILE,
-    sha256_file,
+    BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, CONFIG_FILE, COPIED, EMBEDDINGS_FILE, IN_PLACE, LLM, MANIFEST_FILE,
+    TOKENIZER_FILE, sha256_file,
 )
-from ..runtime.errors import ModelFileError
+from ..runtime.errors import ModelFileError, OptionError
 from ..runtime.output_folder import OutputFolder
 from .graphs import GraphSpec, graph_specs
 from .onnx_export import (
     EXTERNAL_DATA_THRESHOLD, OPSET, OutputDiff, check_graph, export_graph, summarize, validate_graph,
 )
-from .targets import Target, get_target
+from .targets import Target, decoder_cache_for, get_target
 
 if TYPE_CHECKING:
     from .tensorrt_build import BuildOptions
@@ -60,6 +60,8 @@ class ExportOptions:
     # The graphs traced without weights and filled from the model folder tensor by tensor
     # (export/streamed.py; the LLM is then never loaded); None: when its fp32 LLM exceeds STREAM_LLM_ABOVE.
     stream_llm: bool | None = None
+    # The LLM graph's KV-cache form, "in-place" or "copied" (runtime/bundle.py); None: the target's default.
+    decoder_cache: str | None = None
 
 
 @dataclass
@@ -72,13 +74,26 @@ class ExportReport:
 
 def export_bundle(options: ExportOptions, log: Callable[[str], None] | None = None) -> ExportReport:
     target = get_target(options.target)
+    decoder_cache = decoder_cache_for(target, options.decoder_cache)
+    if decoder_cache == IN_PLACE:
+        import onnxruntime
+
+        from ..runtime.onnx_backend import IN_PLACE_CACHE_ONNXRUNTIME, loads_in_place_cache
+
+        if not loads_in_place_cache(onnxruntime.__version__):  # the graph is validated in ONNX Runtime
+            raise OptionError(
+                f"the in-place decoder cache needs onnxruntime >= {IN_PLACE_CACHE_ONNXRUNTIME} to validate it, this is "
+                f"{onnxruntime.__version__}: pip install 'onnxruntime>={IN_PLACE_CACHE_ONNXRUNTIME}', "
+                f"or pass --decoder-cache {COPIED}"
+            )
     model_dir = Path(options.model)
     # --out is checked (and its stage made) before the model is loaded: a bad path costs no minute of work.
     with OutputFolder(options.out, options.force, protect=[model_dir]) as output:
-        return _export(options, target, model_dir, output, log)
+        return _export(options, target, decoder_cache, model_dir, output, log)
 
 
-def _export(options: ExportOptions, target: Target, model_dir: Path, output: OutputFolder, log) -> ExportReport:
+def _export(options: ExportOptions, target: Target, decoder_cache: str, model_dir: Path, output: OutputFolder,
+            log) -> ExportReport:  # fmt: skip
     from tqdm import tqdm
 
     out, stage = output.out, output.path
@@ -96,7 +111,7 @@ def _export(options: ExportOptions, target: Target, model_dir: Path, output: Out
     # load; export, post-process, check, validate per graph; tables; manifest
     config = read_config(model_dir)
     streamed = options_streamed(options, config)
-    specs = graph_specs(config, target.runtime)
+    specs = graph_specs(config, decoder_cache)
     rewrites = target.post_process is not None or target.quantizer is not None
     steps = 1 + len(specs) * (4 if rewrites else 3) + 2 + (target.runtime == "tensorrt") + (target.quantizer is not None)
     steps += streamed and not rewrites  # the streamed LLM: trace, fill, check, validate
@@ -134,6 +149,7 @@ def _export(options: ExportOptions, target: Target, model_dir: Path, output: Out
             graphs[spec.name], diffs[spec.name] = _one_graph(
                 spec, model, reference, stage, target, options, step, bar, write, quantizer
             )
+        graphs[LLM]["decoder_cache"] = decoder_cache
         step("writing the embedding table")
         if streamed:
             from ..models.weights import SafetensorsFolder

@@ -30,6 +30,7 @@ def export(
     out: Annotated[Path, typer.Option(help="Bundle folder to write.")],
     target: Annotated[str, typer.Option(help="onnx, onnx-fp16w, onnx-fp16, trt-fp16, or calibrated: onnx-int8, onnx-int4, trt-int8.")] = "onnx",
     force: Annotated[bool, typer.Option(help="Replace a non-empty --out (only once the new bundle is complete).")] = False,
+    decoder_cache: Annotated[Optional[str], typer.Option(help="How the LLM graph keeps its KV cache. in-place: appends to one buffer, no copy per step; loads only in onnxruntime >= 1.32 (CPU wheel). copied: plain past/present, loads in onnxruntime >= 1.20 (onnxruntime-gpu, Jetson) and TensorRT. Default: in-place for the CPU targets onnx, onnx-fp16w, onnx-int8, onnx-int4; copied for onnx-fp16 (the GPU target) and trt-*.", show_default=False)] = None,
     trt_flavour: Annotated[str, typer.Option(help="auto, tensorrt (JetPack / datacenter) or tensorrt_rtx.")] = "auto",
     trt_max_windows: Annotated[Optional[int], typer.Option(help="Audio-tower engine batch limit [default: fitted to the GPU].")] = None,
     trt_max_context: Annotated[Optional[int], typer.Option(help="LLM positions the engine serves [default: 1 h of audio].")] = None,
@@ -106,7 +107,7 @@ def export(
                 raise OptionError(f"{given[0]} applies to the calibrated targets (onnx-int8, onnx-int4, trt-int8), not {target}")
         export_bundle(
             ExportOptions(model=model, out=out, target=target, force=force, trt=trt_options, trt_limits=trt_limits,
-                          quantization=quantization)
+                          quantization=quantization, decoder_cache=decoder_cache)
         )
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..models.fastslm import FastSLM, FastSLMConfig
 from ..runtime.audio import WINDOW_FRAMES
-from ..runtime.bundle import AUDIO_TOWER, LLM, kv_input_name, kv_output_name
+from ..runtime.bundle import AUDIO_TOWER, COPIED, IN_PLACE, LLM, kv_input_name, kv_output_name
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,8 @@ class InPlaceCacheDecoderGraph(DecoderGraph):
     Fed exact-length past tensors it computes what DecoderGraph does; fed one preallocated buffer
     per layer as both past and present (IO binding), it appends the step's keys and values to the
     buffer instead of copying the cache into new present tensors (models/qwen3.py cache_attention_op).
-    TensorRT cannot run that op: its targets export DecoderGraph.
+    TensorRT cannot run that op, and onnxruntime releases before 1.32 refuse it at load: TensorRT
+    targets and `--decoder-cache copied` export DecoderGraph.
     """
 
     takes_past_length = True
@@ -185,6 +186,6 @@ def llm_spec(config: FastSLMConfig, in_place_cache: bool = False) -> GraphSpec:
     )
 
 
-def graph_specs(config: FastSLMConfig, runtime: str = "onnx") -> list[GraphSpec]:
-    """The graphs a bundle for `runtime` ("onnx" or "tensorrt") holds."""
-    return [audio_tower_spec(config), llm_spec(config, in_place_cache=runtime == "onnx")]
+def graph_specs(config: FastSLMConfig, decoder_cache: str = COPIED) -> list[GraphSpec]:
+    """The graphs of a bundle whose decoder keeps its KV cache `decoder_cache` (runtime/bundle.py DECODER_CACHES)."""
+    return [audio_tower_spec(config), llm_spec(config, in_place_cache=decoder_cache == IN_PLACE)]

@@ -19,6 +19,8 @@ manifest.json:
     graphs.<name>            {"file", "data_file" (external weights or null), "precision", "opset",
                               "inputs" / "outputs": [{"name", "dtype", "shape"}] (str = symbolic dim),
                               "dims": {symbol: {"min", "opt", "max"}}, "validation": {...}}
+    graphs.llm.decoder_cache "in-place" | "copied" (one of DECODER_CACHES; absent in bundles made before
+                             the choice existed, whose form shows only in the past_length input)
     embeddings               {"file", "dtype", "shape"}
     files                    {relative path: {"sha256", "bytes"}} for every file but the manifest
 
@@ -58,6 +60,13 @@ INT8_WEIGHT_ZERO_POINTS = "weight_zero_points"
 
 AUDIO_TOWER = "audio_tower"
 LLM = "llm"
+
+# How the LLM graph keeps its KV cache (`fastslm-export --decoder-cache`; manifest graphs.llm.decoder_cache):
+#   in-place  a `past_length` input, attention by ONNX Runtime's GroupQueryAttention: the backend binds one
+#             buffer per layer as both past and present and a step writes only its new rows (onnxruntime >= 1.32)
+#   copied    plain past in, present out (past and new concatenated): loads in every ONNX Runtime and TensorRT
+IN_PLACE, COPIED = "in-place", "copied"
+DECODER_CACHES = (IN_PLACE, COPIED)
 
 _HASH_CHUNK = 1 << 22  # 4 MiB reads keep hashing a 9 GB bundle at disk speed with flat memory
 

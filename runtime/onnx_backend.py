@@ -5,12 +5,14 @@ memory stays bounded by the batch) and the KV-cache decoder (one graph for prefi
 decode). The KV cache is a `KVCache` of numpy arrays in the dtype the graph declares for its
 `past_key_values.*` inputs (the bundle's precision). Graphs with a `past_length` input (exported
 since the cache is kept in place) get one buffer per layer as both past and present through IO
-binding, and append each step's rows to it (runtime/kv_buffers.py); older graphs get the previous
-step's `present.*` outputs back, which their graph copies into the next step's.
+binding, and append each step's rows to it (runtime/kv_buffers.py); graphs without it (the copied
+form, which every onnxruntime loads, and bundles from before) get the previous step's `present.*`
+outputs back, which their graph copies into the next step's.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import AUDIO_TOWER, LLM, Bundle, kv_input_name, kv_output_name, load_bundle
+from .bundle import AUDIO_TOWER, COPIED, LLM, Bundle, kv_input_name, kv_output_name, load_bundle
 from .errors import ModelFileError, ModelWarning, OptionError
 from .kv_buffers import KVBuffers
 from .kv_cache import KVCache
@@ -30,6 +32,9 @@ PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExe
 
 PREFILL_CHUNK = 512  # prompt positions per LLM call (see OnnxBackend.decode)
 PAST_LENGTH = "past_length"  # the LLM graph's input when its attention keeps the cache in place
+# The first onnxruntime release that loads that graph (GroupQueryAttention with past_length and its
+# newer optional inputs): 1.20.0, 1.21.1, ..., 1.31.1 were each measured to refuse it at load.
+IN_PLACE_CACHE_ONNXRUNTIME = "1.32"
 _NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 _MANIFEST_DTYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)"}
 
@@ -50,6 +55,31 @@ def resolve_providers(requested: Sequence[str] | str | None = None) -> list[str]
                     if p in PROVIDER_PREFERENCE[:2] else "")
             raise OptionError(f"execution provider {p} is not available here{hint}; available: {', '.join(available)}")
     return chosen
+
+
+def loads_in_place_cache(version: str) -> bool:
+    """Whether onnxruntime `version` ("1.31.1", "1.32.0.dev20261101") loads the in-place decoder graph."""
+    def release(v: str) -> tuple[int, ...] | None:
+        found = re.match(r"(\d+)\.(\d+)", v)
+        return tuple(map(int, found.groups())) if found else None
+
+    found = release(version)  # an unreadable version string: try, and let onnxruntime's own error speak
+    return found is None or found >= release(IN_PLACE_CACHE_ONNXRUNTIME)
+
+
+def in_place_cache_refused(bundle: Bundle) -> str:
+    """The error line for an in-place bundle on an older onnxruntime: the export command that makes one it loads."""
+    from .loading import DEFAULT_MODEL_FOLDER, SHIPPED_DIR
+
+    shipped = bundle.path.resolve().parent == SHIPPED_DIR.resolve()
+    model = DEFAULT_MODEL_FOLDER if shipped else "MODEL_FOLDER"
+    where = "" if shipped else f" (MODEL_FOLDER: the {bundle.model_name} model folder it was exported from)"
+    return (
+        f"onnxruntime {ort.__version__} cannot load {bundle.path}: its decoder keeps the KV cache in place, which "
+        f"needs onnxruntime >= {IN_PLACE_CACHE_ONNXRUNTIME}; make a bundle this onnxruntime loads with `fastslm-export --model {model} "
+        f"--target {bundle.manifest.get('target', 'onnx')} --decoder-cache {COPIED} --out {bundle.path.name}-{COPIED}`"
+        f"{where}"
+    )
 
 
 def session_options(
@@ -132,15 +162,17 @@ class OnnxBackend:
                 f"{bundle.path} is an INT8 bundle from an older fastslm: on CPUs without VNNI (AVX2 only) its audio "
                 f"tower can lose accuracy; re-export it with fastslm-export to compute INT8 exactly on every CPU"
             ), stacklevel=3)  # fmt: skip
-        self._audio = self._session(AUDIO_TOWER, threads)
-        self._threads = threads
-        self._llm_session = None if lazy_llm else self._session(LLM, threads)
         # From the manifest, which _check_io holds the graph to when its session opens.
         llm_inputs = {t["name"]: _MANIFEST_DTYPES.get(t["dtype"]) for t in bundle.graph(LLM)["inputs"]}
         self._kv_dtype = _NUMPY_DTYPES[llm_inputs[kv_input_name(0, "key")]]
         kv_outputs = [kv_output_name(i, kind) for i in range(self.num_layers) for kind in ("key", "value")]
         self._llm_outputs = ["logits", *kv_outputs]
         self._takes_past_length = PAST_LENGTH in llm_inputs
+        if self._takes_past_length and not loads_in_place_cache(ort.__version__):
+            raise ModelFileError(in_place_cache_refused(bundle))  # onnxruntime's own refusal names only an op
+        self._audio = self._session(AUDIO_TOWER, threads)
+        self._threads = threads
+        self._llm_session = None if lazy_llm else self._session(LLM, threads)
         # Such a graph also takes exact-length past tensors (and copies them into its present outputs).
         self.cache_in_place = self._takes_past_length
         try:

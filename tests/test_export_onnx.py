@@ -19,7 +19,7 @@ from fastslm.export.bundle_writer import ExportOptions, export_bundle
 from fastslm.export.cli import app
 from fastslm.export.graphs import graph_specs
 from fastslm.export.onnx_export import ExportError
-from fastslm.export.targets import TARGETS, get_target
+from fastslm.export.targets import TARGETS, decoder_cache_for, get_target
 from fastslm.models.fastslm import FastSLM
 from fastslm.models.tiny import build_tiny_model, tiny_config
 from fastslm.runtime.bundle import load_bundle, sha256_file
@@ -57,15 +57,15 @@ def external_bundle(tiny_dir, tmp_path_factory):
 
 def test_graph_tables_follow_the_conventions():
     config = tiny_config()
-    audio, llm = graph_specs(config)
+    audio, llm = graph_specs(config, "in-place")
     n = config.qwen3.num_layers
     assert [t.name for t in audio.inputs] == ["mel"] and [t.name for t in audio.outputs] == ["speech_tokens"]
     kv_inputs = [f"past_key_values.{i}.{k}" for i in range(n) for k in ("key", "value")]
-    # ONNX Runtime's decoder also takes the cached length (its attention can update a cache buffer in place);
-    # TensorRT's keeps the plain form.
+    # The in-place decoder also takes the cached length (its attention can update a cache buffer in place);
+    # the copied one (TensorRT's, and ONNX Runtime's before 1.32) keeps the plain form.
     assert [t.name for t in llm.inputs] == ["inputs_embeds", "position_ids", "logits_index", "past_length", *kv_inputs]
-    trt_llm = graph_specs(config, "tensorrt")[1]
-    assert [t.name for t in trt_llm.inputs] == ["inputs_embeds", "position_ids", "logits_index", *kv_inputs]
+    copied_llm = graph_specs(config, "copied")[1]
+    assert [t.name for t in copied_llm.inputs] == ["inputs_embeds", "position_ids", "logits_index", *kv_inputs]
     assert [t.name for t in llm.outputs] == ["logits"] + [f"present.{i}.{k}" for i in range(n) for k in ("key", "value")]
     for spec in (audio, llm):
         symbols = {d for t in spec.inputs for d in t.shape if isinstance(d, str)}
@@ -86,6 +86,18 @@ def test_target_registry():
     assert get_target("onnx-fp16").dtype == torch.float16
     with pytest.raises(OptionError, match="unknown target 'trt-fp17'.*onnx-fp16"):
         get_target("trt-fp17")
+
+
+def test_decoder_cache_per_target():
+    """The in-place graph for the CPU targets ([cpu]: onnxruntime >= 1.32 loads it), the copied one for
+    onnx-fp16 (the GPU / Jetson target, whose onnxruntime builds are older) and TensorRT (README "Export")."""
+    defaults = {name: decoder_cache_for(target, None) for name, target in TARGETS.items()}
+    assert defaults == {"onnx": "in-place", "onnx-fp16": "copied", "onnx-fp16w": "in-place", "trt-fp16": "copied",
+                        "onnx-int8": "in-place", "onnx-int4": "in-place", "trt-int8": "copied"}  # fmt: skip
+    assert decoder_cache_for(get_target("onnx-int4"), "copied") == "copied"
+    assert decoder_cache_for(get_target("onnx-fp16"), "in-place") == "in-place"
+    with pytest.raises(OptionError, match="TensorRT cannot run.*trt-int8 bundles keep the copied form"):
+        decoder_cache_for(get_target("trt-int8"), "in-place")
 
 
 # ---- the bundle ----------------------------------------------------------------------------
@@ -202,6 +214,25 @@ def one_error_line(result) -> str:
 def test_unknown_target(tiny_dir, tmp_path):
     line = one_error_line(runner.invoke(app, ["--model", str(tiny_dir), "--out", str(tmp_path / "b"), "--target", "onnx-int3"]))
     assert "unknown target 'onnx-int3'" in line and "onnx-fp16" in line
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--decoder-cache", "inplace"], "unknown --decoder-cache 'inplace'; choose in-place or copied"),
+    (["--decoder-cache", "in-place", "--target", "trt-fp16"], "TensorRT cannot run"),
+])  # fmt: skip
+def test_bad_decoder_cache(tiny_dir, tmp_path, args, needle):
+    line = one_error_line(runner.invoke(app, ["--model", str(tiny_dir), "--out", str(tmp_path / "b"), *args]))
+    assert needle in line, line
+    assert not (tmp_path / "b").exists()
+
+
+def test_in_place_export_needs_an_onnxruntime_that_validates_it(tiny_dir, tmp_path, monkeypatch):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "__version__", "1.31.1")
+    line = one_error_line(runner.invoke(app, ["--model", str(tiny_dir), "--out", str(tmp_path / "b")]))
+    assert "needs onnxruntime >= 1.32" in line and "this is 1.31.1" in line and "--decoder-cache copied" in line, line
     assert not (tmp_path / "b").exists()
 
 

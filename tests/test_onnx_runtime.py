@@ -24,22 +24,22 @@ import soundfile as sf
 import torch
 from typer.testing import CliRunner
 
-from fastslm.export import bundle_writer
 from fastslm.export.bundle_writer import ExportOptions, export_bundle
-from fastslm.export.graphs import graph_specs
 from fastslm.models.fastslm import FastSLM
 from fastslm.models.tiny import build_tiny_model, tiny_config
 from fastslm.models.torch_backend import TorchBackend
 from fastslm.runtime import kv_buffers
 from fastslm.runtime.audio import SAMPLE_RATE, audio_to_windows, load_audio
-from fastslm.runtime.bundle import sha256_file
+from fastslm.runtime.bundle import load_bundle, sha256_file
 from fastslm.runtime.cli import app as run_app
 from fastslm.runtime.errors import OptionError
 from fastslm.runtime.generate import Pipeline
 from fastslm.runtime.kv_cache import KVCache
-from fastslm.runtime.loading import DEFAULT_MODEL_FOLDER, load_pipeline
+from fastslm.runtime.loading import DEFAULT_MODEL_DIR, DEFAULT_MODEL_FOLDER, load_pipeline
 from fastslm.runtime.prompt import Task, build_prompt
-from fastslm.runtime.onnx_backend import OnnxBackend, resolve_providers, session_options, tensorrt_profile
+from fastslm.runtime.onnx_backend import (
+    OnnxBackend, in_place_cache_refused, loads_in_place_cache, resolve_providers, session_options, tensorrt_profile,
+)
 from fastslm.runtime.sampling import SamplingOptions
 from fastslm.runtime.tokenizer import Tokenizer
 
@@ -257,13 +257,45 @@ def test_greedy_tokens_fp32(which, reference, ort_fp32, bundles, jfk_path, long_
 
 @pytest.fixture(scope="module")
 def copying_bundle(model_dir, tmp_path_factory) -> Path:
-    """An fp32 bundle whose LLM graph has the attention from before the in-place cache (no
-    past_length input: past and new concatenated into present), as TensorRT bundles keep it."""
+    """`--decoder-cache copied`: an fp32 bundle whose LLM graph has no past_length input (past and
+    new concatenated into present), the form every onnxruntime loads and TensorRT bundles keep."""
     out = tmp_path_factory.mktemp("copying") / "fp32"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(bundle_writer, "graph_specs", lambda config, runtime: graph_specs(config, "tensorrt"))
-        export_bundle(ExportOptions(model=model_dir, out=out, progress=False), log=lambda line: None)
+    export_bundle(ExportOptions(model=model_dir, out=out, progress=False, decoder_cache="copied"), log=lambda line: None)
     return out
+
+
+def decoder_form(bundle: Path) -> tuple[str, bool, bool]:
+    """(the manifest's decoder_cache, a past_length input declared, GroupQueryAttention in the graph file)."""
+    import onnx
+
+    llm = json.loads((bundle / "manifest.json").read_text())["graphs"]["llm"]
+    ops = {node.op_type for node in onnx.load(str(bundle / llm["file"]), load_external_data=False).graph.node}
+    return llm["decoder_cache"], "past_length" in [t["name"] for t in llm["inputs"]], "GroupQueryAttention" in ops
+
+
+def test_decoder_cache_is_honoured_and_recorded(bundles, copying_bundle):
+    assert decoder_form(bundles["fp32"]) == ("in-place", True, True)  # onnx: the CPU targets' default
+    assert decoder_form(bundles["fp16"]) == ("copied", False, False)  # onnx-fp16: the GPU target's default
+    assert decoder_form(copying_bundle) == ("copied", False, False)  # --decoder-cache copied
+
+
+@pytest.mark.parametrize("version, loads", [("1.20.0", False), ("1.31.1", False), ("1.32.0", True),
+                                            ("1.33.0.dev20261201", True), ("2.0.0", True), ("custom", True)])  # fmt: skip
+def test_which_onnxruntime_loads_the_in_place_cache(version, loads):
+    assert loads_in_place_cache(version) is loads
+
+
+def test_in_place_bundle_on_an_older_onnxruntime(bundles, copying_bundle, jfk_path, monkeypatch):
+    """One line naming the export command that makes a bundle that onnxruntime loads; the copied form is not refused.
+    (A real onnxruntime 1.21.1 to 1.31.1 refuses the graph itself: docs/BENCHMARKS.md "Decoder cache forms".)"""
+    monkeypatch.setattr(ort, "__version__", "1.31.1")
+    one_error_line(run_cli("--model", str(bundles["fp32"]), str(jfk_path)), "onnxruntime 1.31.1 cannot load",
+                   "needs onnxruntime >= 1.32", "`fastslm-export --model MODEL_FOLDER --target onnx --decoder-cache "
+                   "copied --out fp32-copied`", "model folder it was exported from")  # fmt: skip
+    assert not OnnxBackend.from_bundle(copying_bundle, threads=1).cache_in_place
+    if DEFAULT_MODEL_DIR.is_dir():  # the shipped bundle: the command names the shipped model folder
+        line = in_place_cache_refused(load_bundle(DEFAULT_MODEL_DIR, verify=False))
+        assert f"--model {DEFAULT_MODEL_FOLDER} --target onnx-int8 --decoder-cache copied" in line, line
 
 
 def test_cache_in_place_gives_the_copying_graphs_tokens(ort_fp32, copying_bundle, bundles, jfk_path):

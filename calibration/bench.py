@@ -5,8 +5,9 @@
 Per bundle, opened through the runtime's own OnnxBackend (what `fastslm-run` gets):
 
     audio tower   ms per 30 s window: one window a call, the median of --repeat passes over --windows windows
-    decode        tokens/s: after an ASR prefill over one window of speech tokens, --tokens single-token
-                  steps (the backend's own greedy choices; end tokens do not stop it); the median of --repeat
+    decode        tokens/s: after an ASR prefill over --context-windows windows of speech tokens (default
+                  one), --tokens single-token steps (the backend's own greedy choices; end tokens do not
+                  stop it); the median of --repeat
 
 Bundles are measured in turns (A, B, A, B, ...) so background load hits all of them alike; the
 ratios against the first bundle are what to compare across machines, not the absolute numbers.
@@ -58,12 +59,13 @@ def audio_ms(pipe, windows: np.ndarray) -> float:
     return (time.perf_counter() - start) / len(windows) * 1000
 
 
-def decode_rate(pipe, window: np.ndarray, tokens: int) -> float:
+def decode_rate(pipe, window: np.ndarray, tokens: int, context_windows: int = 1) -> float:
     from ..runtime.generate import SpeechTokens
 
     b = pipe.backend
-    speech = b.encode_windows(window[None])
-    prefill = pipe.prefill(SpeechTokens(speech.reshape(-1, speech.shape[-1]), 1, 30.0), "transcribe")
+    speech = np.tile(b.encode_windows(window[None]), (context_windows, 1, 1))  # the cache a long recording leaves
+    embeddings = speech.reshape(-1, speech.shape[-1])
+    prefill = pipe.prefill(SpeechTokens(embeddings, context_windows, 30.0 * context_windows), "transcribe")
     logits, cache = prefill.logits, prefill.cache
     start = time.perf_counter()
     for _ in range(tokens):
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--windows", type=int, default=3, help="windows per audio-tower pass")
     p.add_argument("--tokens", type=int, default=64, help="decode steps per pass")
     p.add_argument("--repeat", type=int, default=5, help="passes per bundle (the median is reported)")
+    p.add_argument("--context-windows", type=int, default=1, help="windows of speech tokens before the decode steps")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--disable-cse", action="store_true", help="audio-tower sessions without common-subexpression elimination")
     a = p.parse_args(argv)
@@ -99,12 +102,13 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(a.repeat):
             for i, pipe in enumerate(pipes):
                 ms[i].append(audio_ms(pipe, windows))
-                rate[i].append(decode_rate(pipe, windows[0], a.tokens))
+                rate[i].append(decode_rate(pipe, windows[0], a.tokens, a.context_windows))
     import onnxruntime as ort
     import platform
 
     print(f"ONNX Runtime {ort.__version__} CPU, {a.threads or 'all'} thread(s), {platform.processor() or platform.machine()}; "
-          f"model {pipes[0].model_name}; median of {a.repeat}{'; CSE off' if a.disable_cse else ''}")  # fmt: skip
+          f"model {pipes[0].model_name}; median of {a.repeat}{'; CSE off' if a.disable_cse else ''}; "
+          f"decode after {a.context_windows} window(s) of speech tokens")  # fmt: skip
     base_ms, base_rate = statistics.median(ms[0]), statistics.median(rate[0])
     head = f"{'bundle':<28} {'target':<10} {'audio tower ms/window':>22} {'decode tokens/s':>18}"
     print(head)

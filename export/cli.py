@@ -41,6 +41,7 @@ def export(
     trt_timing_cache: Annotated[Optional[Path], typer.Option(help="Timing cache file to reuse and update.")] = None,
     trt_compute_capability: Annotated[Optional[list[str]], typer.Option(help="TensorRT for RTX targets, e.g. 8.6 (repeatable; 'current').")] = None,
     trt_weight_streaming: Annotated[bool, typer.Option(help="Allow streaming weights under a device-memory budget.")] = False,
+    trt_one_llm_profile: Annotated[bool, typer.Option(help="One LLM profile for prefill and decode: the decoder's weights once in the engine, not once per profile, and about 40% less builder memory per layer (docs/SCALE.md).")] = False,
     calibration: Annotated[Optional[Path], typer.Option(help="INT8/INT4: a fastslm-calibrate folder (windows + ranges) (default: collect the default audio now).", rich_help_panel=_Q)] = None,
     calibration_audio: Annotated[Optional[list[Path]], typer.Option(help="INT8/INT4 without --calibration: recordings (files or folders) to calibrate on (repeatable).", rich_help_panel=_Q)] = None,
     range_method: Annotated[str, typer.Option(help="Activation ranges: minmax, percentile or entropy.", rich_help_panel=_Q)] = "percentile",
@@ -75,7 +76,8 @@ def export(
                 compute_capabilities=tuple(trt_compute_capability or ()),
                 weight_streaming=trt_weight_streaming,
             )
-            trt_limits = {"max_windows": trt_max_windows, "max_context": trt_max_context, "prefill_chunk": trt_prefill_chunk}
+            trt_limits = {"max_windows": trt_max_windows, "max_context": trt_max_context, "prefill_chunk": trt_prefill_chunk,
+                          "one_llm_profile": trt_one_llm_profile}
         quantization = None
         if chosen.quantizer is not None:
             from ..calibration.build import QuantOptions

@@ -60,6 +60,34 @@ def peak_rss_bytes() -> int:
     raise OSError("no VmHWM in /proc/self/status (Linux only)")
 
 
+class AnonPeak:
+    """Peak anonymous RSS (RssAnon) while in the `with` block, sampled every 50 ms.
+
+    VmHWM also counts file pages mapped from disk, which the kernel can drop under pressure (the
+    TensorRT parser maps the graph's external data): this is the part that must fit in RAM.
+    """
+
+    def __enter__(self) -> "AnonPeak":
+        import threading
+
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while True:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    self.peak = max(self.peak, int(line.split()[1]) * 1024)
+            if self._stop.wait(0.05):
+                return
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def weights_bytes(model: Path) -> int:
     """Bytes of a model folder's safetensors (what `peak RSS / weights` is set against)."""
     return sum(p.stat().st_size for p in Path(model).glob("*.safetensors"))
@@ -314,6 +342,7 @@ def trt_llm(
     max_context: Annotated[Optional[int], typer.Option(help="Positions the engine serves [default: the planner's choice].")] = None,
     flavour: Annotated[str, typer.Option(help="TensorRT flavour: auto, tensorrt, tensorrt_rtx.")] = "auto",
     compute_capability: Annotated[Optional[list[str]], typer.Option(help="TensorRT for RTX target, e.g. 8.6 (repeatable) [default: its defaults].")] = None,
+    one_llm_profile: Annotated[bool, typer.Option(help="Build the engine with the prefill profile only (fastslm-export --trt-one-llm-profile).")] = False,
     record: Annotated[Path, typer.Option(help="JSON-lines file the rows are appended to.")] = RECORD,
 ) -> None:
     """The fp16 LLM graph of trt-fp16 (streamed from the model folder as fastslm-export writes it), then its TensorRT engine.
@@ -350,21 +379,26 @@ def trt_llm(
             return
         q = config.qwen3
         plan = plan_profiles(tokens_per_window=config.tokens_per_window, window_bytes=1,
-                             max_position_embeddings=q.max_position_embeddings, max_context=max_context)  # fmt: skip
+                             max_position_embeddings=q.max_position_embeddings, max_context=max_context,
+                             one_llm_profile=one_llm_profile)  # fmt: skip
         inputs, _ = read_io(graph)
         start, cpu = time.perf_counter(), time.process_time()
-        entry = build_engine(graph, workdir / "llm.engine", graph="llm", declared_inputs=[(t["name"], t["shape"]) for t in inputs],
+        with AnonPeak() as anon:
+            entry = build_engine(graph, workdir / "llm.engine", graph="llm", declared_inputs=[(t["name"], t["shape"]) for t in inputs],
                              profiles=plan.for_graph("llm"), options=BuildOptions(
                                  flavour=flavour, progress=False, compute_capabilities=tuple(compute_capability or ())),
-                             precision=("fp16",))  # fmt: skip
+                                 precision=("fp16",))  # fmt: skip
         fp16_bytes = 2 * sum(int(np.prod(s)) for name, (s, _) in _llm_parameters(config).items())
         targets = f", compute capability {' '.join(compute_capability)}" if compute_capability else ""
+        targets += ", one profile (prefill)" if one_llm_profile else ", profiles prefill + decode"
         _record(record, {"label": f"TensorRT fp16 LLM engine build, {q.num_layers} layers{targets}",
                          "command": command + (f" --max-context {max_context}" if max_context else "") + f" --flavour {flavour}"
-                         + "".join(f" --compute-capability {c}" for c in compute_capability or ()),
+                         + "".join(f" --compute-capability {c}" for c in compute_capability or ())
+                         + (" --one-llm-profile" if one_llm_profile else ""),
                          "wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(time.process_time() - cpu, 1),
                          "peak_rss_bytes": peak_rss_bytes(), "output_bytes": entry["bytes"], "llm_fp16_weights_bytes": fp16_bytes,
                          "peak_rss_over_llm_fp16_weights": round(peak_rss_bytes() / fp16_bytes, 3),
+                         "peak_anon_rss_bytes": anon.peak,
                          "max_context": plan.max_context, "build_seconds": entry["build_seconds"]})  # fmt: skip
 
 

@@ -269,6 +269,46 @@ def _write_atomic(path: Path, data: bytes | memoryview) -> None:
     os.replace(tmp, path)
 
 
+def _build_to_file(trt: ModuleType, builder: Any, network: Any, config: Any, path: Path) -> tuple[bool, OSError | None]:
+    """Build and serialize the engine into `path`: (built, the file's write error if any).
+
+    Where the builder takes a stream writer (TensorRT for RTX, recent TensorRT 10), the engine goes
+    to the file without one more host buffer the size of the engine (docs/SCALE.md has the peak
+    RSS it saves); older releases return that buffer, which is written here.
+    """
+    if not (hasattr(builder, "build_serialized_network_to_stream") and hasattr(trt, "IStreamWriter")):
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            return False, None
+        try:
+            path.write_bytes(memoryview(serialized))
+        except OSError as exc:
+            return False, exc
+        return True, None
+
+    class FileWriter(trt.IStreamWriter):
+        def __init__(self, file: Any) -> None:
+            trt.IStreamWriter.__init__(self)
+            self.file, self.error = file, None
+
+        def write(self, data: Any) -> int:
+            view, done = memoryview(data), 0
+            try:
+                while done < len(view):  # one write() moves at most 2 GiB on Linux
+                    wrote = self.file.write(view[done:])
+                    if not wrote:
+                        break
+                    done += wrote
+            except OSError as exc:
+                self.error = exc
+            return done  # a short count makes TensorRT stop the build
+
+    with open(path, "wb", buffering=0) as file:  # unbuffered: a full disk fails the write it happens in
+        writer = FileWriter(file)
+        built = builder.build_serialized_network_to_stream(network, config, writer)
+    return bool(built) and writer.error is None, writer.error
+
+
 def _configure(trt: ModuleType, flavour: str, builder: Any, options: BuildOptions) -> tuple[Any, Any]:
     config = builder.create_builder_config()
     mib = 1 << 20
@@ -356,21 +396,28 @@ def build_engine(
     monitor = _make_progress(trt, f"TensorRT {graph}", options.progress)
     if hasattr(config, "progress_monitor") and not isinstance(monitor, _Spinner):
         config.progress_monitor = monitor
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = engine_path.with_name(engine_path.name + ".partial")
     start = time.perf_counter()
     try:
-        serialized = builder.build_serialized_network(network, config)
+        built, write_error = _build_to_file(trt, builder, network, config, partial)
+    except BaseException:  # interrupted: no half-written engine stays behind
+        partial.unlink(missing_ok=True)
+        raise
     finally:
         monitor.close()
     seconds = time.perf_counter() - start
     del parser  # the network's weights may be freed now
-    if serialized is None:
+    if not built:
+        partial.unlink(missing_ok=True)
+        if write_error is not None:
+            raise EngineBuildError(f"could not write the {graph} engine to {engine_path.parent}: {write_error}; free some disk space")
         reason = "; ".join(_one_line(m) for m in logger.errors[-2:]) or "no reason given"
         raise EngineBuildError(
             f"{FLAVOUR_NAMES[flavour]} {trt.__version__} could not build the {graph} engine from {onnx_path.name}: {reason}; "
             "try a larger --trt-workspace, or re-export the graph"
         )
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(engine_path, memoryview(serialized))
+    os.replace(partial, engine_path)
     if cache is not None and options.timing_cache:
         _write_atomic(options.timing_cache, memoryview(cache.serialize()))
 
@@ -450,6 +497,7 @@ def engine_manifest(
             "max_windows_source": plan.max_windows_source,
             "max_context": plan.max_context,
             "prefill_chunk": plan.prefill_chunk,
+            "llm_profiles": [p.name for p in plan.for_graph("llm")],
         },
         "engines": engines,
     }
@@ -471,6 +519,7 @@ def build_engines(
     max_windows: int | None = None,
     max_context: int | None = None,
     prefill_chunk: int | None = None,
+    one_llm_profile: bool = False,
     out_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Build audio_tower.engine and llm.engine from the ONNX graphs in `folder`; write engines.json.
@@ -501,6 +550,7 @@ def build_engines(
         prefill_chunk=prefill_chunk,
         device_memory=gpu.total_memory if gpu else None,
         device_name=gpu.name if gpu else None,
+        one_llm_profile=one_llm_profile,
     )
     if plan.max_context_source != "option":
         print(f"TensorRT: the LLM engine serves {plan.max_context} positions ({plan.max_context_source})", file=sys.stderr)

@@ -8,6 +8,7 @@ whole story, and the builder and the runtime both read them:
     audio_tower   windows   1 .. N                    N = --trt-max-windows, default fitted to the device memory
     llm prefill   seq 1 .. prefill_chunk, past 0 .. max_context - 1, batch 1, keep 1
     llm decode    seq 1,                  past 0 .. max_context - 1, batch 1, keep 1
+                  (left out with one_llm_profile: decode then runs on the prefill profile)
 
 The runtime splits a longer prompt into prefill_chunk pieces (TensorRT-LLM's chunked
 context), so the prefill activations stay bounded however long the audio is, and keeps
@@ -102,19 +103,25 @@ def audio_profiles(max_windows: int) -> list[Profile]:
     return [Profile("windows", {"windows": DimRange(1, min(4, max_windows), max_windows)})]
 
 
-def llm_profiles(max_context: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> list[Profile]:
-    """Two profiles, prefill first: TensorRT uses profile 0 unless told otherwise."""
+def llm_profiles(max_context: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, one_profile: bool = False) -> list[Profile]:
+    """Two profiles, prefill first: TensorRT uses profile 0 unless told otherwise.
+
+    `one_profile` keeps only prefill, whose seq range starts at 1, so it serves decode too. Each
+    profile holds its own copy of the decoder's weights in a TensorRT for RTX engine (measured:
+    a published-width layer's 0.2 GB twice in the engine with two profiles, once with one), and
+    the builder's memory grows with them; docs/SCALE.md has the numbers.
+    """
     if max_context < 2:
         raise OptionError(f"--trt-max-context must be at least 2, got {max_context}")
     if not 1 <= prefill_chunk <= max_context:
         raise OptionError(f"--trt-prefill-chunk must be in 1..max context ({max_context}), got {prefill_chunk}")
     one = DimRange(1, 1, 1)
     last = max_context - 1  # the past before the newest position
-    return [
-        Profile("prefill", {"batch": one, "keep": one, "seq": DimRange(1, min(256, prefill_chunk), prefill_chunk),
-                            "past": DimRange(0, 0, last)}),
-        Profile("decode", {"batch": one, "keep": one, "seq": one, "past": DimRange(0, min(1024, last), last)}),
-    ]
+    prefill = Profile("prefill", {"batch": one, "keep": one, "seq": DimRange(1, min(256, prefill_chunk), prefill_chunk),
+                                  "past": DimRange(0, 0, last)})
+    if one_profile:
+        return [prefill]
+    return [prefill, Profile("decode", {"batch": one, "keep": one, "seq": one, "past": DimRange(0, min(1024, last), last)})]
 
 
 @dataclass(frozen=True)
@@ -126,12 +133,13 @@ class ProfilePlan:
     prefill_chunk: int
     max_windows_source: str  # "option", "device <name>", or "assumed 8 GiB device"
     max_context_source: str = "option"  # "option", "1 h of audio", or why the default was clamped
+    one_llm_profile: bool = False  # the LLM engine without its decode profile (llm_profiles)
 
     def for_graph(self, graph: str) -> list[Profile]:
         if graph == "audio_tower":
             return audio_profiles(self.max_windows)
         if graph == "llm":
-            return llm_profiles(self.max_context, self.prefill_chunk)
+            return llm_profiles(self.max_context, self.prefill_chunk, self.one_llm_profile)
         raise OptionError(f"no TensorRT profiles are defined for graph {graph!r}")
 
 
@@ -145,6 +153,7 @@ def plan_profiles(
     prefill_chunk: int | None = None,
     device_memory: int | None = None,
     device_name: str | None = None,
+    one_llm_profile: bool = False,
 ) -> ProfilePlan:
     if max_windows is not None:
         source = "option"
@@ -167,4 +176,4 @@ def plan_profiles(
     chunk = prefill_chunk or min(DEFAULT_PREFILL_CHUNK, max_context)
     # Validate now, with the option names, rather than at build time.
     audio_profiles(max_windows), llm_profiles(max_context, chunk)
-    return ProfilePlan(max_windows, max_context, chunk, source, context_source)
+    return ProfilePlan(max_windows, max_context, chunk, source, context_source, one_llm_profile)

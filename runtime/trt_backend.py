@@ -260,7 +260,9 @@ class TrtBackend:
         if "logits_index" not in llm.names:
             raise ModelFileError("the llm engine has no logits_index input: it was built from an old bundle; "
                                  + rebuild_hint({}))
-        self._prefill, self._decode = llm_profiles["prefill"], llm_profiles["decode"]
+        # An engine built with one LLM profile (--trt-one-llm-profile) decodes on the prefill profile.
+        self._prefill = llm_profiles["prefill"]
+        self._decode = llm_profiles.get("decode", self._prefill)
         self.prefill_chunk = llm.profile_shape("inputs_embeds", self._prefill)[2][1]
         self._embeds_dtype, self._kv_dtype = llm.dtype("inputs_embeds"), llm.dtype(kv_input_name(0, "key"))
         self._embeds = self._pool.take(self.prefill_chunk * h * self._embeds_dtype.itemsize)

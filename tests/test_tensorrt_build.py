@@ -81,6 +81,16 @@ def test_llm_profiles_prefill_then_decode():
     assert prefill.shapes(llm_inputs())["position_ids"] == ((1, 1), (1, 256), (1, 1024))
 
 
+def test_one_llm_profile_is_prefill_serving_single_tokens_too():
+    (prefill,) = llm_profiles(max_context=6768, prefill_chunk=1024, one_profile=True)
+    assert prefill == llm_profiles(max_context=6768, prefill_chunk=1024)[0]
+    assert prefill.dims["seq"].min == 1  # decode's single tokens fit it
+    plan = plan_profiles(tokens_per_window=64, window_bytes=1, max_position_embeddings=40960, one_llm_profile=True)
+    assert [p.name for p in plan.for_graph("llm")] == ["prefill"]
+    assert [p.name for p in plan_profiles(tokens_per_window=64, window_bytes=1, max_position_embeddings=40960)
+            .for_graph("llm")] == ["prefill", "decode"]
+
+
 def test_default_sizes_hold_one_hour_and_fit_memory():
     assert default_max_context(50) == 120 * 50 + 256 + 512 == 6768
     large_v3 = audio_window_bytes(n_ctx=1500, width=1280, n_heads=20)
@@ -297,11 +307,11 @@ def tiny_graphs(tmp_path_factory) -> dict[str, Path]:
     return graphs
 
 
-def build(graph_file: Path, engine: Path, graph: str, precision=("fp16",), **options):
+def build(graph_file: Path, engine: Path, graph: str, precision=("fp16",), one_profile=False, **options):
     from fastslm.export.tensorrt_build import BuildOptions, build_engine
 
     inputs = audio_inputs() if graph == "audio_tower" else llm_inputs()
-    profiles = audio_profiles(4) if graph == "audio_tower" else llm_profiles(max_context=64, prefill_chunk=16)
+    profiles = audio_profiles(4) if graph == "audio_tower" else llm_profiles(64, 16, one_profile)
     options.setdefault("progress", False)
     return build_engine(graph_file, engine, graph=graph, declared_inputs=inputs, profiles=profiles,
                         options=BuildOptions(**options), precision=precision)
@@ -352,6 +362,30 @@ def test_llm_engine_builds_with_prefill_and_decode_profiles(tiny_graphs, tmp_pat
     assert_profiles_match_tables(record, llm_profiles(max_context=64, prefill_chunk=16), llm_inputs())
     decode = record["profiles"][1]["tensorrt_shapes"]["past_key_values.0.key"]
     assert decode == [[1, KV, 0, HD], [1, KV, 63, HD], [1, KV, 63, HD]]
+
+
+@needs_trt
+@pytest.mark.slow
+def test_llm_engine_with_one_profile_is_streamed_to_its_file(tiny_graphs, tmp_path):
+    record = build(tiny_graphs["llm_fp16"], tmp_path / "llm.engine", "llm", one_profile=True)
+    assert_profiles_match_tables(record, llm_profiles(64, 16, one_profile=True), llm_inputs())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llm.engine"]  # no .partial left behind
+    assert record["bytes"] == (tmp_path / "llm.engine").stat().st_size > 0
+    two = build(tiny_graphs["llm_fp16"], tmp_path / "two.engine", "llm")
+    assert len(two["profiles"]) == 2
+
+
+@needs_trt
+@pytest.mark.slow
+def test_an_engine_that_cannot_be_written_is_one_line_and_leaves_no_file(tiny_graphs, tmp_path, monkeypatch):
+    import fastslm.export.tensorrt_build as tensorrt_build
+    from fastslm.export.tensorrt_build import EngineBuildError
+
+    real_open = open
+    monkeypatch.setattr(tensorrt_build, "open", lambda path, mode, **kw: real_open("/dev/full", mode, **kw), raising=False)
+    with pytest.raises(EngineBuildError, match=r"^could not write the llm engine to .*No space left on device.*free some disk space$"):
+        build(tiny_graphs["llm_fp16"], tmp_path / "llm.engine", "llm", one_profile=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 @needs_trt
@@ -624,6 +658,26 @@ def test_backend_chunks_prefill_decodes_and_reuses_buffers(host_backend, tiny_gr
 
     with pytest.raises(OptionError, match="need 65 positions, the engines hold 64: rebuild them with a larger --trt-max-context"):
         backend.decode(np.zeros((21, H), np.float32), cache)
+
+
+@pytest.mark.slow
+def test_backend_decodes_on_the_prefill_profile_of_a_one_profile_engine(tiny_graphs):
+    from fastslm.runtime.bundle import ModelDims
+    from fastslm.runtime.trt_backend import TrtBackend
+
+    audio = OrtRunner(tiny_graphs["audio_tower_fp32"], audio_profiles(2), audio_inputs())
+    llm = OrtRunner(tiny_graphs["llm_fp32"], llm_profiles(64, 16, one_profile=True), llm_inputs())
+    dims = ModelDims("tiny", N_MELS, Q, H, 334, LAYERS, KV, HD, 4096)
+    table = np.zeros((334, H), np.float32)
+    backend = TrtBackend(device=HostDevice(), audio=audio, llm=llm, dims=dims, embed_table=table, max_context=64,
+                         llm_profiles={"prefill": 0})
+    embeds = np.random.default_rng(2).standard_normal((20, H)).astype(np.float32) * 0.05
+    want = reference_logits(tiny_graphs["llm_fp32"], embeds)
+    logits, cache = backend.decode(embeds[:18], backend.empty_cache())
+    for t in (18, 19):
+        logits, cache = backend.decode(embeds[t : t + 1], cache)
+        np.testing.assert_allclose(logits, want[t], atol=1e-4)
+    assert [(p, s[1]) for p, s in llm.runs] == [(0, 16), (0, 2), (0, 1), (0, 1)]
 
 
 @pytest.mark.slow

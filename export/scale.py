@@ -391,7 +391,7 @@ def trt_llm(
         fp16_bytes = 2 * sum(int(np.prod(s)) for name, (s, _) in _llm_parameters(config).items())
         targets = f", compute capability {' '.join(compute_capability)}" if compute_capability else ""
         targets += ", one profile (prefill)" if one_llm_profile else ", profiles prefill + decode"
-        _record(record, {"label": f"TensorRT fp16 LLM engine build, {q.num_layers} layers{targets}",
+        _record(record, {"label": f"TensorRT {'+'.join(entry['precisions'])} LLM engine build, {q.num_layers} layers{targets}",
                          "command": command + (f" --max-context {max_context}" if max_context else "") + f" --flavour {flavour}"
                          + "".join(f" --compute-capability {c}" for c in compute_capability or ())
                          + (" --one-llm-profile" if one_llm_profile else ""),

@@ -521,7 +521,8 @@ def test_engine_manifest_round_trip_and_check(tiny_graphs, tmp_path):
     assert back == json.loads((tmp_path / ENGINE_MANIFEST_FILE).read_text()) == m
     assert back["tensorrt"] == {"flavour": "tensorrt_rtx", "version": trt.__version__}
     assert back["device"]["aot"] is True and back["device"]["target_compute_capabilities"] == "default"
-    assert back["limits"] == {"max_windows": 4, "max_windows_source": "option", "max_context": 64, "prefill_chunk": 16}
+    assert back["limits"] == {"max_windows": 4, "max_windows_source": "option", "max_context": 64, "prefill_chunk": 16,
+                              "llm_profiles": ["prefill", "decode"]}
     assert set(back["engines"]) == {"audio_tower", "llm"}
     check_engine_manifest(back, TrtEnvironment(flavour, trt.__version__, DeviceFacts("RTX 4090", "8.9", 24 << 30)))
     with pytest.raises(EngineMismatchError, match="rebuild the engines on this machine"):

@@ -9,7 +9,8 @@ The decoder graph writes `present = concat(past, new)` to new memory, so each st
 cache from one pool buffer per layer and writes the longer cache into another; the old buffer
 goes back to the pool when the old `KVCache` is dropped (or stays, if the caller keeps it as a
 reusable prefix). Only the logits of the last position come back to the host. Prompts longer
-than the prefill profile run in chunks; single tokens use the decode profile.
+than the prefill profile run in chunks; single tokens use the decode profile (the prefill
+profile, in an engine built with one LLM profile).
 
 Device memory goes through cuda-python (`cuda.bindings.runtime`, `pip install 'fastslm[trt]'`),
 which brings its own CUDA runtime, so a GPU driver is all the machine needs besides TensorRT.

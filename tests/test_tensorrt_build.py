@@ -758,7 +758,7 @@ def test_engines_for_an_exported_bundle(tmp_path):
     bundle = tmp_path / "bundle"
     ort_bundle = tmp_path / "ort-bundle"
     bundle_writer.export_bundle(bundle_writer.ExportOptions(model=tmp_path / "model", out=ort_bundle, target="onnx-fp16",
-                                                            progress=False))
+                                                            decoder_cache="in-place", progress=False))
     from fastslm.export.tensorrt_build import OnnxParseError
 
     with pytest.raises(OnnxParseError, match="ONNX Runtime graph .*--target trt-fp16"):

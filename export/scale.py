@@ -245,7 +245,7 @@ def llm_decode(
     runtime runs it: exact-length past in, present copied out.
     """
     with reported_in_one_line("scale llm-decode"):
-        from ..export.graphs import llm_spec
+        from ..export.graphs import audio_tower_spec, llm_spec
         from ..export.streamed import fill_weights, trace_structure
         from ..models.fastslm import read_config
         from ..models.weights import SafetensorsFolder
@@ -343,6 +343,7 @@ def trt_llm(
     flavour: Annotated[str, typer.Option(help="TensorRT flavour: auto, tensorrt, tensorrt_rtx.")] = "auto",
     compute_capability: Annotated[Optional[list[str]], typer.Option(help="TensorRT for RTX target, e.g. 8.6 (repeatable) [default: its defaults].")] = None,
     one_llm_profile: Annotated[bool, typer.Option(help="Build the engine with the prefill profile only (fastslm-export --trt-one-llm-profile).")] = False,
+    graph_name: Annotated[str, typer.Option("--graph", help="llm, or audio_tower (its engine instead; --workdir then holds audio_tower.onnx).")] = "llm",
     record: Annotated[Path, typer.Option(help="JSON-lines file the rows are appended to.")] = RECORD,
 ) -> None:
     """The fp16 LLM graph of trt-fp16 (streamed from the model folder as fastslm-export writes it), then its TensorRT engine.
@@ -351,26 +352,31 @@ def trt_llm(
     build row's peak RSS is the builder's own (plus the interpreter and TensorRT's libraries).
     """
     with reported_in_one_line("scale trt-llm"):
-        from ..export.graphs import llm_spec
+        from ..export.graphs import audio_tower_spec, llm_spec
         from ..export.onnx_export import read_io
         from ..export.streamed import fill_weights, trace_structure
         from ..export.tensorrt_build import BuildOptions, build_engine
-        from ..export.trt_profiles import plan_profiles
+        from ..export.trt_profiles import audio_window_bytes, plan_profiles
         from ..models.fastslm import read_config
         from ..models.weights import SafetensorsFolder
         import torch
 
         config = read_config(model)
-        spec = llm_spec(config)  # TensorRT's form: past and new concatenated, no ONNX Runtime op
+        if graph_name not in ("llm", "audio_tower"):
+            raise OptionError(f"--graph must be llm or audio_tower, got {graph_name!r}")
+        # The LLM in TensorRT's form: past and new concatenated, no ONNX Runtime op.
+        spec = llm_spec(config) if graph_name == "llm" else audio_tower_spec(config)
+        layers = config.qwen3.num_layers if graph_name == "llm" else config.whisper.n_layers
         workdir.mkdir(parents=True, exist_ok=True)
         graph = workdir / spec.file
-        command = f"python -m fastslm.export.scale trt-llm --model {model} --workdir {workdir}"
+        command = f"python -m fastslm.export.scale trt-llm --model {model} --workdir {workdir}" + (
+            f" --graph {graph_name}" if graph_name != "llm" else "")
         if not graph.is_file():
             start, cpu = time.perf_counter(), time.process_time()
             weights = trace_structure(spec, config, workdir / "structure.onnx", torch.float16, fold_constants=True)
             fill_weights(workdir / "structure.onnx", graph, SafetensorsFolder(model), config, weights)
             (workdir / "structure.onnx").unlink()
-            _record(record, {"label": f"fp16 LLM graph for TensorRT, {config.qwen3.num_layers} layers, streamed",
+            _record(record, {"label": f"fp16 {graph_name} graph for TensorRT, {layers} layers, streamed",
                              "command": command + " --graph-only", "wall_s": round(time.perf_counter() - start, 1),
                              "cpu_s": round(time.process_time() - cpu, 1), "peak_rss_bytes": peak_rss_bytes(),
                              "output_bytes": disk_bytes(graph) + disk_bytes(graph.with_name(graph.name + ".data"))})  # fmt: skip
@@ -378,26 +384,32 @@ def trt_llm(
         if graph_only:
             return
         q = config.qwen3
-        plan = plan_profiles(tokens_per_window=config.tokens_per_window, window_bytes=1,
+        w = config.whisper
+        plan = plan_profiles(tokens_per_window=config.tokens_per_window, window_bytes=audio_window_bytes(w.n_ctx, w.width, w.n_heads),
                              max_position_embeddings=q.max_position_embeddings, max_context=max_context,
                              one_llm_profile=one_llm_profile)  # fmt: skip
         inputs, _ = read_io(graph)
         start, cpu = time.perf_counter(), time.process_time()
         with AnonPeak() as anon:
-            entry = build_engine(graph, workdir / "llm.engine", graph="llm", declared_inputs=[(t["name"], t["shape"]) for t in inputs],
-                             profiles=plan.for_graph("llm"), options=BuildOptions(
+            entry = build_engine(graph, workdir / f"{graph_name}.engine", graph=graph_name,
+                                 declared_inputs=[(t["name"], t["shape"]) for t in inputs],
+                                 profiles=plan.for_graph(graph_name), options=BuildOptions(
                                  flavour=flavour, progress=False, compute_capabilities=tuple(compute_capability or ())),
                                  precision=("fp16",))  # fmt: skip
-        fp16_bytes = 2 * sum(int(np.prod(s)) for name, (s, _) in _llm_parameters(config).items())
+        if graph_name == "llm":
+            fp16_bytes = 2 * sum(int(np.prod(s)) for name, (s, _) in _llm_parameters(config).items())
+        else:  # the graph's external data: its fp16 weights
+            fp16_bytes = disk_bytes(graph.with_name(graph.name + ".data"))
         targets = f", compute capability {' '.join(compute_capability)}" if compute_capability else ""
-        targets += ", one profile (prefill)" if one_llm_profile else ", profiles prefill + decode"
-        _record(record, {"label": f"TensorRT {'+'.join(entry['precisions'])} LLM engine build, {q.num_layers} layers{targets}",
+        if graph_name == "llm":
+            targets += ", one profile (prefill)" if one_llm_profile else ", profiles prefill + decode"
+        _record(record, {"label": f"TensorRT {'+'.join(entry['precisions'])} {graph_name} engine build, {layers} layers{targets}",
                          "command": command + (f" --max-context {max_context}" if max_context else "") + f" --flavour {flavour}"
                          + "".join(f" --compute-capability {c}" for c in compute_capability or ())
                          + (" --one-llm-profile" if one_llm_profile else ""),
                          "wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(time.process_time() - cpu, 1),
-                         "peak_rss_bytes": peak_rss_bytes(), "output_bytes": entry["bytes"], "llm_fp16_weights_bytes": fp16_bytes,
-                         "peak_rss_over_llm_fp16_weights": round(peak_rss_bytes() / fp16_bytes, 3),
+                         "peak_rss_bytes": peak_rss_bytes(), "output_bytes": entry["bytes"], f"{graph_name}_fp16_weights_bytes": fp16_bytes,
+                         f"peak_rss_over_{graph_name}_fp16_weights": round(peak_rss_bytes() / fp16_bytes, 3),
                          "peak_anon_rss_bytes": anon.peak,
                          "max_context": plan.max_context, "build_seconds": entry["build_seconds"]})  # fmt: skip
 

@@ -11,6 +11,7 @@ docs/SCALE.md has the full-size measurements.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,16 @@ def test_random_init_refuses_bad_options(tmp_path):
 
 
 @pytest.mark.slow
+def test_anon_peak_sees_memory_the_process_touched_and_freed():
+    from fastslm.export.scale import AnonPeak
+
+    with AnonPeak() as anon:
+        block = np.ones(256 << 20, np.uint8)  # 256 MiB of anonymous pages, every one touched
+        time.sleep(0.3)  # a few sampling periods
+        del block
+    assert anon.peak >= 256 << 20
+
+
 def test_published_width_exports_to_int4_and_runs(tmp_path, jfk_path):
     """1 encoder + 1 LLM layer at full width and vocabulary: convert, onnx-int4 (LLM streamed), run."""
     from fastslm.calibration.build import QuantOptions

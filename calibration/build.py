@@ -37,7 +37,7 @@ from ..runtime.errors import OptionError
 from ..runtime.onnx_backend import OnnxBackend, session_options
 from .data import DEFAULT_MAX_WINDOWS, CalibrationSet, collect
 from .gates import GateRow, GateThresholds, eval_items, run_gates, unseen_by_calibration
-from .qdq import find_layers, insert_int8_qdq, insert_weight_only, load_graph, save_graph
+from .qdq import INT4_BLOCK, find_layers, insert_int8_qdq, insert_weight_only, load_graph, save_graph
 from .ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS, RANGES_FILE, Ranges, collect_ranges, weights_fingerprint
 
 # Every calibrated target has an INT8 audio tower; its LLM weights take these bits.
@@ -97,7 +97,7 @@ class QuantOptions:
     max_float_layers: int | None = None  # None: at most a quarter of the layers
     keep_float: tuple[str, ...] = ()  # audio-tower layers that stay float regardless
     llm_bits: int | None = None  # None: the target's
-    block_size: int = 32  # INT4 block along K
+    block_size: int = INT4_BLOCK  # INT4 block along K
     llm_keep_float: tuple[str, ...] = ()  # LLM layers (e.g. llm.lm_head) that keep float weights
     thresholds: GateThresholds = field(default_factory=GateThresholds)
     escalate: bool = True  # an audio-tower gate missed: keep more sensitive layers float and gate again

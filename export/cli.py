@@ -19,7 +19,7 @@ _QUANT_FLAGS = {
     "--eval-corpus": "eval_corpus", "--override-gates": "override_gates",
 }  # fmt: skip
 _DEFAULTS = {"range_method": "percentile", "percentile": 99.99, "sensitivity_windows": 4, "target_cosine": 0.999,
-             "block_size": 32, "gate_windows": 16, "wer_items": 50}  # fmt: skip
+             "gate_windows": 16, "wer_items": 50}  # fmt: skip
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -50,7 +50,7 @@ def export(
     target_cosine: Annotated[float, typer.Option(help="Keep the most sensitive audio-tower layers float until its speech tokens reach this cosine.", rich_help_panel=_Q)] = 0.999,
     keep_float: Annotated[Optional[list[str]], typer.Option(help="Audio-tower layer (module path) that stays float (repeatable).", rich_help_panel=_Q)] = None,
     llm_bits: Annotated[Optional[int], typer.Option(help="trt-int8: LLM weights in 8 or 4 bits (default 8).", rich_help_panel=_Q)] = None,
-    block_size: Annotated[int, typer.Option(help="INT4 weights: block length along the input dimension.", rich_help_panel=_Q)] = 32,
+    block_size: Annotated[Optional[int], typer.Option(help="INT4 weights: rows per scale along the input dimension [default: 128, TensorRT-LLM's group size; 32 is more exact and decodes slower].", rich_help_panel=_Q, show_default=False)] = None,
     llm_keep_float: Annotated[Optional[list[str]], typer.Option(help="LLM layer (e.g. llm.lm_head) that keeps float weights (repeatable).", rich_help_panel=_Q)] = None,
     gate_windows: Annotated[int, typer.Option(help="Calibration windows the cosine and top-1 gates run on.", rich_help_panel=_Q)] = 16,
     wer_items: Annotated[int, typer.Option(help="Utterances of the demo eval subset for the WER gate (0: off).", rich_help_panel=_Q)] = 50,
@@ -91,7 +91,7 @@ def export(
                 target_cosine=target_cosine,
                 keep_float=tuple(keep_float or ()),
                 llm_bits=llm_bits,
-                block_size=block_size,
+                **({"block_size": block_size} if block_size is not None else {}),
                 llm_keep_float=tuple(llm_keep_float or ()),
                 gate_windows=gate_windows,
                 wer_items=wer_items,

@@ -28,6 +28,7 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
+from ..calibration.qdq import INT4_BLOCK
 from ..runtime.errors import OptionError, reported_in_one_line
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -237,6 +238,7 @@ def llm_decode(
     graph_only: Annotated[bool, typer.Option(help="Write the graph (2 GB of RAM) and stop before the timed session (6 GB).")] = False,
     profile: Annotated[bool, typer.Option(help="Also record the timed steps' milliseconds per ONNX Runtime operator type (profiling slows them).")] = False,
     copy_cache: Annotated[bool, typer.Option(help="Feed exact-length past tensors (the graph copies them into present) even where the graph can keep the cache in place.")] = False,
+    block_size: Annotated[int, typer.Option(help="INT4 block length along the input dimension (fastslm-export --block-size); used when the graph is written.")] = INT4_BLOCK,
     record: Annotated[Path, typer.Option(help="JSON-lines file the rows are appended to.")] = RECORD,
 ) -> None:
     """The INT4 LLM graph alone (streamed from the model folder as fastslm-export writes it), then decode on the CPU.
@@ -266,7 +268,8 @@ def llm_decode(
         if not graph.is_file():
             start, cpu = time.perf_counter(), time.process_time()
             weights = trace_structure(spec, config, workdir / "structure.onnx", torch.float32)
-            fill_weights(workdir / "structure.onnx", graph, SafetensorsFolder(model), config, weights, bits=4)
+            fill_weights(workdir / "structure.onnx", graph, SafetensorsFolder(model), config, weights, bits=4,
+                         block_size=block_size)
             _record(record, {"label": "INT4 LLM graph, streamed (trace + fill)", "command": command,
                              "wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(time.process_time() - cpu, 1),
                              "peak_rss_bytes": peak_rss_bytes(),

@@ -35,7 +35,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from ..calibration.qdq import BLOCK_OPSET, INT8_MAX, module_path, pack_int4, quantize_blocks, quantize_per_channel
+from ..calibration.qdq import BLOCK_OPSET, INT4_BLOCK, INT8_MAX, module_path, pack_int4, quantize_blocks, quantize_per_channel
 from ..models.fastslm import FastSLM, FastSLMConfig
 from ..models.qwen3 import Qwen3DecoderLayer, RMSNorm, rope_cos_sin, rope_frequencies
 from ..models.weights import SafetensorsFolder
@@ -169,7 +169,7 @@ def _stored_name(name: str, config: FastSLMConfig) -> str:
 
 def fill_weights(
     structure: Path, out: Path, store: SafetensorsFolder, config: FastSLMConfig, weights: dict,
-    *, bits: int | None = None, block_size: int = 32, keep_float: frozenset[str] | set[str] = frozenset(),
+    *, bits: int | None = None, block_size: int = INT4_BLOCK, keep_float: frozenset[str] | set[str] = frozenset(),
     progress: Callable[[int], None] | None = None,
 ) -> StreamReport:  # fmt: skip
     """Write `out` (+ `out`.data): the traced `structure` with every weight it names read from `store`."""
@@ -320,7 +320,7 @@ def quantized_precision(bits: int | None, float_precision: str) -> str:
 # The PyTorch reference, one layer in memory at a time
 
 
-def dequantized(w: torch.Tensor, bits: int | None, block_size: int = 32) -> torch.Tensor:
+def dequantized(w: torch.Tensor, bits: int | None, block_size: int = INT4_BLOCK) -> torch.Tensor:
     """A torch (N, K) Linear weight as the graph computes with it: quantized as `fill_weights` writes it, then dequantized."""
     if bits is None:
         return w.to(torch.float32)
@@ -336,7 +336,7 @@ def dequantized(w: torch.Tensor, bits: int | None, block_size: int = 32) -> torc
 
 
 def _load_module(module: torch.nn.Module, store: SafetensorsFolder, prefix: str, bits: int | None = None,
-                 block_size: int = 32, keep_float: frozenset[str] = frozenset()) -> torch.nn.Module:  # fmt: skip
+                 block_size: int = INT4_BLOCK, keep_float: frozenset[str] = frozenset()) -> torch.nn.Module:  # fmt: skip
     tensors = {}
     for name, p in module.named_parameters():
         w = store.get(prefix + name)
@@ -348,7 +348,7 @@ def _load_module(module: torch.nn.Module, store: SafetensorsFolder, prefix: str,
 
 def reference_outputs(store: SafetensorsFolder, config: FastSLMConfig, spec: GraphSpec, cases: tuple[Case, ...],
                       compute: str, progress: Callable[[], None] | None = None, *, bits: int | None = None,
-                      block_size: int = 32, keep_float: frozenset[str] = frozenset()) -> list[tuple[list[np.ndarray], list]]:  # fmt: skip
+                      block_size: int = INT4_BLOCK, keep_float: frozenset[str] = frozenset()) -> list[tuple[list[np.ndarray], list]]:  # fmt: skip
     """Per case: (the inputs fed, the fp32 PyTorch outputs in the spec's order), the decoder run layer by layer.
 
     With `bits`, the Linear weights are the graph's own quantized values (dequantized to fp32):

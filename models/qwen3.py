@@ -161,30 +161,53 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
+@dataclass
+class CacheOpInputs:
+    """What ONNX Runtime's attention op reads beyond q, k, v and the cache (see `cache_attention_op`)."""
+
+    past_length: Tensor  # (B,) int64: cached positions per row
+    position_ids: Tensor  # (B, T) int64
+    cos_cache: Tensor  # (max_positions, hd / 2): cos(position * inv_freq), the op's rotary table
+    sin_cache: Tensor
+
+    @classmethod
+    def for_export(cls, past_length: Tensor, position_ids: Tensor, inv_freq: Tensor, max_positions: int,
+                   dtype: torch.dtype) -> "CacheOpInputs":  # fmt: skip
+        # The table is built from inv_freq inside the graph (ONNX Runtime folds it once at load),
+        # so a bundle stores the 64 frequencies, not max_positions x 64 angles.
+        positions = torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device)
+        angles = positions[:, None] * inv_freq[None, :]  # (max_positions, hd / 2), float32
+        return cls(past_length, position_ids, angles.cos().to(dtype), angles.sin().to(dtype))
+
+
 def cache_attention_op(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor,
-                       past_length: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+                       op: CacheOpInputs) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """ONNX Runtime's GroupQueryAttention in an exported graph: (B, T, h * hd) attention, present keys and values.
 
-    q (B, h, T, hd) and k, v (B, kv, T, hd), rotated and normed; past_length (B,) int64 counts
-    the cached positions. The op appends k, v at rows [past_length, past_length + T) and reads
-    the cache where it lies. Fed past (B, kv, P, hd) of P = past_length rows, its present is
-    past + new as the plain graph's; fed one buffer of any capacity as both past and present
-    (ONNX Runtime IO binding), it writes the new rows into that buffer and copies nothing else,
-    which is what keeps a long context's decode step from copying the whole cache
-    (runtime/onnx_backend.py). Scale 1/sqrt(hd) and the causal offset are the op's defaults.
+    q (B, h, T, hd) and k, v (B, kv, T, hd), normed but not yet rotated: the op rotates q and k
+    itself (rotate-half, from `op`'s tables at `op.position_ids`), which replaces a dozen small
+    element-wise kernels per layer with none. It appends k, v at rows [past_length,
+    past_length + T) and reads the cache where it lies. Fed past (B, kv, P, hd) of P =
+    past_length rows, its present is past + new as the plain graph's; fed one buffer of any
+    capacity as both past and present (ONNX Runtime IO binding), it writes the new rows into that
+    buffer and copies nothing else, which is what keeps a long context's decode step from
+    copying the whole cache (runtime/onnx_backend.py). Scale 1/sqrt(hd) and the causal offset
+    are the op's defaults. The op's own q/k norm inputs would fold the norms in too, but ONNX
+    Runtime's CPU kernel refuses them.
     """
     B, h, T, hd = q.shape
     kv, P = past_k.shape[1], past_k.shape[2]
     flat = lambda t: t.transpose(1, 2).reshape(B, T, t.shape[1] * hd)  # noqa: E731  (B, T, heads * hd)
-    seqlens_k = (past_length + T - 1).to(torch.int32)  # (B,): the op's "total length - 1" per row
-    total = (past_length.max() + T).to(torch.int32)  # scalar
+    seqlens_k = (op.past_length + T - 1).to(torch.int32)  # (B,): the op's "total length - 1" per row
+    total = (op.past_length.max() + T).to(torch.int32)  # scalar
     # query_seqlens (all T rows valid): the op then takes chunks after a past for batches above 1 too.
-    query_seqlens = (past_length * 0 + T).to(torch.int32)
-    optional = [None] * 9  # cos/sin caches, position_ids, attention_bias, head_sink, k/v scales, q/k norms
+    query_seqlens = (op.past_length * 0 + T).to(torch.int32)
+    unused = [None] * 6  # attention_bias, head_sink, k/v scales, q/k norms
     y, present_k, present_v = torch.onnx.ops.symbolic_multi_out(
         "com.microsoft::GroupQueryAttention",
-        [flat(q), flat(k), flat(v), past_k, past_v, seqlens_k, total, *optional, query_seqlens],
-        {"num_heads": h, "kv_num_heads": kv}, dtypes=[q.dtype, past_k.dtype, past_v.dtype],
+        [flat(q), flat(k), flat(v), past_k, past_v, seqlens_k, total, op.cos_cache, op.sin_cache, op.position_ids,
+         *unused, query_seqlens],
+        {"num_heads": h, "kv_num_heads": kv, "do_rotary": 1}, dtypes=[q.dtype, past_k.dtype, past_v.dtype],
         shapes=[(B, T, h * hd), (B, kv, P + T, hd), (B, kv, P + T, hd)], version=1,
     )  # fmt: skip
     return y, present_k, present_v
@@ -224,17 +247,17 @@ class Qwen3Attention(nn.Module):
         self.k_norm = RMSNorm(dims.head_dim, dims.rms_norm_eps)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor, past_v: Tensor, past_length: Tensor | None = None
+        self, x: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor, past_v: Tensor, cache_op: CacheOpInputs | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """past_length (B,) int64: exported for ONNX Runtime as its cache-in-place attention op (else unused)."""
+        """cache_op: exported for ONNX Runtime as its cache-in-place attention op, which rotates q and k itself."""
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, h, T, hd)
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)  # (B, kv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, kv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if past_length is not None and torch.compiler.is_exporting():
-            y, k, v = cache_attention_op(q, k, v, past_k, past_v, past_length)
+        if cache_op is not None:
+            y, k, v = cache_attention_op(q, k, v, past_k, past_v, cache_op)
             return self.o_proj(y), k, v
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         k = torch.cat([past_k, k], dim=2)  # (B, kv, P + T, hd) = present
         v = torch.cat([past_v, v], dim=2)
@@ -272,9 +295,9 @@ class Qwen3DecoderLayer(nn.Module):
         self.mlp = Qwen3MLP(dims)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor, past_v: Tensor, past_length: Tensor | None = None
+        self, x: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor, past_v: Tensor, cache_op: CacheOpInputs | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v, past_length)
+        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v, cache_op)
         x = x + attn  # (B, T, H)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v
@@ -337,10 +360,15 @@ class Qwen3ForCausalLM(nn.Module):
         numbers are the same.
         """
         x = inputs_embeds  # (B, T, H)
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq.to(x.device), x.dtype)  # angles in fp32
+        inv_freq = self.inv_freq.to(x.device)
+        cos = sin = cache_op = None
+        if past_length is not None and torch.compiler.is_exporting():
+            cache_op = CacheOpInputs.for_export(past_length, position_ids, inv_freq, self.dims.max_position_embeddings, x.dtype)
+        else:
+            cos, sin = rope_cos_sin(position_ids, inv_freq, x.dtype)  # angles in fp32
         present_keys, present_values = [], []
         for layer, past_k, past_v in zip(self.model.layers, past_keys, past_values, strict=True):
-            x, k, v = layer(x, cos, sin, past_k, past_v, past_length)
+            x, k, v = layer(x, cos, sin, past_k, past_v, cache_op)
             present_keys.append(k)
             present_values.append(v)
         if logits_index is not None:

@@ -23,7 +23,7 @@ from fastslm.calibration.build import QuantOptions
 from fastslm.calibration.cli import app as calibrate_app
 from fastslm.calibration.data import CalibrationSet
 from fastslm.calibration.gates import GateError, GateThresholds
-from fastslm.calibration.qdq import INT8_MAX, INT16_MAX, integer_kernels, saturating_layers, worst_u8s8_pair_sum
+from fastslm.calibration.qdq import INT4_BLOCK, INT8_MAX, INT16_MAX, integer_kernels, saturating_layers, worst_u8s8_pair_sum
 from fastslm.calibration.ranges import RANGES_FILE, Ranges
 from fastslm.export.bundle_writer import ExportOptions, export_bundle
 from fastslm.export.cli import app as export_app
@@ -219,7 +219,7 @@ def test_int8_bundle_runs_on_the_onnx_runtime_backend(int8, fp32, jfk_path):
 def test_int4_export_blocks_and_gates(int4, tmp_path):
     bundle, manifest, _ = int4
     assert {g: e["precision"] for g, e in manifest["graphs"].items()} == {"audio_tower": "int8", "llm": "int4"}
-    assert manifest["graphs"]["llm"]["opset"] == 21 and manifest["quantization"]["llm"]["block_size"] == 32
+    assert manifest["graphs"]["llm"]["opset"] == 21 and manifest["quantization"]["llm"]["block_size"] == INT4_BLOCK
     gates = rows(manifest)
     assert manifest["quantization"]["gates"]["passed"]
     assert gates["LLM top-1 agreement, INT4 weights"]["value"] >= 0.85
@@ -227,7 +227,7 @@ def test_int4_export_blocks_and_gates(int4, tmp_path):
     inits = {i.name: i for i in llm.graph.initializer}
     dqs = [n for n in llm.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dqs) == 15 and all(inits[n.input[0]].data_type == onnx.TensorProto.INT4 for n in dqs)
-    assert all({a.name: a.i for a in n.attribute} == {"axis": 0, "block_size": 32} for n in dqs)
+    assert all({a.name: a.i for a in n.attribute} == {"axis": 0, "block_size": INT4_BLOCK} for n in dqs)
     assert OnnxBackend.from_bundle(bundle).empty_cache().values[1].dtype == np.float32
 
 

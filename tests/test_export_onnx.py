@@ -196,6 +196,12 @@ def test_llm_graph_reads_the_kv_cache_where_it_lies(external_bundle, tmp_path):
         assert writer.op_type == "GroupQueryAttention" and past in writer.input, (name, writer.op_type)
         assert readers.get(name, set()) - {"Shape"} == set(), (name, readers[name])
         assert readers[past] - {"Shape"} == {"GroupQueryAttention"}, (past, readers[past])
+    # Rotary positions are the op's own (do_rotary, from a cos/sin table ONNX Runtime folds at
+    # load): a step computes no angles and no rotate-half, which were 12 kernels a layer.
+    attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert attention and all({a.name: a.i for a in n.attribute}.get("do_rotary") == 1 for n in attention)
+    ops = {n.op_type for n in graph.node}
+    assert not ops & {"Sin", "Cos", "Neg", "Range"}, sorted(ops)
 
 
 # ---- refusals, through the CLI ----------------------------------------------------------------

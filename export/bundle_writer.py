@@ -55,7 +55,7 @@ class ExportOptions:
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD  # bytes of weights; tests lower it
     progress: bool | None = None  # None: a progress bar on a terminal only
     trt: "BuildOptions | None" = None  # TensorRT builder options for trt-* targets
-    trt_limits: dict = field(default_factory=dict)  # max_windows, max_context, prefill_chunk (None = default), one_llm_profile
+    trt_limits: dict = field(default_factory=dict)  # max_windows, max_context, prefill_chunk (None = default), one_llm_profile (None = by host memory)
     quantization: Any = None  # calibrated targets: fastslm.calibration.build.QuantOptions (None = defaults)
     # The graphs traced without weights and filled from the model folder tensor by tensor
     # (export/streamed.py; the LLM is then never loaded); None: when its fp32 LLM exceeds STREAM_LLM_ABOVE.

@@ -41,7 +41,7 @@ def export(
     trt_timing_cache: Annotated[Optional[Path], typer.Option(help="Timing cache file to reuse and update.")] = None,
     trt_compute_capability: Annotated[Optional[list[str]], typer.Option(help="TensorRT for RTX targets, e.g. 8.6 (repeatable; 'current').")] = None,
     trt_weight_streaming: Annotated[bool, typer.Option(help="Allow streaming weights under a device-memory budget.")] = False,
-    trt_one_llm_profile: Annotated[bool, typer.Option(help="One LLM profile for prefill and decode: the decoder's weights once in the engine, not once per profile, and about 40% less builder memory per layer (docs/SCALE.md).")] = False,
+    trt_one_llm_profile: Annotated[Optional[bool], typer.Option("--trt-one-llm-profile/--trt-two-llm-profiles", help="LLM engine profiles. One serves prefill and decode: the decoder's weights once in the engine, not once per profile, and about 40% less builder memory per layer (docs/SCALE.md). Default: two where the build fits in the host's available memory, else one.", show_default=False)] = None,
     calibration: Annotated[Optional[Path], typer.Option(help="INT8/INT4: a fastslm-calibrate folder (windows + ranges) (default: collect the default audio now).", rich_help_panel=_Q)] = None,
     calibration_audio: Annotated[Optional[list[Path]], typer.Option(help="INT8/INT4 without --calibration: recordings (files or folders) to calibrate on (repeatable).", rich_help_panel=_Q)] = None,
     range_method: Annotated[str, typer.Option(help="Activation ranges: minmax, percentile or entropy.", rich_help_panel=_Q)] = "percentile",

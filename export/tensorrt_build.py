@@ -42,7 +42,7 @@ from ..runtime.trt_compat import (
     rtx_runs_on,
     rtx_unsupported_message,
 )
-from .trt_profiles import Profile, ProfilePlan, audio_window_bytes, plan_profiles
+from .trt_profiles import Profile, ProfilePlan, audio_window_bytes, llm_profile_count, plan_profiles
 
 # What each target needs the graphs to compute in (any one of): fp16 activations, or quantized
 # weights / activations from the calibration work (INT8 Q/DQ, INT4 block-quantized weights).
@@ -444,6 +444,23 @@ def build_engine(
 # The engine manifest and whole bundles
 
 
+def graph_weight_bytes(path: Path) -> int:
+    """A graph's bytes on disk with its external data: about what the builder holds weights for."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def available_host_memory() -> int | None:
+    """The kernel's MemAvailable, in bytes; None where there is no /proc/meminfo."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def device_record(flavour: str, options: BuildOptions) -> dict[str, Any]:
     """Where the engines can run: the build GPU (full TensorRT) or the AOT targets (TensorRT for RTX)."""
     device = current_device()
@@ -519,7 +536,7 @@ def build_engines(
     max_windows: int | None = None,
     max_context: int | None = None,
     prefill_chunk: int | None = None,
-    one_llm_profile: bool = False,
+    one_llm_profile: bool | None = None,
     out_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Build audio_tower.engine and llm.engine from the ONNX graphs in `folder`; write engines.json.
@@ -541,6 +558,11 @@ def build_engines(
     _, flavour = import_tensorrt(options.flavour)
     device = device_record(flavour, options)
     gpu = current_device()
+    if one_llm_profile is None and "llm" in graphs:
+        count, why = llm_profile_count(graph_weight_bytes(folder / graphs["llm"]["file"]), available_host_memory())
+        one_llm_profile = count == 1
+        if one_llm_profile:
+            print(f"TensorRT: the LLM engine gets one profile for prefill and decode ({why})", file=sys.stderr)
     plan = plan_profiles(
         tokens_per_window=tokens_per_window,
         window_bytes=window_bytes,
@@ -550,7 +572,7 @@ def build_engines(
         prefill_chunk=prefill_chunk,
         device_memory=gpu.total_memory if gpu else None,
         device_name=gpu.name if gpu else None,
-        one_llm_profile=one_llm_profile,
+        one_llm_profile=bool(one_llm_profile),
     )
     if plan.max_context_source != "option":
         print(f"TensorRT: the LLM engine serves {plan.max_context} positions ({plan.max_context_source})", file=sys.stderr)

@@ -30,6 +30,12 @@ DEFAULT_PREFILL_CHUNK = 1024
 MAX_DEFAULT_WINDOWS = 16  # past ~16 windows a batch the audio tower is compute-bound anyway
 ASSUMED_DEVICE_MEMORY = 8 << 30  # when building without a GPU (TensorRT for RTX): a Jetson Orin Nano / 8 GB card
 AUDIO_MEMORY_SHARE = 0.25  # of device memory for audio-tower activations; the rest holds weights and the KV cache
+# Host memory a TensorRT for RTX 1.7 build of the LLM engine takes per byte of its graph's
+# weights, per optimization profile (each profile holds its own copy of the decoder's weights).
+# Fitted to the published widths at 1 and 8 layers (docs/SCALE.md): two profiles 3.76 and 10.37 GB
+# peak RSS for 0.98 and 2.39 GB of fp16 weights, one profile 3.36 and 7.20 GB (17.09 GB measured
+# at 36 layers, 8.09 GB, where this projects 21.8: it errs high).
+BUILD_BYTES_PER_WEIGHT_BYTE = {1: 2.7, 2: 4.7}
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,20 @@ def llm_profiles(max_context: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, o
     if one_profile:
         return [prefill]
     return [prefill, Profile("decode", {"batch": one, "keep": one, "seq": one, "past": DimRange(0, min(1024, last), last)})]
+
+
+def llm_profile_count(weight_bytes: int, available_bytes: int | None) -> tuple[int, str]:
+    """Two LLM profiles where the build fits in `available_bytes` of host memory, else one; and why.
+
+    One profile serves decode on the prefill profile (seq from 1) and keeps the decoder's weights
+    once in the engine, so a published-size decoder builds on a 24 GB machine (two would need
+    about 37 GB). Unknown memory: two, the faster decode on the GPU.
+    """
+    two = BUILD_BYTES_PER_WEIGHT_BYTE[2] * weight_bytes
+    if available_bytes is None or two <= available_bytes:
+        return 2, "default"
+    return 1, (f"two profiles would need about {two / 1e9:.1f} GB of host memory to build, "
+               f"{available_bytes / 1e9:.1f} GB is available; --trt-two-llm-profiles forces them")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from fastslm.export.trt_profiles import (
     audio_window_bytes,
     default_max_context,
     default_max_windows,
+    llm_profile_count,
     llm_profiles,
     plan_profiles,
 )
@@ -89,6 +90,19 @@ def test_one_llm_profile_is_prefill_serving_single_tokens_too():
     assert [p.name for p in plan.for_graph("llm")] == ["prefill"]
     assert [p.name for p in plan_profiles(tokens_per_window=64, window_bytes=1, max_position_embeddings=40960)
             .for_graph("llm")] == ["prefill", "decode"]
+
+
+def test_llm_profile_count_follows_the_hosts_memory():
+    published = 8_090_000_000  # the 36-layer decoder's fp16 graph
+    count, why = llm_profile_count(published, available_bytes=22 * 10**9)
+    assert count == 1 and "about 38.0 GB" in why and "22.0 GB is available" in why and "--trt-two-llm-profiles" in why
+    assert llm_profile_count(published, available_bytes=64 * 10**9) == (2, "default")
+    assert llm_profile_count(16_000_000, available_bytes=2 * 10**9) == (2, "default")  # the demo model
+    assert llm_profile_count(published, available_bytes=None) == (2, "default")
+    from fastslm.export.tensorrt_build import available_host_memory
+
+    available = available_host_memory()
+    assert available is None or 0 < available < 1 << 50
 
 
 def test_default_sizes_hold_one_hour_and_fit_memory():

@@ -782,7 +782,7 @@ def test_engines_for_an_exported_bundle(tmp_path):
     m = build_bundle_engines(bundle, "trt-fp16", BuildOptions(progress=False), max_windows=3, prefill_chunk=32)
     assert read_engine_manifest(bundle) == m
     assert m["limits"] == {"max_windows": 3, "max_windows_source": "option", "max_context": 120 * Q + 768,
-                           "prefill_chunk": 32}
+                           "prefill_chunk": 32, "llm_profiles": ["prefill", "decode"]}
     declared = {g["file"]: g for g in json.loads((bundle / "manifest.json").read_text())["graphs"].values()}
     for graph, table in (("audio_tower", audio_profiles(3)), ("llm", llm_profiles(120 * Q + 768, 32))):
         engine = m["engines"][graph]

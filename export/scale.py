@@ -247,8 +247,9 @@ def llm_decode(
     runtime runs it: exact-length past in, present copied out.
     """
     with reported_in_one_line("scale llm-decode"):
-        from ..export.graphs import audio_tower_spec, llm_spec
+        from ..export.graphs import llm_spec
         from ..export.streamed import fill_weights, trace_structure
+        from ..export.tensorrt_build import graph_weight_bytes
         from ..models.fastslm import read_config
         from ..models.weights import SafetensorsFolder
         from ..runtime.bundle import kv_input_name, kv_output_name
@@ -273,7 +274,7 @@ def llm_decode(
             _record(record, {"label": "INT4 LLM graph, streamed (trace + fill)", "command": command,
                              "wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(time.process_time() - cpu, 1),
                              "peak_rss_bytes": peak_rss_bytes(),
-                             "output_bytes": disk_bytes(graph) + disk_bytes(graph.with_name(graph.name + ".data"))})  # fmt: skip
+                             "output_bytes": graph_weight_bytes(graph)})  # fmt: skip
         if graph_only:
             return
         start = time.perf_counter()
@@ -358,7 +359,7 @@ def trt_llm(
         from ..export.graphs import audio_tower_spec, llm_spec
         from ..export.onnx_export import read_io
         from ..export.streamed import fill_weights, trace_structure
-        from ..export.tensorrt_build import BuildOptions, build_engine
+        from ..export.tensorrt_build import BuildOptions, build_engine, graph_weight_bytes
         from ..export.trt_profiles import audio_window_bytes, plan_profiles
         from ..models.fastslm import read_config
         from ..models.weights import SafetensorsFolder
@@ -382,7 +383,7 @@ def trt_llm(
             _record(record, {"label": f"fp16 {graph_name} graph for TensorRT, {layers} layers, streamed",
                              "command": command + " --graph-only", "wall_s": round(time.perf_counter() - start, 1),
                              "cpu_s": round(time.process_time() - cpu, 1), "peak_rss_bytes": peak_rss_bytes(),
-                             "output_bytes": disk_bytes(graph) + disk_bytes(graph.with_name(graph.name + ".data"))})  # fmt: skip
+                             "output_bytes": graph_weight_bytes(graph)})  # fmt: skip
             return
         if graph_only:
             return

@@ -62,11 +62,15 @@ def peak_rss_bytes() -> int:
 
 
 class AnonPeak:
-    """Peak anonymous RSS (RssAnon) while in the `with` block, sampled every 50 ms.
+    """Peak anonymous RSS (RssAnon) of this process, or of process `pid`, while in the `with` block,
+    sampled every 50 ms.
 
     VmHWM also counts file pages mapped from disk, which the kernel can drop under pressure (the
     TensorRT parser maps the graph's external data): this is the part that must fit in RAM.
     """
+
+    def __init__(self, pid: int | None = None):
+        self._status = Path(f"/proc/{pid or 'self'}/status")
 
     def __enter__(self) -> "AnonPeak":
         import threading
@@ -78,7 +82,11 @@ class AnonPeak:
 
     def _sample(self) -> None:
         while True:
-            for line in Path("/proc/self/status").read_text().splitlines():
+            try:
+                lines = self._status.read_text().splitlines()
+            except OSError:  # the process has ended
+                return
+            for line in lines:
                 if line.startswith("RssAnon:"):
                     self.peak = max(self.peak, int(line.split()[1]) * 1024)
             if self._stop.wait(0.05):
@@ -111,13 +119,16 @@ def measure(
         start = time.perf_counter()
         with open(log, "w") as out:
             child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-            _, status, usage = os.wait4(child.pid, 0)
+            with AnonPeak(child.pid) as anonymous:
+                _, status, usage = os.wait4(child.pid, 0)
         wall = time.perf_counter() - start
         code = os.waitstatus_to_exitcode(status)
         # CPU seconds beside the wall time: on a shared machine the wall time says more about the load.
         row = {"label": label, "command": " ".join(command), "exit": code, "wall_s": round(wall, 1),
                "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "peak_rss_bytes": usage.ru_maxrss * 1024,
                "log": str(log)}  # fmt: skip
+        if anonymous.peak:
+            row["peak_anonymous_rss_bytes"] = anonymous.peak
         if output is not None and Path(output).exists():
             row["output_bytes"] = disk_bytes(output)
         if weights is not None:

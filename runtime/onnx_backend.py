@@ -92,6 +92,12 @@ def session_options(
         # ORT_ENABLE_ALL (measured, TOOLCHAIN.md); the EXTENDED fusions are safe and give the
         # same numbers. A crash would take the user's whole process down, so never risk it.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        # The CPU has no fp16 kernels for most ops, so ONNX Runtime casts each fp16 weight to fp32 at run
+        # time. In the default order a Cast with no activation input runs at the start of the graph and
+        # its output lives until the layer that reads it: every weight's fp32 copy at once, 1.5x the
+        # graph's bytes (the published-size decoder: 11 GB more than its 8 GB of weights; the trt-fp16
+        # export died for memory). Priority order runs each Cast just before its reader: one copy at a time.
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if threads:
         options.intra_op_num_threads = int(threads)
     # INT8 graphs: ONNX Runtime's default x86 kernels multiply uint8 by int8 with vpmaddubsw, which

@@ -90,6 +90,20 @@ def test_anon_peak_sees_memory_the_process_touched_and_freed():
     assert anon.peak >= 256 << 20
 
 
+def test_measure_records_the_commands_anonymous_peak(tmp_path):
+    import sys
+
+    from fastslm.export.scale import app as scale_app
+
+    record = tmp_path / "scale.jsonl"
+    touch = "import numpy as np, time; b = np.ones(300 << 20, np.uint8); time.sleep(0.5); del b"
+    result = CliRunner().invoke(scale_app, ["measure", "--label", "touch 300 MiB", "--record", str(record), "--",
+                                            sys.executable, "-c", touch])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    row = json.loads(record.read_text().splitlines()[-1])
+    assert 300 << 20 <= row["peak_anonymous_rss_bytes"] <= row["peak_rss_bytes"], row
+
+
 def test_published_width_exports_to_int4_and_runs(tmp_path, jfk_path):
     """1 encoder + 1 LLM layer at full width and vocabulary: convert, onnx-int4 (LLM streamed), run."""
     from fastslm.calibration.build import QuantOptions

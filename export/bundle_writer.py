@@ -8,6 +8,7 @@ are documented in `fastslm.runtime.bundle`, which reads them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import gc
@@ -17,6 +18,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -116,7 +118,8 @@ def _export(options: ExportOptions, target: Target, decoder_cache: str, model_di
     rewrites = target.post_process is not None or target.quantizer is not None
     steps = 1 + len(specs) * (4 if rewrites else 3) + 2 + (target.runtime == "tensorrt") + (target.quantizer is not None)
     steps += streamed and not rewrites  # the streamed LLM: trace, fill, check, validate
-    with tqdm(total=steps, desc="fastslm-export", unit="step", file=sys.stderr, disable=_disable(options.progress)) as bar:
+    with (tqdm(total=steps, desc="fastslm-export", unit="step", file=sys.stderr, disable=_disable(options.progress)) as bar,
+          _redrawn_every_second(bar)):  # fmt: skip
         write = log or (lambda line: tqdm.write(line, file=sys.stderr))
 
         timings: dict[str, float] = {}  # step -> seconds: what docs/SCALE.md reports per stage
@@ -366,6 +369,28 @@ def _opset(path: Path, exported: int) -> int:
 
     opsets = onnx.load(str(path), load_external_data=False).opset_import
     return max([o.version for o in opsets if o.domain in ("", "ai.onnx")] or [exported])
+
+
+@contextlib.contextmanager
+def _redrawn_every_second(bar):
+    """Redraws the step bar each second: steps without a bar of their own (tracing the published-size
+    LLM takes 100 s, validating its audio tower 2 min) still show their time passing."""
+    if bar.disable:
+        yield
+        return
+    stop = threading.Event()
+
+    def redraw() -> None:
+        while not stop.wait(1.0):
+            bar.refresh()
+
+    thread = threading.Thread(target=redraw, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _disable(progress: bool | None) -> bool | None:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +216,21 @@ def one_error_line(result) -> str:
     assert len(lines) == 1 and lines[0].startswith("fastslm-export: error: "), result.stderr
     assert "Traceback" not in result.output
     return lines[0]
+
+
+def test_a_long_step_without_its_own_bar_still_shows_time_passing(tiny_dir, tmp_path, monkeypatch, capsys):
+    checked = bundle_writer.check_graph
+
+    def slow_check(spec, *args, **kwargs):
+        if spec.name == "llm":
+            time.sleep(3.5)
+        return checked(spec, *args, **kwargs)
+
+    monkeypatch.setattr(bundle_writer, "check_graph", slow_check)
+    export_bundle(ExportOptions(model=tiny_dir, out=tmp_path / "b", progress=True), log=lambda line: None)
+    drawn = [d for d in capsys.readouterr().err.replace("\n", "\r").split("\r") if "checking llm" in d]
+    # one draw when the step starts, then one a second while it lasts
+    assert len(drawn) >= 3, drawn
 
 
 def test_unknown_target(tiny_dir, tmp_path):

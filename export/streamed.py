@@ -227,8 +227,8 @@ def fill_weights(
                                                (s.astype(_NP_FLOAT[dtype]) for s in _transposed_slices(w, 1))))  # fmt: skip
                     report.float_weights += 1
                 else:
-                    q_init, s_init, node = _quantized(writer, name.removesuffix(".weight"), value, w, bits, block_size, dtype)
-                    inits += [q_init, s_init]
+                    quantized, node = _quantized(writer, name.removesuffix(".weight"), value, w, bits, block_size, dtype)
+                    inits += quantized
                     new_nodes.append(node)
                     report.quantized.append(key)
             if progress is not None:
@@ -262,7 +262,7 @@ def _perm(node: onnx.NodeProto) -> list[int] | None:
 
 def _quantized(writer: _DataWriter, base: str, value: str, w: torch.Tensor, bits: int, block_size: int,
                dtype: torch.dtype):  # fmt: skip
-    """(q initializer, scale initializer, DequantizeLinear node -> `value`) for a torch (N, K) Linear weight."""
+    """([values, scales(, zero points)] initializers, DequantizeLinear node -> `value`) for a torch (N, K) Linear weight."""
     n, k = w.shape
     if bits == 8:  # per output channel: the scales need the whole column, so one pass for them first
         amax = w.abs().amax(dim=1).to(torch.float32).numpy()
@@ -271,6 +271,10 @@ def _quantized(writer: _DataWriter, base: str, value: str, w: torch.Tensor, bits
                           (np.clip(np.rint(s / scale[None, :]), -INT8_MAX, INT8_MAX).astype(np.int8) for s in _transposed_slices(w, 1)))  # fmt: skip
         attrs = {"axis": 1}
         scales = scale
+        # Explicit zeros, as calibration/qdq.py writes them: without them ONNX Runtime's exact U8U8
+        # rewrite of int8 weights (session_options) gives a per-axis DequantizeLinear a scalar zero
+        # point, which it then refuses at run time (the published-size trt-int8 export failed so).
+        zeros = [writer.tensor(f"{base}_zero_point", TensorProto.INT8, scale.shape, [np.zeros(scale.shape, np.int8)])]
     else:
         parts: list[np.ndarray] = []
 
@@ -283,9 +287,11 @@ def _quantized(writer: _DataWriter, base: str, value: str, w: torch.Tensor, bits
         q = writer.tensor(f"{base}_int4", TensorProto.INT4, (k, n), packed())
         scales = np.concatenate(parts)
         attrs = {"axis": 0, "block_size": block_size}
+        zeros = []
     s_init = writer.tensor(f"{base}_scale", _ONNX_FLOAT[dtype], scales.shape, [scales.astype(_NP_FLOAT[dtype])])
-    node = helper.make_node("DequantizeLinear", [q.name, s_init.name], [value], name=f"{base}_dequantize", **attrs)
-    return q, s_init, node
+    initializers = [q, s_init, *zeros]
+    node = helper.make_node("DequantizeLinear", [t.name for t in initializers], [value], name=f"{base}_dequantize", **attrs)
+    return initializers, node
 
 
 def _replace_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:

@@ -33,6 +33,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..runtime.output_folder import with_new_file_mode
+
 QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
 INT8_MAX = 127  # symmetric: [-127, 127], TensorRT's INT8 range for explicit quantization
 # ONNX Runtime's x86 INT8 GEMMs take uint8 activations (int8 ones are shifted by 128) times int8
@@ -372,5 +374,6 @@ def save_graph(model: onnx.ModelProto, path: Path) -> None:
         data.unlink()  # onnx appends to an existing data file
         onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
                   size_threshold=1024)  # fmt: skip
+        with_new_file_mode(data)
     else:
         onnx.save(model, str(path))

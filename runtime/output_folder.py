@@ -192,6 +192,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def with_new_file_mode(path: str | Path) -> None:
+    """Give `path` the permissions a plain open() gives a new file: `mkstemp` and onnx's external-data
+    writer make files owner-only, and a bundle, subtitles or a cache are for whoever reads them."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import CacheFileError, OptionError
 from .kv_cache import KVCache
+from .output_folder import with_new_file_mode
 from .prompt import Task
 
 if TYPE_CHECKING:
@@ -72,9 +73,7 @@ def save_session(session: "AudioSession", path: Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a cache is as readable as any new file
+        with_new_file_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

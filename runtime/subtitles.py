@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import OptionError
+from .output_folder import with_new_file_mode
 from .transcribe import Segment, Transcript
 
 FORMATS = ("txt", "json", "srt", "vtt")
@@ -99,6 +100,7 @@ def write_outputs(out_dir: Path, audio_path: Path, transcript: Transcript, **fie
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(render(fmt, transcript, **fields))
+            with_new_file_mode(tmp)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -10,6 +10,7 @@ once the shipped demo model exists, the `demo` cases export it and hold it to th
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -229,6 +230,25 @@ def test_int4_export_blocks_and_gates(int4, tmp_path):
     assert len(dqs) == 15 and all(inits[n.input[0]].data_type == onnx.TensorProto.INT4 for n in dqs)
     assert all({a.name: a.i for a in n.attribute} == {"axis": 0, "block_size": INT4_BLOCK} for n in dqs)
     assert OnnxBackend.from_bundle(bundle).empty_cache().values[1].dtype == np.float32
+
+
+def test_a_quantized_graphs_external_data_is_as_readable_as_any_new_file(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fastslm.calibration.qdq import save_graph
+
+    weight = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")  # 16 KB: stored as external data
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 64]) for n in ("x", "y")]
+    model = helper.make_model(helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", io[:1], io[1:], [weight]))
+    path = tmp_path / "audio_tower.onnx"
+    path.with_name("audio_tower.onnx.data").write_bytes(b"old")  # the graph had external data: it keeps that layout
+    umask = os.umask(0o022)
+    try:
+        save_graph(model, path)
+    finally:
+        os.umask(umask)
+    data = path.with_name("audio_tower.onnx.data")
+    assert data.stat().st_size >= 64 * 64 * 4 and oct(data.stat().st_mode & 0o777) == oct(0o644)  # onnx makes it 0o600
 
 
 def test_a_streamed_int8_llm_has_zero_points_onnx_runtime_accepts(tiny, calib, int8, tmp_path):

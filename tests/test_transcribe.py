@@ -19,7 +19,7 @@ from fastslm.runtime.audio_stream import AudioReader, StreamOptions
 from fastslm.runtime.errors import AudioError, OptionError
 from fastslm.runtime.loading import DEFAULT_MODEL_DIR
 from fastslm.runtime.segmenter import Segmenter, SegmentOptions
-from fastslm.runtime.subtitles import render, timestamp
+from fastslm.runtime.subtitles import render, timestamp, write_outputs
 from fastslm.runtime.transcribe import Transcriber, TranscribeOptions
 
 pytestmark = pytest.mark.skipif(not DEFAULT_MODEL_DIR.is_dir(), reason="needs the shipped demo model")
@@ -118,6 +118,18 @@ def test_subtitles_parse_with_subtitle_libraries(tmp_path, transcribed):
     assert record["text"] == " ".join(s.text for s in spoken)
     assert [(s["start"], s["end"]) for s in record["segments"]] == [(round(s.start, 3), round(s.end, 3)) for s in segments]
     assert record["skipped"] and all(s["end"] > s["start"] for s in record["skipped"])
+
+
+def test_written_subtitles_are_as_readable_as_any_new_file(tmp_path, transcribed):
+    # they are staged with mkstemp, which makes files owner-only: a web server serving them could not read them
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        paths = write_outputs(tmp_path, tmp_path / "talk.wav", transcribed[0].transcript())
+    finally:
+        os.umask(umask)
+    assert {fmt: oct(p.stat().st_mode & 0o777) for fmt, p in paths.items()} == {fmt: oct(0o644) for fmt in paths}
 
 
 def test_memory_is_bounded_by_the_window_not_the_recording(recording, transcribed):

@@ -27,6 +27,7 @@ import typer
 
 from .. import subtitles
 from ..errors import FastSLMError, OptionError, reported_in_one_line, run_cli
+from ..output_folder import with_new_file_mode
 from ..prompt import Task, resolve_task
 from ..transcribe import TranscribeOptions, transcribe
 
@@ -87,6 +88,7 @@ def write_json(path: Path, record: dict) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        with_new_file_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -13,11 +13,9 @@ import copy
 import datetime
 import gc
 import json
-import os
 import platform
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from ..calibration.qdq import INT4_BLOCK
 from ..models.fastslm import PARTS, FastSLM, read_config
 from ..runtime.bundle import (
     BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, CONFIG_FILE, COPIED, EMBEDDINGS_FILE, IN_PLACE, LLM, MANIFEST_FILE,
@@ -272,7 +271,7 @@ def _streamed_graph(spec: GraphSpec, model_dir: Path, config, stage: Path, targe
     weights = trace_structure(spec, config, structure, target.dtype, options.opset, target.runtime == "tensorrt")
     bar.update()
     plan = quantizer.llm_plan() if quantizer else None  # (bits, block size, layers kept float)
-    bits, block, keep = plan if plan else (None, 32, frozenset())
+    bits, block, keep = plan if plan else (None, INT4_BLOCK, frozenset())
     step(f"writing {spec.name} weights" + (f" (INT{bits})" if bits else ""))
     total = sum(torch.Size(shape).numel() for name, (shape, _) in weights.items() if name != "llm.lm_head.weight")
     with tqdm(total=total * 2, unit="B", unit_scale=True, desc=f"{spec.name} weights", file=sys.stderr,

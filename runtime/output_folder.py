@@ -21,20 +21,26 @@ through `OutputFolder`:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import IO
 
 from .bundle import (
     BUNDLE_FORMAT, CALIBRATION_FILE, CALIBRATION_FORMAT, CONFIG_FILE, MANIFEST_FILE, MODEL_FORMAT,
 )  # fmt: skip
 from .errors import OptionError, Terminated
+
+# What every half-written folder or file is named with until it is complete (.NAME.PID.XXXX.partial for
+# folders, .NAME.XXXX.partial for files): a crash leaves nothing under the final name.
+PARTIAL_SUFFIX = ".partial"
 
 # The files that say "fastslm wrote this folder", and the "format" each must hold.
 _OWN_FORMATS = {MANIFEST_FILE: BUNDLE_FORMAT, CONFIG_FILE: MODEL_FORMAT, CALIBRATION_FILE: CALIBRATION_FORMAT}
@@ -94,7 +100,7 @@ class OutputFolder:
         self._make_parents()
         _remove_stale_stages(self.out)
         try:
-            self.path = Path(tempfile.mkdtemp(prefix=_stage_prefix(self.out), suffix=".partial", dir=self.out.parent))
+            self.path = Path(tempfile.mkdtemp(prefix=_stage_prefix(self.out), suffix=PARTIAL_SUFFIX, dir=self.out.parent))
             self.path.chmod(0o777 & ~_umask())  # mkdtemp makes it owner-only; outputs are for everyone
         except OSError as exc:
             self._discard()
@@ -170,7 +176,7 @@ def _stage_prefix(out: Path) -> str:
 def _remove_stale_stages(out: Path) -> None:
     """Delete stages for `out` whose writing process no longer exists."""
     try:
-        candidates = [p for p in out.parent.glob(f".{out.name}.*.partial") if p.is_dir()]
+        candidates = [p for p in out.parent.glob(f".{out.name}.*{PARTIAL_SUFFIX}") if p.is_dir()]
     except OSError:
         return
     for stage in candidates:
@@ -190,6 +196,21 @@ def _alive(pid: int) -> bool:
     except (PermissionError, OverflowError, ValueError):
         return True  # someone else's live process, or not a pid: leave it
     return True
+
+
+@contextlib.contextmanager
+def written_whole(path: Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+    """A file object whose contents become `path` only if the block ends without error: written to a
+    hidden `.NAME.XXXX.partial` beside it and renamed over it, so a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+        with_new_file_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def with_new_file_mode(path: str | Path) -> None:

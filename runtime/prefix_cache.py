@@ -14,8 +14,6 @@ with one line (CacheFileError); it is never silently replaced.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from collections.abc import Callable
@@ -25,7 +23,7 @@ import numpy as np
 
 from .errors import CacheFileError, OptionError
 from .kv_cache import KVCache
-from .output_folder import with_new_file_mode
+from .output_folder import written_whole
 from .prompt import Task
 
 if TYPE_CHECKING:
@@ -69,15 +67,8 @@ def save_session(session: "AudioSession", path: Path) -> Path:
         arrays.update({f"p{i}_key_{layer}": k for layer, k in enumerate(cache.keys)})
         arrays.update({f"p{i}_value_{layer}": v for layer, v in enumerate(cache.values)})
     # Written beside the target and renamed over it, so a crash never leaves half a cache.
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        with_new_file_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with written_whole(path, "wb") as f:
+        np.savez(f, **arrays)
     return path
 
 

@@ -9,13 +9,11 @@ unless the caller says so.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import OptionError
-from .output_folder import with_new_file_mode
+from .output_folder import written_whole
 from .transcribe import Segment, Transcript
 
 FORMATS = ("txt", "json", "srt", "vtt")
@@ -96,13 +94,6 @@ def write_outputs(out_dir: Path, audio_path: Path, transcript: Transcript, **fie
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = output_paths(out_dir, audio_path)
     for fmt, path in paths.items():
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=out_dir)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(render(fmt, transcript, **fields))
-            with_new_file_mode(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with written_whole(path) as f:
+            f.write(render(fmt, transcript, **fields))
     return paths

@@ -16,8 +16,6 @@ every node sees (a shared file system).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
@@ -27,13 +25,12 @@ import typer
 
 from .. import subtitles
 from ..errors import FastSLMError, OptionError, reported_in_one_line, run_cli
-from ..output_folder import with_new_file_mode
+from ..output_folder import PARTIAL_SUFFIX, written_whole
 from ..prompt import Task, resolve_task
 from ..transcribe import TranscribeOptions, transcribe
 
 # What libsndfile reads (runtime.audio); anything else in the folder is not a recording.
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".aif", ".aiff", ".au", ".caf", ".w64")
-PARTIAL_SUFFIX = ".partial"
 
 
 @dataclass(frozen=True)
@@ -84,15 +81,8 @@ def plan(options: BatchOptions) -> Plan:
 def write_json(path: Path, record: dict) -> None:
     """The whole file or none: written beside `path` under a hidden name, then renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        with_new_file_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with written_whole(path) as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 class RecordingWriter:

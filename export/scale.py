@@ -116,9 +116,13 @@ def measure(
         if not command:
             raise OptionError("give the command to measure after --")
         log = record.with_name(record.stem + f".{label.replace(' ', '_').replace('/', '_')}.log")
+        log.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         with open(log, "w") as out:
-            child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+            try:
+                child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+            except OSError as exc:  # no such program, or not executable
+                raise OptionError(f"cannot run {command[0]!r} ({exc.strerror or exc}): give a command after --") from None
             with AnonPeak(child.pid) as anonymous:
                 _, status, usage = os.wait4(child.pid, 0)
         wall = time.perf_counter() - start

@@ -104,6 +104,15 @@ def test_measure_records_the_commands_anonymous_peak(tmp_path):
     assert 300 << 20 <= row["peak_anonymous_rss_bytes"] <= row["peak_rss_bytes"], row
 
 
+def test_measure_refuses_a_command_that_cannot_run_in_one_line(tmp_path):
+    from fastslm.export.scale import app as scale_app
+
+    record = tmp_path / "new" / "scale.jsonl"  # its folder does not exist yet
+    result = CliRunner().invoke(scale_app, ["measure", "--label", "x", "--record", str(record), "--", "/no/such/program"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "cannot run '/no/such/program'" in result.output and not record.exists()
+
+
 def test_published_width_exports_to_int4_and_runs(tmp_path, jfk_path):
     """1 encoder + 1 LLM layer at full width and vocabulary: convert, onnx-int4 (LLM streamed), run."""
     from fastslm.calibration.build import QuantOptions

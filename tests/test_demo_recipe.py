@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -552,3 +553,54 @@ def test_best_checkpoint_can_be_picked_on_wer_and_qa(recipe, tmp_path):
     no_qa.evaluator = lambda model: {"wer": 30.0}
     with pytest.raises(train.RecipeError, match="--select-qa-weight needs QA"):
         no_qa.evaluate()
+
+
+def test_reading_questions_are_short_windows_with_one_right_answer_each(recipe, tmp_path):
+    from fastslm.models.demo import tasks
+    from fastslm.runtime.prompt import resolve_task
+
+    trainer = tiny_trainer(recipe, tmp_path, augment_prob=0.0, reading_qa=6)
+    batch, slots = trainer.reading_questions_for(7)
+    again = trainer.reading_questions_for(7)  # seeded by the step, like batch_for
+    assert torch.equal(again[0].ids, batch.ids) and again[1] == slots and len(slots) == 6
+    assert trainer.reading_for(7) is None  # reading_batch stays off: the two are separate options
+    tok, q = trainer.examples.tok, trainer.model.config.tokens_per_window
+    slot_s = 30.0 / q
+    fixed = tasks.FIRST_Q + tasks.LAST_Q + tasks.COUNT_Q + tasks.SUMMARY_Q
+    kinds = set()
+    for b, pairs in enumerate(slots):
+        # the window is spoken within the 15 s that the real windows with questions are capped at
+        assert pairs and max(s for s, _ in pairs) * slot_s <= 15.0 + slot_s
+        # the window's sentences, tokenized one by one, decode without the space that joins them
+        said = re.sub(r"([.?!])(?=[A-Z])", r"\1 ", tok.decode([i for _, i in pairs]))
+        target = batch.targets[b].tolist()
+        answer_at = next(i for i, t in enumerate(target) if t != -100)
+        answer = tok.decode([t for t in target[answer_at:] if t >= 0 and t != trainer.examples.im_end])
+        prompt = tok.decode(batch.ids[b, batch.speech_start[b] + q : answer_at].tolist())
+        contains = re.search(r"(?:Is|Was) the word \S+ said\?", prompt)
+        question = contains.group(0) if contains else next(p for p in fixed if p in prompt)
+        kinds.add(question.split()[0] if contains else question)
+        assert tasks.words(answer) == tasks.words(tasks.answer(question, said)), (question, said, answer)
+    assert len(kinds) >= 3  # the types are drawn, not one of them always
+    norm = torch.tensor(1.0)
+    with torch.no_grad():
+        before = float(train.reading_loss(trainer.model, batch, slots, trainer.slot_head.silence, norm))
+    for _ in range(3):
+        trainer.train_step(trainer.batch_for(0), None, (batch, slots))
+    with torch.no_grad():
+        after = float(train.reading_loss(trainer.model, batch, slots, trainer.slot_head.silence, norm))
+    assert after < before - 0.1
+    # runs started before question reading existed keep their trajectory key
+    assert "reading_qa" not in train.TrainOptions().trajectory_key()
+    assert train.TrainOptions(reading_qa=4).trajectory_key()["reading_qa"] == 4
+
+
+def test_training_counts_its_cpu_seconds_over_resumes(recipe, tmp_path):
+    trainer = tiny_trainer(recipe, tmp_path, augment_prob=0.0)
+    trainer.run(max_steps=2)
+    spent = torch.load(tmp_path / train.STATE_FILE, weights_only=True)["cpu_s"]
+    assert spent > 0.0
+    resumed = tiny_trainer(recipe, tmp_path, augment_prob=0.0)
+    assert resumed.step == 2 and resumed.cpu_seconds >= spent
+    resumed.run()
+    assert torch.load(tmp_path / train.STATE_FILE, weights_only=True)["cpu_s"] > spent

@@ -276,7 +276,7 @@ def build_trainer(paths: Paths, corpus: Path, options, progress: bool = True, sp
         evaluator = SelectionEvaluator(items, paths.tokenizer, paths.train / "eval_features.npz", whisper)
     utterances = {u.id: u for u in read_corpus(corpus / "train.jsonl")} if options.align_weight else None
     reading_texts = None
-    if options.reading_batch:
+    if options.reading_batch or options.reading_qa:
         from .texts import load_sentences, normalize_key
 
         # split_of keeps held-out sentences out; the check against the corpus's own eval texts
@@ -419,6 +419,12 @@ def parse_args(argv: list[str] | None):
                    help="weight of a CTC loss on the speech tokens through the slot head (0: off)")
     g.add_argument("--reading-batch", type=int, default=8,
                    help="text-only ASR samples per step on pseudo speech tokens (0: off)")
+    g.add_argument("--reading-qa", type=int, default=0,
+                   help="text-only question samples per step on pseudo speech tokens, their own loss term (0: off)")
+    g.add_argument("--qa-prob", type=float, default=0.5,
+                   help="share of the audio windows with questions that train on a question instead of ASR")
+    g.add_argument("--qa-weight", type=float, default=1.0,
+                   help="loss weight of a question's answer token relative to a transcript token (audio batch)")
     g.add_argument("--slot-timing", choices=("chars", "whisper"), default="chars",
                    help="when each token was said, for the slot loss: spread over its utterance by character "
                         "length, or aligned by Whisper tiny.en (the align stage)")
@@ -457,6 +463,7 @@ def main(argv: list[str] | None = None) -> None:
                                  steps=a.steps or None, hours=a.hours, eval_minutes=a.eval_minutes, bf16=a.bf16,
                                  eval_every=a.eval_every,
                                  align_weight=a.align_weight, reading_batch=a.reading_batch, ctc_weight=a.ctc_weight,
+                                 reading_qa=a.reading_qa, qa_prob=a.qa_prob, qa_weight=a.qa_weight,
                                  slot_timing=a.slot_timing, select_qa_weight=a.select_qa_weight,
                                  augment_prob=a.spec_prob, time_masks=a.spec_time_masks,
                                  time_mask_frames=a.spec_time_frames, channel_masks=a.spec_channel_masks,
@@ -464,6 +471,9 @@ def main(argv: list[str] | None = None) -> None:
     with reported_in_one_line("fastslm.models.demo", "interrupted (rerun the same command to resume)"):
         if a.steps < 0:  # 0 is meaningful (size from --hours), a negative count is not
             raise RecipeError(f"--steps must be a step count, or 0 to size the schedule from --hours; got {a.steps}")
+        if not 0.0 <= a.qa_prob <= 1.0 or a.qa_weight < 0 or a.reading_qa < 0 or a.reading_batch < 0:
+            raise RecipeError("--qa-prob is a probability (0 to 1); --qa-weight, --reading-qa and --reading-batch "
+                              f"must not be negative; got {a.qa_prob}, {a.qa_weight}, {a.reading_qa}, {a.reading_batch}")
         if a.eval_every is not None and a.eval_every < 1:
             raise RecipeError(f"--eval-every must be a positive step count; got {a.eval_every}")
         for stage in stages:

@@ -69,3 +69,46 @@ def test_driver_runs_every_stage_in_chunks_and_resumes(tmp_path, fake):
     # finished: a rerun calls nothing
     before = calls.read_text()
     assert run_driver(state, fake, calls).returncode == 0 and calls.read_text() == before
+
+
+# train burns CPU for 20 s on its first call (the driver is killed meanwhile), then finishes at once
+BUSY_PYTHON = """#!/bin/bash
+stage=corpus
+for a in "$@"; do [ "$prev" = --stage ] && stage=$a; prev=$a; done
+if [ "$stage" = train ]; then
+    if [ ! -f "$CALLS.busy_done" ]; then touch "$CALLS.busy_done"; end=$((SECONDS + 20)); while [ $SECONDS -lt $end ]; do :; done; fi
+    echo "train: finished at step 4"
+fi
+exit 0
+"""
+
+
+def test_a_chunk_killed_with_its_driver_keeps_its_time(tmp_path):
+    import signal
+    import time
+
+    state, calls, fake = tmp_path / "state", tmp_path / "calls", tmp_path / "busy_python"
+    fake.write_text(BUSY_PYTHON)
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), CALLS=str(calls), CHUNK_SECONDS="60", TICK_SECONDS="1")
+    driver = subprocess.Popen(["bash", str(DRIVER), str(state)], env=env, start_new_session=True)
+
+    def train_cpu_so_far() -> int:  # the running chunk's reading: "STAGE WALL CPU"
+        reading = (state / ".chunk").read_text().split() if (state / ".chunk").is_file() else []
+        return int(reading[2]) if reading[:1] == ["train"] else -1
+
+    deadline = time.monotonic() + 60
+    while train_cpu_so_far() < 2:
+        assert time.monotonic() < deadline and driver.poll() is None, (state / "driver.log").read_text()
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)  # what the end of a session does: no trap runs, no line is written
+    driver.wait()
+    assert not (state / "seconds.train").exists()
+    # the next start adds the killed chunk's last reading, then runs on to the end
+    assert subprocess.run(["bash", str(DRIVER), str(state)], env=env, timeout=120).returncode == 0
+    chunks = [line.split() for line in (state / "seconds.train").read_text().splitlines()]
+    assert len(chunks) == 2
+    wall, cpu = map(int, chunks[0])
+    assert wall >= 2 and cpu >= 2  # the busy loop's CPU, read from /proc while it ran
+    assert "train: the chunk before was killed with its driver" in (state / "driver.log").read_text()
+    assert not (state / ".chunk").exists() and (state / "done.eval").is_file()

@@ -12,6 +12,9 @@
 # that finished is marked in STATE_DIR/done.<stage>. Each chunk is stopped with SIGTERM after
 # CHUNK_SECONDS (training then checkpoints) and started again; a chunk that fails (exit code
 # other than 0 or 124) stops the driver, with the reason in driver.log.
+# While a chunk runs, STATE/.chunk holds its wall and CPU seconds so far (every TICK_SECONDS, 30): when the
+# driver itself is killed (a session's end kills everything), the next start adds that reading to
+# STATE/seconds.<stage>, so the recipe's time survives the stop.
 # The whole body is one function, so editing this file never changes a driver already running.
 
 children_cpu() {  # user + system CPU seconds of every finished child of this shell so far -> $cpu
@@ -19,15 +22,36 @@ children_cpu() {  # user + system CPU seconds of every finished child of this sh
     cpu=$(awk 'NR == 2 { n = 0; for (i = 1; i <= 2; i++) { split($i, p, "m"); n += p[1] * 60 + p[2] } printf "%d", n }' "$1/.times")
 }
 
+tree_cpu() {  # CPU seconds so far of process $1 and all its descendants (their reaped children included) -> stdout
+    # /proc/PID/stat after "(comm) ": field 2 is the parent, 12-15 are utime, stime, cutime, cstime in clock ticks
+    cat /proc/[0-9]*/stat 2>/dev/null | awk -v root="$1" -v hz="$(getconf CLK_TCK)" '
+        { pid = $1; line = $0; sub(/^.*\) /, "", line); split(line, f, " "); parent[pid] = f[2]
+          ticks[pid] = f[12] + f[13] + f[14] + f[15] }
+        END {
+            inside[root] = 1; grown = 1
+            while (grown) { grown = 0; for (p in parent) if (!(p in inside) && (parent[p] in inside)) { inside[p] = 1; grown = 1 } }
+            for (p in inside) total += ticks[p]
+            printf "%d\n", total / hz
+        }'
+}
+
 main() {
     set -u
-    local state python chunk stage rc t0 cpu cpu0 cpu1
+    local state python chunk tick stage rc t0 cpu cpu0 cpu1 child wall i
     state=$(realpath -m "${1:?usage: run_recipe.sh STATE_DIR}")
     python=${PYTHON:-python}
     chunk=${CHUNK_SECONDS:-7200}
+    tick=${TICK_SECONDS:-30}
     mkdir -p "$state"
     exec >>"$state/driver.log" 2>&1
     echo "== $(date -u +%FT%TZ) driver start (pid $$, python $python, PYTHONPATH ${PYTHONPATH:-})"
+    if [ -f "$state/.chunk" ]; then  # the last driver was killed during this chunk: keep its last reading
+        read -r stage wall cpu <"$state/.chunk"
+        echo "$wall $cpu" >>"$state/seconds.$stage"
+        echo "-- $(date -u +%FT%TZ) $stage: the chunk before was killed with its driver; its last reading," \
+            "$wall s wall and CPU $cpu s, added to seconds.$stage"
+        rm -f "$state/.chunk"
+    fi
     [ -f "$state/corpus.args" ] || echo "--seed 0 --mix wide --train-utterances 32000 --jobs 2" >"$state/corpus.args"
     [ -f "$state/recipe.args" ] || echo "--seed 0 --bf16 --threads 2 --slot-timing whisper --no-progress" >"$state/recipe.args"
     for stage in corpus tokenizer windows features align train export-folder eval; do
@@ -38,13 +62,21 @@ main() {
             if [ "$stage" = corpus ]; then
                 # shellcheck disable=SC2046
                 timeout -s TERM "$chunk" "$python" -m fastslm.models.demo.corpus --out "$state/corpus" \
-                    $(cat "$state/corpus.args") </dev/null
+                    $(cat "$state/corpus.args") </dev/null &
             else
                 # shellcheck disable=SC2046
                 timeout -s TERM "$chunk" "$python" -m fastslm.models.demo --work "$state/demo" \
-                    --corpus "$state/corpus" --stage "$stage" $(cat "$state/recipe.args") </dev/null
+                    --corpus "$state/corpus" --stage "$stage" $(cat "$state/recipe.args") </dev/null &
             fi
+            child=$!
+            while kill -0 "$child" 2>/dev/null; do
+                echo "$stage $(( $(date +%s) - t0 )) $(tree_cpu "$child")" >"$state/.chunk.new"
+                mv -f "$state/.chunk.new" "$state/.chunk"
+                for ((i = 0; i < tick; i++)); do kill -0 "$child" 2>/dev/null || break; sleep 1; done
+            done
+            wait "$child"
             rc=$?
+            rm -f "$state/.chunk"
             children_cpu "$state"; cpu1=$cpu
             echo "-- $(date -u +%FT%TZ) $stage: chunk end rc=$rc after $(( $(date +%s) - t0 )) s, CPU $((cpu1 - cpu0)) s"
             # one line per chunk: wall and CPU seconds (on a shared machine the CPU seconds are the recipe's cost)

@@ -53,7 +53,11 @@ main() {
         rm -f "$state/.chunk"
     fi
     [ -f "$state/corpus.args" ] || echo "--seed 0 --mix wide --train-utterances 32000 --jobs 2" >"$state/corpus.args"
-    [ -f "$state/recipe.args" ] || echo "--seed 0 --bf16 --threads 2 --slot-timing whisper --no-progress" >"$state/recipe.args"
+    # the defaults are the shipped model's settings (docs/DEMO_MODEL.md, "The 12-hour run")
+    [ -f "$state/recipe.args" ] || echo "--seed 0 --bf16 --threads 2 --no-progress --slot-timing whisper --passes 1.25" \
+        "--steps 8000 --warmup-steps 500 --eval-every 400 --spec-prob 0.8 --spec-time-masks 3 --spec-time-frames 12" \
+        "--spec-channel-masks 2 --spec-channel-width 32 --spec-speech-only --select-qa-weight 0.5 --reading-qa 8" \
+        "--qa-weight 4" >"$state/recipe.args"
     for stage in corpus tokenizer windows features align train export-folder eval; do
         while [ ! -f "$state/done.$stage" ]; do
             t0=$(date +%s)

@@ -604,3 +604,20 @@ def test_training_counts_its_cpu_seconds_over_resumes(recipe, tmp_path):
     assert resumed.step == 2 and resumed.cpu_seconds >= spent
     resumed.run()
     assert torch.load(tmp_path / train.STATE_FILE, weights_only=True)["cpu_s"] > spent
+
+
+def test_selection_evaluator_scores_every_question_type(recipe, corpus, tmp_path):
+    from fastslm.calibration.evaluation import EvalItem
+    from fastslm.models.demo.recipe import SelectionEvaluator
+
+    items = [EvalItem(u.id, u.text, u.path) for u in recipe["utts"][:3]]
+    evaluator = SelectionEvaluator(items, recipe["work"] / "tokenizer.json", tmp_path / "eval.npz", tiny_encoder())
+    model = train.new_model(tiny_demo_config(-(-recipe["tokenizer"].vocab_size // 64) * 64), 0, tiny_encoder())
+    result = evaluator(model.eval())
+    assert set(result["qa_by_type"]) == {"first", "last", "count", "summary", "contains"}
+    assert result["wer"] >= 0.0 and 0.0 <= result["qa"] <= 100.0
+    # five questions per item, one of each type: the overall accuracy is the mean of the types'
+    assert result["qa"] == pytest.approx(sum(result["qa_by_type"].values()) / 5, abs=0.1)
+    # the encoder's output is computed once and read back from the cache
+    again = SelectionEvaluator(items, recipe["work"] / "tokenizer.json", tmp_path / "eval.npz", None)
+    assert [f.shape for f in again.features] == [f.shape for f in evaluator.features]

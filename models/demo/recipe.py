@@ -254,7 +254,9 @@ class SelectionEvaluator:
         result = {"wer": round(wer([it.text for it in self.items], hyps), 2), "sample": hyps[0][:120]}
         if self.with_qa:
             questions = questions_for_items(self.items)
-            result["qa"] = round(qa_report(questions, answer_all(pipe, speech, questions))[0], 2)
+            accuracy, by_type = qa_report(questions, answer_all(pipe, speech, questions))
+            result["qa"] = round(accuracy, 2)
+            result["qa_by_type"] = {k: round(v, 1) for k, v in by_type.items()}  # the issue gates every type
         return result
 
 

@@ -14,6 +14,7 @@ DRIVER = Path(__file__).resolve().parents[1] / "models" / "demo" / "run_recipe.s
 # with SIGTERM), then finishes; the stage named in FAIL_STAGE exits 2 while FAIL_STAGE is set.
 FAKE_PYTHON = """#!/bin/bash
 echo "$*" >> "$CALLS"
+echo "${FASTSLM_SHARED_DATA:-unset}" > "$CALLS.shared_data"
 stage=corpus
 for a in "$@"; do [ "$prev" = --stage ] && stage=$a; prev=$a; done
 [ "$stage" = "${FAIL_STAGE:-}" ] && { echo "boom" >&2; exit 2; }
@@ -27,6 +28,7 @@ exit 0
 
 def run_driver(state: Path, fake: Path, calls: Path, **env) -> subprocess.CompletedProcess:
     environ = dict(os.environ, PYTHON=str(fake), CALLS=str(calls), CHUNK_SECONDS="2", **env)
+    environ.pop("FASTSLM_SHARED_DATA", None)  # the driver finds the repository's ../shared/data itself
     return subprocess.run(["bash", str(DRIVER), str(state)], env=environ, capture_output=True, text=True, timeout=120)
 
 
@@ -58,6 +60,10 @@ def test_driver_runs_every_stage_in_chunks_and_resumes(tmp_path, fake):
     documented = doc.split("(`corpus.args`, `recipe.args`):", 1)[1].split("```")[1].strip().splitlines()
     assert (state / "corpus.args").read_text().split() == documented[0].split()
     assert (state / "recipe.args").read_text().split() == " ".join(documented[1:]).split()
+    # the stages see the repository's ../shared/data (the eval stage scores jfk.flac from it)
+    shared = DRIVER.parents[3] / "shared" / "data"
+    if (shared / "jfk.flac").is_file():
+        assert Path((calls.parent / "calls.shared_data").read_text().strip()) == shared.resolve()
     # the same command again resumes at the failed stage; train overruns its 2 s chunk once
     result = run_driver(state, fake, calls)
     assert result.returncode == 0

@@ -621,3 +621,16 @@ def test_selection_evaluator_scores_every_question_type(recipe, corpus, tmp_path
     # the encoder's output is computed once and read back from the cache
     again = SelectionEvaluator(items, recipe["work"] / "tokenizer.json", tmp_path / "eval.npz", None)
     assert [f.shape for f in again.features] == [f.shape for f in evaluator.features]
+
+
+def test_eval_stage_says_at_once_when_the_real_recording_is_missing(tmp_path, monkeypatch):
+    from fastslm.calibration.evaluation import EvalSetError
+    from fastslm.models.demo import recipe as recipe_module
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # never read: the check comes first
+    monkeypatch.setenv("FASTSLM_SHARED_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(EvalSetError, match="FASTSLM_SHARED_DATA"):
+        recipe_module.stage_eval(model, tmp_path / "corpus", None, tmp_path / "eval.json")
+    assert not (tmp_path / "eval.json").exists()

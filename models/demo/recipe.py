@@ -358,10 +358,11 @@ def stage_eval(model: Path, corpus: Path, limit: int | None, report: Path | None
     """WER on the held-out synthetic sets and on real speech (jfk.flac), faster-whisper tiny.en's beside each, and QA."""
     from ...runtime.bundle import CONFIG_FILE, MANIFEST_FILE
     from ...runtime.generate import Pipeline
-    from .evaluate import REAL_SPEECH_SPLITS, evaluate_split, faster_whisper_wer
+    from .evaluate import REAL_SPEECH_SPLITS, evaluate_split, faster_whisper_wer, load_split
 
     if not (model / CONFIG_FILE).is_file() and not (model / MANIFEST_FILE).is_file():
         raise RecipeError(f"{model} is not a model folder yet: run the export-folder stage first")
+    load_split("jfk", corpus)  # before the long synthetic splits: without the real recording, say so now
     pipe = Pipeline.load(model)
     results = []
     for split in ("eval_seen", "eval_unseen", "jfk", "qa"):

@@ -42,9 +42,15 @@ main() {
     python=${PYTHON:-python}
     chunk=${CHUNK_SECONDS:-7200}
     tick=${TICK_SECONDS:-30}
+    # the eval stage scores jfk.flac, the one real recording: the repository's ../shared/data unless set
+    if [ -z "${FASTSLM_SHARED_DATA:-}" ] && [ -f "$(dirname "$0")/../../../shared/data/jfk.flac" ]; then
+        FASTSLM_SHARED_DATA=$(realpath "$(dirname "$0")/../../../shared/data")
+        export FASTSLM_SHARED_DATA
+    fi
     mkdir -p "$state"
     exec >>"$state/driver.log" 2>&1
-    echo "== $(date -u +%FT%TZ) driver start (pid $$, python $python, PYTHONPATH ${PYTHONPATH:-})"
+    echo "== $(date -u +%FT%TZ) driver start (pid $$, python $python, PYTHONPATH ${PYTHONPATH:-}," \
+        "FASTSLM_SHARED_DATA ${FASTSLM_SHARED_DATA:-unset})"
     if [ -f "$state/.chunk" ]; then  # the last driver was killed during this chunk: keep its last reading
         read -r stage wall cpu <"$state/.chunk"
         echo "$wall $cpu" >>"$state/seconds.$stage"

@@ -634,3 +634,21 @@ def test_eval_stage_says_at_once_when_the_real_recording_is_missing(tmp_path, mo
     with pytest.raises(EvalSetError, match="FASTSLM_SHARED_DATA"):
         recipe_module.stage_eval(model, tmp_path / "corpus", None, tmp_path / "eval.json")
     assert not (tmp_path / "eval.json").exists()
+
+
+def test_question_levers_wait_for_qa_from_then_ramp_in(recipe, tmp_path):
+    o = train.TrainOptions(qa_from=1000)
+    shares = [train.question_share(s, o) for s in (0, 999, 1000, 1249, 1499, 5000)]
+    assert shares == [0.0, 0.0, 1 / train.QA_RAMP_STEPS, 250 / train.QA_RAMP_STEPS, 1.0, 1.0]
+    assert train.question_share(0, train.TrainOptions()) == 1.0  # qa_from 0: from the start, no ramp
+    trainer = tiny_trainer(recipe, tmp_path, augment_prob=0.0, reading_qa=2, qa_weight=5.0, qa_from=3, qa_prob=1.0)
+    assert trainer.reading_questions_for(2) is None and trainer.reading_questions_for(3) is not None
+
+    def question_weights(step: int) -> set[float]:  # loss weights of the audio batch's question answers
+        batch = trainer.batch_for(step)  # with qa_prob 1, every window that has questions trains on one
+        rows = [b for b, w in enumerate(batch.windows) if len(trainer.windows[w]["examples"]) > 1]
+        return {round(float(v), 4) for b in rows for v in batch.weights[b] if v > 0}
+
+    assert question_weights(2) == {1.0}
+    assert question_weights(3) == {round(1.0 + 4.0 / train.QA_RAMP_STEPS, 4)}
+    assert "qa_from" not in train.TrainOptions().trajectory_key()

@@ -23,6 +23,7 @@ from ..runtime.bundle import (
     CONFIG_FILE, MODEL_FORMAT, MODEL_FORMAT_VERSION, TOKENIZER_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE,
 )  # fmt: skip
 from ..runtime.errors import ModelFileError
+from ..runtime.output_folder import with_new_file_mode
 from .hfq_former import HFQFormer, HFQFormerDims
 from .qwen3 import Qwen3Dims, Qwen3ForCausalLM
 from .weights import assign_checked
@@ -121,6 +122,7 @@ class FastSLM(nn.Module):
         derived = set(_derived_keys(self))
         tensors = {name: t.detach().contiguous() for name, t in self.state_dict().items() if name not in derived}
         save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": MODEL_FORMAT})
+        with_new_file_mode(folder / WEIGHTS_FILE)  # safetensors writes owner-only files; a model folder is shared
         if tokenizer_json is not None:
             source = Path(tokenizer_json)
             if source.resolve() != (folder / TOKENIZER_FILE).resolve():

@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from ..runtime.output_folder import with_new_file_mode
 from .fastslm import FastSLM, FastSLMConfig, _derived_keys
 from .hfq_former import HFQFormerDims
 from .qwen3 import Qwen3Dims
@@ -124,7 +125,7 @@ def write_random_model(
             if progress is not None:
                 progress(tensors[name].numel() * size)
         save_file(tensors, str(folder / shard), metadata={"format": MODEL_FORMAT})
-        (folder / shard).chmod(0o644)  # safetensors writes owner-only files; a model folder is for everyone
+        with_new_file_mode(folder / shard)  # safetensors writes owner-only files; a model folder is shared
         del tensors
     index = {"metadata": {"total_size": total, "seed": seed, "dtype": str(dtype).removeprefix("torch.")},
              "weight_map": weight_map}  # fmt: skip

@@ -4,6 +4,7 @@ fastslm-convert, and the shared generate loop on the PyTorch reference."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -55,6 +56,11 @@ def test_model_folder_round_trip(tmp_path, tiny, tiny_dir):
     assert diff == 0.0
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["format"] == "fastslm-model" and config["hfq_former"]["n_queries"] == 5
+    # every file gets a new file's permissions (safetensors alone would make the weights owner-only)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == \
+        {p.name: oct(0o666 & ~umask) for p in tmp_path.iterdir()}
 
 
 def test_model_folder_in_the_old_key_layout_loads(tmp_path, tiny, tiny_dir):

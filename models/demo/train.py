@@ -103,7 +103,7 @@ class TrainOptions:
     align_weight: float = 1.0  # slot loss weight; 0: the LLM loss only
     silent_slot_weight: float = 0.2  # weight of a slot with no text in the slot loss
     reading_batch: int = 0  # text-only ASR samples per step on pseudo speech tokens (see reading_loss)
-    reading_qa: int = 0  # text-only question samples per step, their own loss term (see Trainer.reading_questions_for)
+    reading_qa: int = 0  # text-only question samples per step, own loss term (Trainer.reading_questions_for)
     qa_from: int = 0  # step where the question levers (reading_qa, qa_weight) start; see question_share
     ctc_weight: float = 0.0  # CTC on the slot head's posteriors (blank: "nothing said"); see slot_ctc_loss
     slot_timing: str = "chars"  # when each token was said: "chars" (spread by length) or "whisper" (aligned)

@@ -557,7 +557,6 @@ def test_best_checkpoint_can_be_picked_on_wer_and_qa(recipe, tmp_path):
 
 def test_reading_questions_are_short_windows_with_one_right_answer_each(recipe, tmp_path):
     from fastslm.models.demo import tasks
-    from fastslm.runtime.prompt import resolve_task
 
     trainer = tiny_trainer(recipe, tmp_path, augment_prob=0.0, reading_qa=6)
     batch, slots = trainer.reading_questions_for(7)

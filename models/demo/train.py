@@ -663,13 +663,12 @@ class Trainer:
         if not self.o.reading_batch:
             return None
         rng = np.random.default_rng([self.o.seed, 4, step])
-        q = self.model.config.tokens_per_window
-        examples, slots = [], []
+        drawn = []
         for _ in range(self.o.reading_batch):
             window, utts = reading_window(self.reading_texts, rng)
-            examples.append({"task": "ASR", "instruction": Task.ASR.default_instruction, "answer": window["text"]})
-            slots.append(token_slots(window, utts, self.examples.tok, q))
-        return self.examples.batch(None, examples, 1.0), slots
+            asr = {"task": "ASR", "instruction": Task.ASR.default_instruction, "answer": window["text"]}
+            drawn.append((window, utts, asr))
+        return self._text_only_batch(drawn)
 
     def reading_questions_for(self, step: int) -> tuple[Batch, list[list[tuple[int, int]]]] | None:
         """The text-only question samples of step `step` (seeded by it, like batch_for), or None.
@@ -683,9 +682,8 @@ class Trainer:
         if not self.o.reading_qa or not question_share(step, self.o):
             return None
         rng = np.random.default_rng([self.o.seed, 5, step])
-        q = self.model.config.tokens_per_window
-        examples, slots = [], []
-        while len(examples) < self.o.reading_qa:
+        drawn = []
+        while len(drawn) < self.o.reading_qa:
             window, utts = reading_window(self.reading_texts, rng, single_fraction=0.75,
                                           longest=WindowOptions.qa_max_seconds)
             pairs = tasks.questions_for(window["text"], random.Random(int(rng.integers(2**32))))
@@ -693,9 +691,14 @@ class Trainer:
                 continue
             question, answer = pairs[int(rng.integers(len(pairs)))]
             task, instruction = resolve_task(question)
-            examples.append({"task": task.name, "instruction": instruction, "answer": answer})
-            slots.append(token_slots(window, utts, self.examples.tok, q))
-        return self.examples.batch(None, examples, 1.0), slots
+            drawn.append((window, utts, {"task": task.name, "instruction": instruction, "answer": answer}))
+        return self._text_only_batch(drawn)
+
+    def _text_only_batch(self, drawn: list[tuple[dict, dict, dict]]) -> tuple[Batch, list[list[tuple[int, int]]]]:
+        """(window spec, its utterances, example) triples as a batch for pseudo speech, with each window's slots."""
+        q = self.model.config.tokens_per_window
+        slots = [token_slots(window, utts, self.examples.tok, q) for window, utts, _ in drawn]
+        return self.examples.batch(None, [example for _, _, example in drawn], 1.0), slots
 
     # -- loop -------------------------------------------------------------------------------
 

@@ -111,8 +111,10 @@ def generate_rows(
 
     timings = {"audio_tower_s": audio_tower, "prefill_s": prefill, "decode_s": decode, "batch_rows": float(B)}
     for a, i in enumerate(rows):
+        text, thinking = pipe.tokenizer.decode_answer(answers[a])
         results[i] = GenerationResult(
-            text=pipe.tokenizer.decode(answers[a]).strip(),
+            text=text,
+            thinking=thinking,
             token_ids=answers[a],
             prompt_tokens=prompt_tokens,
             n_windows=1,

@@ -112,7 +112,7 @@ def answer_in_parts(
     else:
         reduced = yield from _reduce(session, instruction, task, parts, sampling, timings, prefilled)
         first_at = reduced.first_at
-        text, ids = pipe.tokenizer.decode(reduced.ids).strip(), reduced.ids
+        text, ids = pipe.tokenizer.decode_answer(reduced.ids)[0], reduced.ids
     timings["time_to_first_token_s"] = (first_at or time.perf_counter()) - asked
     timings["decode_s"] = time.perf_counter() - decode_start
     return GenerationResult(
@@ -145,7 +145,7 @@ def _reduce(session, instruction: str, task: Task, parts: list[dict], sampling, 
         merged = []
         for group in (parts[:half], parts[half:]):
             inner = _drain(_reduce(session, instruction, task, group, sampling, timings, prefilled))
-            text = pipe.tokenizer.decode(inner.ids).strip()
+            text = pipe.tokenizer.decode_answer(inner.ids)[0]
             merged.append({"start": group[0]["start"], "end": group[-1]["end"], "text": text})
         return (yield from _reduce(session, instruction, task, merged, sampling, timings, prefilled))
     t0 = time.perf_counter()

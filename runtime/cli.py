@@ -211,6 +211,7 @@ def json_record(pipe, path: Path, prompt: str, result) -> dict:
         "audio": str(path),
         "prompt": prompt,
         "text": result.text,
+        **({"thinking": result.thinking} if result.thinking else {}),
         "audio_seconds": round(result.audio_seconds, 3),
         "windows": result.n_windows,
         "prompt_tokens": result.prompt_tokens,

@@ -53,7 +53,7 @@ class Prefill:
 
 @dataclass
 class GenerationResult:
-    text: str
+    text: str  # the answer (a leading <think> block is in `thinking`, see Tokenizer.split_thinking)
     token_ids: list[int]
     prompt_tokens: int
     n_windows: int
@@ -61,6 +61,7 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
     strategy: str | None = None  # set when the recording was past the context and answered in parts
     parts: list[dict] = field(default_factory=list)  # those parts: start, end (s) and each part's answer
+    thinking: str = ""  # what the model reasoned before answering, when it opened with <think>
 
 
 class Pipeline:
@@ -218,17 +219,36 @@ class Pipeline:
                 logits, cache = self.backend.decode(self.backend.embed_tokens(np.array([token], dtype=np.int64)), cache)
 
     def text_pieces(self, tokens: Iterable[int]) -> Iterator[str]:
-        """Answer tokens -> text pieces as soon as they decode (their join equals the decoded text up to
-        trailing whitespace)."""
+        """Answer tokens -> text pieces as soon as they decode (their join equals the decoded answer up to
+        trailing whitespace). A <think> block that opens the reply is held back and left out once its
+        </think> arrives; one that never closes is the answer after all (Tokenizer.split_thinking)."""
         decoder = StreamDecoder(self.tokenizer)
         started = False
-        for token in tokens:
-            piece = decoder.add(token)
-            if not started:  # byte-level BPE words carry their leading space; the answer should not
-                piece = piece.lstrip()
-                started = bool(piece)
-            if piece:
-                yield piece
+        thinking: list[int] | None = None  # ids of an open <think> block, held back
+
+        def pieces(ids: Iterable[int]) -> Iterator[str]:
+            nonlocal started
+            for token in ids:
+                piece = decoder.add(token)
+                if not started:  # byte-level BPE words carry their leading space; the answer should not
+                    piece = piece.lstrip()
+                    started = bool(piece)
+                if piece:
+                    yield piece
+
+        think = self.tokenizer.think_ids
+        for i, token in enumerate(tokens):
+            if thinking is not None:
+                thinking.append(token)
+                if token == think[1]:
+                    thinking = None
+                continue
+            if i == 0 and think is not None and token == think[0]:
+                thinking = [token]
+                continue
+            yield from pieces((token,))
+        if thinking is not None:
+            yield from pieces(thinking)
         tail = decoder.flush()
         if tail and (started or tail.strip()):
             yield tail if started else tail.lstrip()

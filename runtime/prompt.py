@@ -31,7 +31,14 @@ IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 CHAT_TOKENS = (ENDOFTEXT, IM_START, IM_END)
 # Qwen3 marks <think> and </think> as added but *not* special: decoding keeps them as text.
 THINK_TOKENS = ("<think>", "</think>")
-EMPTY_THINK = "<think>\n\n</think>\n\n"
+
+
+def thinking_reply(thinking: str, answer: str) -> str:
+    """A reply in Qwen3's thinking format: the reasoning in a <think> block, then the answer."""
+    return f"{THINK_TOKENS[0]}\n{thinking}\n{THINK_TOKENS[1]}\n\n{answer}"
+
+
+EMPTY_THINK = thinking_reply("", "")  # plain Qwen3's way of switching thinking off
 
 LANGUAGE_TOKENS = {"en": "<|EN|>", "ko": "<|KO|>"}
 _LANGUAGE_NAMES = {"english": "en", "korean": "ko"}

@@ -149,8 +149,10 @@ class AudioSession:
         yield from self.pipe.text_pieces(tokens)
         timings["time_to_first_token_s"] = (tokens.first_at or time.perf_counter()) - asked
         timings["decode_s"] = time.perf_counter() - decode_start
+        text, thinking = self.pipe.tokenizer.decode_answer(tokens.ids)
         self.last_result = GenerationResult(
-            text=self.pipe.tokenizer.decode(tokens.ids).strip(),
+            text=text,
+            thinking=thinking,
             token_ids=tokens.ids,
             prompt_tokens=cache.length,
             n_windows=self.speech.n_windows,

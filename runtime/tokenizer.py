@@ -45,6 +45,9 @@ class Tokenizer:
         self._tok = tokenizer
         added = tokenizer.get_added_tokens_decoder()
         self._special_ids = frozenset(i for i, t in added.items() if t.special)
+        # (<think>, </think>) ids, or None where the tokenizer has no such tokens
+        think = tuple(tokenizer.token_to_id(t) for t in THINK_TOKENS)
+        self.think_ids: tuple[int, int] | None = think if None not in think else None
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
@@ -85,6 +88,25 @@ class Tokenizer:
         if bad is not None:  # the Rust side would raise OverflowError / TypeError
             raise OptionError(f"token id {bad!r} is not a token id: ids are whole numbers >= 0")
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def split_thinking(self, ids: Sequence[int]) -> tuple[list[int], list[int]]:
+        """(thinking ids, answer ids) of generated ids.
+
+        A reply that opens with `<think>` reasons first and answers after `</think>` (Qwen3's
+        thinking format; the demo model writes out what it heard there before answering a question).
+        The block is not part of the answer. Without its `</think>` (cut by max_new_tokens) nothing
+        is split off: all of it is the answer, as in Qwen3's own parsing.
+        """
+        ids = list(ids)
+        if self.think_ids is None or not ids or ids[0] != self.think_ids[0] or self.think_ids[1] not in ids:
+            return [], ids
+        end = ids.index(self.think_ids[1]) + 1
+        return ids[:end], ids[end:]
+
+    def decode_answer(self, ids: Sequence[int]) -> tuple[str, str]:
+        """(answer text, thinking text) of generated ids; the thinking text is without its markers."""
+        thinking, answer = self.split_thinking(ids)
+        return self.decode(answer).strip(), self.decode(thinking[1:-1]).strip()
 
     def encode_prompt(self, text: str) -> PromptIds:
         """Split a built prompt at its one <|AUDIO|>: left ends with <|audio_bos|>, right starts with <|audio_eos|>."""

@@ -185,7 +185,8 @@ def test_training_sequence_is_the_pipeline_prefill(recipe, tmp_path):
     feats = torch.from_numpy(np.asarray(trainer.features[0], dtype=np.float32))[None]
     example = {"task": "SQQA", "instruction": "What is the first word?", "answer": "the"}
     batch = trainer.examples.batch(feats.numpy(), [example], qa_weight=1.0)
-    seq, start, answer_at = trainer.examples.sequence(example)
+    seq, start, answer_at, after_thinking = trainer.examples.sequence(example)
+    assert after_thinking == answer_at  # no thinking in this example
     with torch.no_grad():
         speech = model.audio_tower.hfq_former(feats)
         text = model.llm.embed(batch.ids)
@@ -651,3 +652,57 @@ def test_question_levers_wait_for_qa_from_then_ramp_in(recipe, tmp_path):
     assert question_weights(2) == {1.0}
     assert question_weights(3) == {round(1.0 + 4.0 / train.QA_RAMP_STEPS, 4)}
     assert "qa_from" not in train.TrainOptions().trajectory_key()
+
+
+def test_questions_reason_first_from_qa_think_from(recipe, tmp_path):
+    trainer = tiny_trainer(recipe, tmp_path, augment_prob=0.0, reading_qa=3, qa_weight=4.0, qa_prob=1.0,
+                           qa_think_from=3)
+    tok = trainer.examples.tok
+    think_open, think_close = tok.think_ids
+
+    def question_rows(batch, windows=True):
+        rows = [b for b, w in enumerate(batch.windows) if len(trainer.windows[w]["examples"]) > 1] if windows \
+            else range(len(batch.ids))
+        assert rows
+        return rows
+
+    for step in (2, 3):
+        batch = trainer.batch_for(step)
+        questions, _ = trainer.reading_questions_for(step)
+        for b, windows in [(b, True) for b in question_rows(batch)] + [(b, False) for b in question_rows(questions, False)]:
+            source = batch if windows else questions
+            target = source.targets[b].tolist()
+            reply_at = next(i for i, t in enumerate(target) if t != -100)
+            reply = [t for t in target[reply_at:] if t >= 0][:-1]  # without <|im_end|>
+            weights = source.weights[b, reply_at : reply_at + len(reply) + 1].tolist()
+            if step < 3:  # before qa_think_from: the answer alone, as before the option existed
+                assert think_open not in reply and len(set(weights)) == 1
+                continue
+            answer, heard = tok.decode_answer(reply)  # the runtime's own split of the reply
+            assert reply[0] == think_open and think_close in reply and heard and answer
+            if windows:  # the window's transcript, its ASR example
+                assert heard == trainer.windows[batch.windows[b]]["examples"][0]["answer"].strip()
+            # the thinking is transcript (weight 1), the answer after it a question's (qa_weight)
+            n_answer = len(tok.encode(answer)) + 1  # and <|im_end|>
+            assert set(weights[:-n_answer]) == {1.0} and set(weights[-n_answer:]) == {4.0}
+            assert reply.index(think_close) < len(reply) - n_answer + 1
+
+
+def test_qa_think_from_may_be_set_on_a_run_that_has_not_reached_it(recipe, tmp_path):
+    options = dict(augment_prob=0.0, reading_qa=2, qa_prob=1.0, steps=5)
+    straight = tiny_trainer(recipe, tmp_path / "a", qa_think_from=3, **options)
+    assert straight.run()["finished"]
+    tiny_trainer(recipe, tmp_path / "b", **options).run(max_steps=3)  # without it, to step 3
+    resumed = tiny_trainer(recipe, tmp_path / "b", qa_think_from=3, **options)
+    assert resumed.step == 3 and resumed.run()["finished"]
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same run as one with the option from the start
+    # once the run has passed the step, the option is part of it
+    with pytest.raises(train.RecipeError):
+        tiny_trainer(recipe, tmp_path / "b", **options)
+    with pytest.raises(train.RecipeError):
+        tiny_trainer(recipe, tmp_path / "b", qa_think_from=4, **options)
+    tiny_trainer(recipe, tmp_path / "c", **options).run(max_steps=4)
+    with pytest.raises(train.RecipeError):  # a step already behind the run
+        tiny_trainer(recipe, tmp_path / "c", qa_think_from=3, **options)
+    assert "qa_think_from" not in train.TrainOptions().trajectory_key()

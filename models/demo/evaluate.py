@@ -91,11 +91,15 @@ def transcribe_all(pipe, inputs: list, max_new_tokens: int = 200, progress: bool
             for x in tqdm(inputs, desc="transcribe", unit="utt", disable=not progress)]
 
 
+# room for an answer and the transcript a model may think out first (a window with questions is <= 15 s)
+ANSWER_TOKENS = 128
+
+
 def answer_all(pipe, speech: list, questions: list[tuple[int, str, str]], progress: bool = False) -> list[str]:
     """Greedy answers; speech[i] is the SpeechTokens of item i (encoded once, asked many times)."""
     from tqdm import tqdm
 
-    sampling = greedy(32)
+    sampling = greedy(ANSWER_TOKENS)
     return [pipe.generate(speech[i], q, sampling=sampling).text
             for i, q, _ in tqdm(questions, desc="questions", unit="q", disable=not progress)]
 

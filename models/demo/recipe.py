@@ -426,6 +426,9 @@ def parse_args(argv: list[str] | None):
                    help="text-only question samples per step on pseudo speech tokens, their own loss term (0: off)")
     g.add_argument("--qa-from", type=int, default=0, metavar="STEP",
                    help="step where --reading-qa and --qa-weight start (ramped in over 500 steps; 0: from the start)")
+    g.add_argument("--qa-think-from", type=int, metavar="STEP",
+                   help="step from which question answers reason first: the transcript in a <think> block, "
+                        "then the answer (default: never)")
     g.add_argument("--qa-prob", type=float, default=0.5,
                    help="share of the audio windows with questions that train on a question instead of ASR")
     g.add_argument("--qa-weight", type=float, default=1.0,
@@ -469,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
                                  eval_every=a.eval_every,
                                  align_weight=a.align_weight, reading_batch=a.reading_batch, ctc_weight=a.ctc_weight,
                                  reading_qa=a.reading_qa, qa_prob=a.qa_prob, qa_weight=a.qa_weight,
-                                 qa_from=a.qa_from,
+                                 qa_from=a.qa_from, qa_think_from=a.qa_think_from,
                                  slot_timing=a.slot_timing, select_qa_weight=a.select_qa_weight,
                                  augment_prob=a.spec_prob, time_masks=a.spec_time_masks,
                                  time_mask_frames=a.spec_time_frames, channel_masks=a.spec_channel_masks,
@@ -481,6 +484,8 @@ def main(argv: list[str] | None = None) -> None:
             raise RecipeError("--qa-prob is a probability (0 to 1); --qa-weight, --reading-qa, --reading-batch and "
                               f"--qa-from must not be negative; got {a.qa_prob}, {a.qa_weight}, {a.reading_qa}, "
                               f"{a.reading_batch}, {a.qa_from}")
+        if a.qa_think_from is not None and a.qa_think_from < 0:
+            raise RecipeError(f"--qa-think-from must be a step (>= 0); got {a.qa_think_from}")
         if a.eval_every is not None and a.eval_every < 1:
             raise RecipeError(f"--eval-every must be a positive step count; got {a.eval_every}")
         for stage in stages:

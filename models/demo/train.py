@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ...runtime.audio import SAMPLE_RATE, WINDOW_SAMPLES
-from ...runtime.prompt import IM_END, Task, build_prompt, resolve_task
+from ...runtime.prompt import IM_END, Task, build_prompt, resolve_task, thinking_reply
 from ...runtime.tokenizer import Tokenizer
 from ..fastslm import FastSLM, FastSLMConfig
 from ..hfq_former import HFQFormer
@@ -105,6 +105,7 @@ class TrainOptions:
     reading_batch: int = 0  # text-only ASR samples per step on pseudo speech tokens (see reading_loss)
     reading_qa: int = 0  # text-only question samples per step, own loss term (Trainer.reading_questions_for)
     qa_from: int = 0  # step where the question levers (reading_qa, qa_weight) start; see question_share
+    qa_think_from: int | None = None  # step from which answers to questions reason first; see thinks_at
     ctc_weight: float = 0.0  # CTC on the slot head's posteriors (blank: "nothing said"); see slot_ctc_loss
     slot_timing: str = "chars"  # when each token was said: "chars" (spread by length) or "whisper" (aligned)
     # checkpoint selection: best = lowest WER + select_qa_weight * (100 - QA accuracy), both in percent
@@ -131,7 +132,20 @@ class TrainOptions:
 
 # Options added after runs were started, with the value that leaves a run as it was.
 _LATER_OPTIONS = {"reading_batch": 0, "ctc_weight": 0.0, "slot_timing": "chars", "channel_masks": 1,
-                  "mask_speech_only": False, "reading_qa": 0, "qa_from": 0}
+                  "mask_speech_only": False, "reading_qa": 0, "qa_from": 0, "qa_think_from": None}
+# Options that act only from the step they name: a run that has reached none of the steps a
+# checkpoint and a resume give may resume with another (the steps before are the same either way).
+_FROM_STEP_OPTIONS = ("qa_think_from",)
+
+
+def same_trajectory(saved: dict, current: dict, step: int) -> bool:
+    """Whether a checkpoint at `step` written with options `saved` resumes under `current` (trajectory keys)."""
+    saved, current = dict(saved), dict(current)
+    for k in _FROM_STEP_OPTIONS:
+        if all(d.get(k) is None or d[k] >= step for d in (saved, current)):
+            saved.pop(k, None)
+            current.pop(k, None)
+    return saved == current
 
 # Steps over which the question levers ramp from nothing to full weight after TrainOptions.qa_from.
 QA_RAMP_STEPS = 500
@@ -147,6 +161,18 @@ def question_share(step: int, o: TrainOptions) -> float:
     if step < o.qa_from:
         return 0.0
     return 1.0 if not o.qa_from else min(1.0, (step - o.qa_from + 1) / QA_RAMP_STEPS)
+
+
+def thinks_at(step: int, o: TrainOptions) -> bool:
+    """Whether question answers at `step` reason first: `<think>` transcript `</think>`, then the answer.
+
+    Measured at step 2,800 of the issue-20 run: answered straight from the speech tokens, count
+    questions got 0% ("11" or "13" to every one) and last-word ones 7.5%, while the same rules
+    applied to the model's own transcripts of those utterances gave about 52% and 60%. Every
+    question type is a function of the transcript, so the decoder writes it out first (Qwen3's
+    thinking format; the runtime keeps the block out of the answer, Tokenizer.split_thinking).
+    """
+    return o.qa_think_from is not None and step >= o.qa_think_from
 
 
 def learning_rate(step: int, total: int | None, o: TrainOptions) -> float:
@@ -284,27 +310,31 @@ class Examples:
             self._prompts[key] = (ids.left, ids.right)
         return self._prompts[key]
 
-    def sequence(self, example: dict) -> tuple[list[int], int, int]:
-        """(ids with zeros at the speech positions, speech start, index of the first answer id)."""
+    def sequence(self, example: dict) -> tuple[list[int], int, int, int]:
+        """(ids with zeros at the speech positions, speech start, index of the first reply id, index of
+        the first answer id after the reply's thinking); an example with "thinking" reasons first."""
         left, right = self.prompt(example["task"], example["instruction"])
+        thinking = self.tok.encode(thinking_reply(example["thinking"], "")) if "thinking" in example else []
         answer = self.tok.encode(example["answer"]) + [self.im_end]
         prefix = list(left) + [0] * self.q + list(right)
-        return prefix + answer, len(left), len(prefix)
+        return prefix + thinking + answer, len(left), len(prefix), len(prefix) + len(thinking)
 
     def batch(self, features: np.ndarray | None, examples: list[dict], qa_weight: float) -> Batch:
-        """Token ids, targets and loss weights of `examples`, with their features (None: supplied later)."""
+        """Token ids, targets and loss weights of `examples`, with their features (None: supplied later).
+        A question's answer weighs `qa_weight`; transcripts, its thinking included, weigh 1."""
         seqs = [self.sequence(e) for e in examples]
-        T = max(len(s) for s, _, _ in seqs)
+        T = max(len(s) for s, _, _, _ in seqs)
         B = len(seqs)
         ids = torch.zeros(B, T, dtype=torch.int64)
         targets = torch.full((B, T), -100, dtype=torch.int64)
         weights = torch.zeros(B, T)
-        for b, ((seq, _, answer_at), ex) in enumerate(zip(seqs, examples)):
+        for b, ((seq, _, reply_at, answer_at), ex) in enumerate(zip(seqs, examples)):
             ids[b, : len(seq)] = torch.tensor(seq)
-            targets[b, answer_at : len(seq)] = torch.tensor(seq[answer_at:])
+            targets[b, reply_at : len(seq)] = torch.tensor(seq[reply_at:])
+            weights[b, reply_at : answer_at] = 1.0
             weights[b, answer_at : len(seq)] = 1.0 if ex["task"] == "ASR" else qa_weight
         feats = torch.from_numpy(np.asarray(features, dtype=np.float32)) if features is not None else None
-        return Batch(feats, ids, [s for _, s, _ in seqs], targets, weights)
+        return Batch(feats, ids, [s for _, s, _, _ in seqs], targets, weights)
 
 
 def spec_augment_(features: Tensor, rng: np.random.Generator, o: TrainOptions,
@@ -586,7 +616,8 @@ class Trainer:
         if not path.is_file():
             return
         state = torch.load(path, weights_only=True)
-        if state["options"] != self.o.trajectory_key() or state["config"] != self.model.config.to_dict():
+        if not same_trajectory(state["options"], self.o.trajectory_key(), state["step"]) \
+                or state["config"] != self.model.config.to_dict():
             raise RecipeError(f"{path} was written with other options or model dims; pass the same ones, "
                               f"or delete {self.out} to train from scratch")
         load_trainable_state(self.model, state["model"])
@@ -642,11 +673,10 @@ class Trainer:
         rng = np.random.default_rng([self.o.seed, 2, step])
         chosen = []
         for w in picks:
-            exs = self.windows[w]["examples"]
+            exs = self.windows[w]["examples"]  # exs[0]: the window's transcript (ASR), then its questions
             k = int(rng.integers(1, len(exs))) if len(exs) > 1 and rng.random() < self.o.qa_prob else 0
-            chosen.append(exs[k])
-        qa_weight = 1.0 + (self.o.qa_weight - 1.0) * question_share(step, self.o)
-        batch = self.examples.batch(self.features.batch([int(w) for w in picks]), chosen, qa_weight)
+            chosen.append({**exs[k], "thinking": exs[0]["answer"]} if k and thinks_at(step, self.o) else exs[k])
+        batch = self.examples.batch(self.features.batch([int(w) for w in picks]), chosen, self.qa_weight_at(step))
         if self.slot_head is not None:
             batch.slots, batch.slot_weights = slot_targets(
                 [self._slots[w] for w in picks], self.model.config.tokens_per_window, self.slot_head.nothing,
@@ -691,14 +721,20 @@ class Trainer:
                 continue
             question, answer = pairs[int(rng.integers(len(pairs)))]
             task, instruction = resolve_task(question)
-            drawn.append((window, utts, {"task": task.name, "instruction": instruction, "answer": answer}))
-        return self._text_only_batch(drawn)
+            example = {"task": task.name, "instruction": instruction, "answer": answer}
+            drawn.append((window, utts, {**example, "thinking": window["text"]} if thinks_at(step, self.o) else example))
+        # all answers weigh the same until thinking adds transcript tokens to them
+        return self._text_only_batch(drawn, self.qa_weight_at(step) if thinks_at(step, self.o) else 1.0)
 
-    def _text_only_batch(self, drawn: list[tuple[dict, dict, dict]]) -> tuple[Batch, list[list[tuple[int, int]]]]:
+    def qa_weight_at(self, step: int) -> float:
+        return 1.0 + (self.o.qa_weight - 1.0) * question_share(step, self.o)
+
+    def _text_only_batch(self, drawn: list[tuple[dict, dict, dict]],
+                         qa_weight: float = 1.0) -> tuple[Batch, list[list[tuple[int, int]]]]:
         """(window spec, its utterances, example) triples as a batch for pseudo speech, with each window's slots."""
         q = self.model.config.tokens_per_window
         slots = [token_slots(window, utts, self.examples.tok, q) for window, utts, _ in drawn]
-        return self.examples.batch(None, [example for _, _, example in drawn], 1.0), slots
+        return self.examples.batch(None, [example for _, _, example in drawn], qa_weight), slots
 
     # -- loop -------------------------------------------------------------------------------
 

@@ -103,7 +103,7 @@ class ModelDims:
 
     @classmethod
     def from_config(cls, config: dict[str, Any], source: Path) -> "ModelDims":
-        if config.get("format") != MODEL_FORMAT:
+        if not isinstance(config, dict) or config.get("format") != MODEL_FORMAT:  # valid JSON is not always an object
             raise ModelFileError(f"{source} is not a fastslm model config; re-export the bundle with `fastslm-export`")
         try:
             q = config["qwen3"]

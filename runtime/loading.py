@@ -36,7 +36,8 @@ def model_kind(path: Path) -> str:
     config = path / CONFIG_FILE
     if config.is_file():
         try:
-            if json.loads(config.read_text()).get("format") == MODEL_FORMAT:
+            data = json.loads(config.read_text())
+            if isinstance(data, dict) and data.get("format") == MODEL_FORMAT:
                 return "folder"
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ModelFileError(f"{config} is not valid JSON; re-create the model folder") from None

@@ -123,6 +123,21 @@ def test_bundle_with_a_short_embedding_table(tmp_path, jfk_path):
     _one_error_line(runner.invoke(run_app, ["--model", str(bundle), str(jfk_path)]), "embed_tokens.npy")
 
 
+@pytest.mark.parametrize("config", ["null", "[]", '"fastslm"', "3"])
+def test_a_config_that_is_json_but_not_an_object_is_one_line(tmp_path, jfk_path, config):
+    """Found by test_fuzz_bundle_config: `null` as config.json was an AttributeError traceback."""
+    bundle = _copy_demo_bundle(tmp_path)
+    (bundle / "config.json").write_text(config)
+    _relist(bundle, "config.json")
+    with pytest.raises(ModelFileError, match="is not a fastslm model config"):
+        load_bundle(bundle)
+    _one_error_line(runner.invoke(run_app, ["--model", str(bundle), str(jfk_path)]), "not a fastslm model config")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "config.json").write_text(config)
+    _one_error_line(runner.invoke(run_app, ["--model", str(folder), str(jfk_path)]), "neither a fastslm model folder")
+
+
 def test_bundle_with_a_garbled_embedding_header(tmp_path):
     bundle = _copy_demo_bundle(tmp_path)
     data = bytearray((bundle / "embed_tokens.npy").read_bytes())

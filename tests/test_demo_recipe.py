@@ -706,3 +706,34 @@ def test_qa_think_from_may_be_set_on_a_run_that_has_not_reached_it(recipe, tmp_p
     with pytest.raises(train.RecipeError):  # a step already behind the run
         tiny_trainer(recipe, tmp_path / "c", qa_think_from=3, **options)
     assert "qa_think_from" not in train.TrainOptions().trajectory_key()
+
+
+def test_reading_questions_follow_their_schedule_and_a_run_may_take_a_later_entry(recipe, tmp_path, capsys):
+    o = train.TrainOptions(reading_qa=8, reading_qa_from=((300, 24), (100, 16)))
+    assert o.reading_qa_from == ((100, 16), (300, 24))  # kept in step order
+    assert [train.reading_questions_at(s, o) for s in (0, 99, 100, 299, 300, 9000)] == [8, 8, 16, 16, 24, 24]
+    options = dict(augment_prob=0.0, reading_qa=2, qa_prob=1.0, steps=5)
+    trainer = tiny_trainer(recipe, tmp_path / "n", reading_qa_from=((3, 5),), **options)
+    assert len(trainer.reading_questions_for(2)[1]) == 2 and len(trainer.reading_questions_for(3)[1]) == 5
+    # the first draws of a step are the same whatever the count (seeded by the step)
+    first = [t[t != -100] for t in (trainer.reading_questions_for(3)[0].targets[0],
+                                    tiny_trainer(recipe, tmp_path / "m", **options).reading_questions_for(3)[0].targets[0])]
+    assert torch.equal(*first) and len(first[0]) > 1
+    straight = tiny_trainer(recipe, tmp_path / "a", reading_qa_from=((3, 5),), **options)
+    assert straight.run()["finished"]
+    tiny_trainer(recipe, tmp_path / "b", **options).run(max_steps=3)
+    resumed = tiny_trainer(recipe, tmp_path / "b", reading_qa_from=((3, 5),), **options)
+    assert resumed.step == 3 and resumed.run()["finished"]
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(train.RecipeError):  # an entry the run has passed is part of it
+        tiny_trainer(recipe, tmp_path / "b", reading_qa_from=((3, 6),), **options)
+    assert "reading_qa_from" not in train.TrainOptions().trajectory_key()
+    # the recipe's flag, and a malformed one as argparse's one usage line
+    from fastslm.models.demo.recipe import main
+
+    for bad in ("4600", "x:3", "4600:-1"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--work", str(tmp_path / "w"), "--stage", "train", "--reading-qa-from", bad])
+        assert exit_info.value.code == 2 and "--reading-qa-from" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

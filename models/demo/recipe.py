@@ -278,7 +278,7 @@ def build_trainer(paths: Paths, corpus: Path, options, progress: bool = True, sp
         evaluator = SelectionEvaluator(items, paths.tokenizer, paths.train / "eval_features.npz", whisper)
     utterances = {u.id: u for u in read_corpus(corpus / "train.jsonl")} if options.align_weight else None
     reading_texts = None
-    if options.reading_batch or options.reading_qa:
+    if options.reading_batch or options.reading_qa or options.reading_qa_from:
         from .texts import load_sentences, normalize_key
 
         # split_of keeps held-out sentences out; the check against the corpus's own eval texts
@@ -387,6 +387,14 @@ def stage_eval(model: Path, corpus: Path, limit: int | None, report: Path | None
 # CLI
 
 
+def step_count(text: str) -> tuple[int, int]:
+    """'STEP:N' -> (STEP, N), both whole numbers >= 0 (argparse turns the ValueError into one usage line)."""
+    step, sep, count = text.partition(":")
+    if not sep or not step.isdigit() or not count.isdigit():
+        raise ValueError(text)
+    return int(step), int(count)
+
+
 def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(prog="python -m fastslm.models.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=Path("work/demo"), help="recipe folder (all state lives here)")
@@ -424,6 +432,8 @@ def parse_args(argv: list[str] | None):
                    help="text-only ASR samples per step on pseudo speech tokens (0: off)")
     g.add_argument("--reading-qa", type=int, default=0,
                    help="text-only question samples per step on pseudo speech tokens, their own loss term (0: off)")
+    g.add_argument("--reading-qa-from", action="append", default=[], metavar="STEP:N", type=step_count,
+                   help="from STEP on, N reading question samples per step instead of --reading-qa (repeatable)")
     g.add_argument("--qa-from", type=int, default=0, metavar="STEP",
                    help="step where --reading-qa and --qa-weight start (ramped in over 500 steps; 0: from the start)")
     g.add_argument("--qa-think-from", type=int, metavar="STEP",
@@ -471,7 +481,8 @@ def main(argv: list[str] | None = None) -> None:
                                  steps=a.steps or None, hours=a.hours, eval_minutes=a.eval_minutes, bf16=a.bf16,
                                  eval_every=a.eval_every,
                                  align_weight=a.align_weight, reading_batch=a.reading_batch, ctc_weight=a.ctc_weight,
-                                 reading_qa=a.reading_qa, qa_prob=a.qa_prob, qa_weight=a.qa_weight,
+                                 reading_qa=a.reading_qa, reading_qa_from=tuple(a.reading_qa_from),
+                                 qa_prob=a.qa_prob, qa_weight=a.qa_weight,
                                  qa_from=a.qa_from, qa_think_from=a.qa_think_from,
                                  slot_timing=a.slot_timing, select_qa_weight=a.select_qa_weight,
                                  augment_prob=a.spec_prob, time_masks=a.spec_time_masks,

@@ -168,6 +168,7 @@ def reading_questions_at(step: int, o: TrainOptions) -> int:
     """
     return next((n for a, n in reversed(o.reading_qa_from) if step >= a), o.reading_qa)
 
+
 # Steps over which the question levers ramp from nothing to full weight after TrainOptions.qa_from.
 QA_RAMP_STEPS = 500
 

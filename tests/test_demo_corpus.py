@@ -317,3 +317,44 @@ def test_missing_text_packages_are_one_error_line(tmp_path, monkeypatch, capsys)
                    "Debian's fortunes and WordNet; install them with "
                    "`apt-get install -y fortunes-min fortunes wordnet-base`"]
     assert not (tmp_path / "corpus" / "train.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------------ voices
+def test_piper_noise_is_fed_from_the_utterance_seed(tmp_path):
+    """The rewrite that makes Piper's audio a function of text and params, on a graph of the same shape."""
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    from fastslm.models.demo import voices
+
+    graph = helper.make_graph(
+        [helper.make_node("RandomNormalLike", ["x"], ["n0"], dtype=TensorProto.FLOAT),
+         helper.make_node("Add", ["x", "n0"], ["y"]),
+         helper.make_node("Concat", ["y", "y"], ["z"], axis=2),
+         helper.make_node("RandomNormalLike", ["z"], ["n1"], dtype=TensorProto.FLOAT),
+         helper.make_node("Mul", ["z", "n1"], ["out"])],
+        "vits_like", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, "t"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 2, "t2"])])
+    path = tmp_path / "voice.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
+    session = voices._NoiseFeedingSession(onnxruntime.InferenceSession(voices.seeded_noise_model(path)))
+    assert sorted(session._pools) == ["noise_0", "noise_1"]
+    x = np.arange(6, dtype=np.float32).reshape(1, 2, 3)
+
+    def run(seed):
+        session.rng = np.random.default_rng(seed)
+        return session.run(None, {"x": x})[0]
+
+    first, again, other = run(7), run(7), run(8)
+    assert np.array_equal(first, again) and not np.allclose(first, other)
+    pools = np.random.default_rng(7)
+    n0 = pools.standard_normal(voices.NOISE_POOL, dtype=np.float32)[:6].reshape(1, 2, 3)
+    n1 = pools.standard_normal(voices.NOISE_POOL, dtype=np.float32)[:12].reshape(1, 2, 6)
+    assert np.allclose(first, np.concatenate([x + n0] * 2, axis=2) * n1, atol=1e-6)
+    with pytest.raises(ValueError, match="no RandomNormalLike"):
+        empty = helper.make_graph([helper.make_node("Identity", ["x"], ["out"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                                  [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1])])
+        onnx.save(helper.make_model(empty), tmp_path / "plain.onnx")
+        voices.seeded_noise_model(tmp_path / "plain.onnx")

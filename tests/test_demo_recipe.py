@@ -477,6 +477,12 @@ def test_negative_steps_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and "--eval-every must be a positive step count" in err[0]
     assert not (tmp_path / "w").exists()
+    for bad in (["--ema-decay", "1.0"], ["--ema-decay", "0.99", "--ema-from", "-5"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--work", str(tmp_path / "w"), "--stage", "train", *bad])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and "--ema-decay is a decay per step in [0, 1)" in err[0]
+    assert not (tmp_path / "w").exists()
 
 
 def test_align_stage_is_skipped_or_says_what_is_missing(tmp_path, capsys):
@@ -554,6 +560,65 @@ def test_best_checkpoint_can_be_picked_on_wer_and_qa(recipe, tmp_path):
     no_qa.evaluator = lambda model: {"wer": 30.0}
     with pytest.raises(train.RecipeError, match="--select-qa-weight needs QA"):
         no_qa.evaluate()
+
+
+def test_weight_average_is_scored_beside_the_raw_weights_and_resumes(recipe, tmp_path):
+    decay = 0.5
+    # WER per evaluation call: the raw weights first, then the average once it exists
+    wers = iter([50.0, 40.0, 30.0, 35.0, 36.0, 32.0, 29.0])
+    seen = []
+
+    def evaluator(model):
+        seen.append([p.detach().clone() for p in train.trainable_parameters(model)])
+        return {"wer": next(wers)}
+
+    straight = tiny_trainer(recipe, tmp_path / "a", ema_decay=decay, ema_from=2)
+    straight.evaluator = evaluator
+    params = train.trainable_parameters(straight.model)
+    expected = None
+    for step in range(4):
+        straight.train_step(straight.batch_for(step))
+        now = [p.detach().clone() for p in params]
+        if straight.step == 2:
+            expected = now
+        elif straight.step > 2:
+            expected = [decay * e + (1 - decay) * n for e, n in zip(expected, now)]
+        if straight.step < 2:
+            assert straight.ema is None
+        else:
+            assert all(torch.allclose(t, e, atol=1e-7) for t, e in zip(straight.ema.tensors, expected))
+        straight.evaluate()
+        assert all(torch.equal(p, n) for p, n in zip(params, now))  # evaluating left the raw weights in place
+        assert all(torch.equal(p, n) for p, n in zip(seen[-1 if straight.step < 2 else -2], now))
+        if straight.step >= 2:
+            assert all(torch.equal(p, t) for p, t in zip(seen[-1], straight.ema.tensors))
+    log = [json.loads(x) for x in (tmp_path / "a" / train.LOG_FILE).read_text().splitlines()]
+    assert [(r["wer"], r.get("ema", {}).get("wer")) for r in log] == [(50, None), (40, 30), (35, 36), (32, 29)]
+    assert [r["best"]["step"] for r in log] == [1, 2, 2, 4] and log[1]["best"]["weights"] == "ema"
+    best = torch.load(tmp_path / "a" / train.BEST_FILE, weights_only=True)
+    assert best["weights"] == "ema" and best["step"] == 4
+    assert straight.best == {"wer": 29.0, "step": 4, "weights": "ema"}
+    averaged = dict(zip([k for k, p in straight.model.named_parameters() if p.requires_grad], straight.ema.tensors))
+    saved = {f"audio_tower.hfq_former.{k}": v for k, v in best["model"]["hfq_former"].items()}
+    saved |= {f"llm.{k}": v for k, v in best["model"]["llm"].items()}
+    assert all(torch.equal(saved[k], v) for k, v in averaged.items())
+
+    # resumed past --ema-from, the average continues exactly; other EMA settings are refused
+    full = tiny_trainer(recipe, tmp_path / "b", ema_decay=decay, ema_from=2)
+    full.run()
+    half = tiny_trainer(recipe, tmp_path / "c", ema_decay=decay, ema_from=2)
+    half.run(max_steps=3)
+    resumed = tiny_trainer(recipe, tmp_path / "c", ema_decay=decay, ema_from=2)
+    assert resumed.step == 3 and resumed.ema is not None
+    resumed.run()
+    assert all(torch.equal(a, b) for a, b in zip(full.ema.tensors, resumed.ema.tensors))
+    with pytest.raises(train.RecipeError, match="without a weight average of decay 0.9"):
+        tiny_trainer(recipe, tmp_path / "c", ema_decay=0.9, ema_from=2)
+    assert tiny_trainer(recipe, tmp_path / "c").ema is None  # dropping the average leaves the trajectory as it is
+    # a run that has not reached --ema-from may still take one
+    early = tiny_trainer(recipe, tmp_path / "d")
+    early.run(max_steps=1)
+    assert tiny_trainer(recipe, tmp_path / "d", ema_decay=decay, ema_from=2).step == 1
 
 
 def test_reading_questions_are_short_windows_with_one_right_answer_each(recipe, tmp_path):

@@ -448,6 +448,10 @@ def parse_args(argv: list[str] | None):
                         "length, or aligned by Whisper tiny.en (the align stage)")
     g.add_argument("--select-qa-weight", type=float, default=0.0,
                    help="pick the best checkpoint by WER + W * (100 - QA accuracy) on the selection set (0: WER only)")
+    g.add_argument("--ema-decay", type=float, default=0.0,
+                   help="keep an exponential moving average of the weights with this decay per step (0: none); "
+                        "evaluations score it beside the raw weights and either can become the best checkpoint")
+    g.add_argument("--ema-from", type=int, default=0, metavar="STEP", help="step where the moving average starts")
     g = p.add_argument_group("train: SpecAugment on the stored encoder features")
     g.add_argument("--spec-prob", type=float, default=0.5, help="share of training windows that get masks")
     g.add_argument("--spec-time-masks", type=int, default=2, help="time masks per masked window")
@@ -477,17 +481,6 @@ def main(argv: list[str] | None = None) -> None:
     out = a.out or paths.model
     stages = STAGES if a.stage == "all" else (a.stage,)
     window_options = WindowOptions(seed=a.seed, passes=a.passes, single_fraction=a.single_fraction)
-    train_options = TrainOptions(seed=a.seed, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps,
-                                 steps=a.steps or None, hours=a.hours, eval_minutes=a.eval_minutes, bf16=a.bf16,
-                                 eval_every=a.eval_every,
-                                 align_weight=a.align_weight, reading_batch=a.reading_batch, ctc_weight=a.ctc_weight,
-                                 reading_qa=a.reading_qa, reading_qa_from=tuple(a.reading_qa_from),
-                                 qa_prob=a.qa_prob, qa_weight=a.qa_weight,
-                                 qa_from=a.qa_from, qa_think_from=a.qa_think_from,
-                                 slot_timing=a.slot_timing, select_qa_weight=a.select_qa_weight,
-                                 augment_prob=a.spec_prob, time_masks=a.spec_time_masks,
-                                 time_mask_frames=a.spec_time_frames, channel_masks=a.spec_channel_masks,
-                                 channel_mask=a.spec_channel_width, mask_speech_only=a.spec_speech_only)
     with reported_in_one_line("fastslm.models.demo", "interrupted (rerun the same command to resume)"):
         if a.steps < 0:  # 0 is meaningful (size from --hours), a negative count is not
             raise RecipeError(f"--steps must be a step count, or 0 to size the schedule from --hours; got {a.steps}")
@@ -497,8 +490,24 @@ def main(argv: list[str] | None = None) -> None:
                               f"{a.reading_batch}, {a.qa_from}")
         if a.qa_think_from is not None and a.qa_think_from < 0:
             raise RecipeError(f"--qa-think-from must be a step (>= 0); got {a.qa_think_from}")
+        if not 0.0 <= a.ema_decay < 1.0 or a.ema_from < 0:
+            raise RecipeError(f"--ema-decay is a decay per step in [0, 1) and --ema-from a step (>= 0); "
+                              f"got {a.ema_decay}, {a.ema_from}")
         if a.eval_every is not None and a.eval_every < 1:
             raise RecipeError(f"--eval-every must be a positive step count; got {a.eval_every}")
+        train_options = TrainOptions(seed=a.seed, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps,
+                                     steps=a.steps or None, hours=a.hours, eval_minutes=a.eval_minutes, bf16=a.bf16,
+                                     eval_every=a.eval_every,
+                                     align_weight=a.align_weight, reading_batch=a.reading_batch,
+                                     ctc_weight=a.ctc_weight,
+                                     reading_qa=a.reading_qa, reading_qa_from=tuple(a.reading_qa_from),
+                                     qa_prob=a.qa_prob, qa_weight=a.qa_weight,
+                                     qa_from=a.qa_from, qa_think_from=a.qa_think_from,
+                                     slot_timing=a.slot_timing, select_qa_weight=a.select_qa_weight,
+                                     ema_decay=a.ema_decay, ema_from=a.ema_from,
+                                     augment_prob=a.spec_prob, time_masks=a.spec_time_masks,
+                                     time_mask_frames=a.spec_time_frames, channel_masks=a.spec_channel_masks,
+                                     channel_mask=a.spec_channel_width, mask_speech_only=a.spec_speech_only)
         for stage in stages:
             t0 = time.perf_counter()
             if stage == "tokenizer":

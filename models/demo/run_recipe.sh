@@ -63,7 +63,8 @@ main() {
     [ -f "$state/recipe.args" ] || echo "--seed 0 --bf16 --threads 2 --no-progress --slot-timing whisper --passes 1.25" \
         "--steps 8000 --warmup-steps 500 --eval-every 400 --spec-prob 0.8 --spec-time-masks 3 --spec-time-frames 12" \
         "--spec-channel-masks 2 --spec-channel-width 32 --spec-speech-only --select-qa-weight 0.5 --reading-qa 8" \
-        "--qa-weight 4 --qa-from 2000 --qa-think-from 3200 --reading-qa-from 4480:24" >"$state/recipe.args"
+        "--qa-weight 4 --qa-from 2000 --qa-think-from 3200 --reading-qa-from 4480:24 --ema-decay 0.998" \
+        "--ema-from 4000" >"$state/recipe.args"
     for stage in corpus tokenizer windows features align train export-folder eval; do
         while [ ! -f "$state/done.$stage" ]; do
             t0=$(date +%s)

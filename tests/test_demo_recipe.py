@@ -802,3 +802,77 @@ def test_reading_questions_follow_their_schedule_and_a_run_may_take_a_later_entr
             main(["--work", str(tmp_path / "w"), "--stage", "train", "--reading-qa-from", bad])
         assert exit_info.value.code == 2 and "--reading-qa-from" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_bundle_stage_exports_fp32_and_the_calibrated_int8_default(tmp_path, monkeypatch):
+    import subprocess
+
+    from fastslm.models.demo import recipe
+
+    corpus, paths = tmp_path / "corpus", recipe.Paths(tmp_path / "work")
+    (corpus / "audio" / "calib").mkdir(parents=True)
+    with pytest.raises(train.RecipeError, match="holds no recordings"):
+        recipe.stage_bundle(paths.model, corpus, paths)
+    sf.write(corpus / "audio" / "calib" / "calib-000000.flac", np.zeros(1600, np.float32), SAMPLE_RATE)
+    calls, fail = [], set()
+
+    def fake_run(cmd):
+        calls.append(cmd)
+        target, out = cmd[cmd.index("--target") + 1], Path(cmd[cmd.index("--out") + 1])
+        if target in fail:
+            return subprocess.CompletedProcess(cmd, 1)
+        out.mkdir(parents=True)
+        (out / "manifest.json").write_text("{}")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    fail.add("onnx-int8")
+    with pytest.raises(train.RecipeError, match="--target onnx-int8 failed"):
+        recipe.stage_bundle(paths.model, corpus, paths)
+    fail.clear()
+    recipe.stage_bundle(paths.model, corpus, paths)  # the fp32 bundle is done: only INT8 runs again
+    targets = [c[c.index("--target") + 1] for c in calls]
+    assert targets == ["onnx", "onnx-int8", "onnx-int8"]
+    assert all(c[1:3] == ["-m", "fastslm.export.cli"] and c[c.index("--model") + 1] == str(paths.model)
+               for c in calls)
+    assert "--calibration-audio" not in calls[0] and calls[2][calls[2].index("--calibration-audio") + 1] == str(
+        corpus / "audio" / "calib")
+    recipe.stage_bundle(paths.model, corpus, paths)
+    assert len(calls) == 3  # both bundles done: nothing runs
+
+
+def test_eval_bundle_stage_scores_the_int8_loss_over_every_split_and_resumes(tmp_path, monkeypatch):
+    from fastslm.calibration.evaluation import EvalItem
+    from fastslm.models.demo import evaluate, recipe
+    from fastslm.runtime import generate
+
+    paths = recipe.Paths(tmp_path / "work")
+    with pytest.raises(train.RecipeError, match="not a bundle yet"):
+        recipe.stage_eval_bundle(tmp_path, paths, tmp_path / "report.json")
+    for precision in ("fp32", "int8"):
+        paths.bundle(precision).mkdir(parents=True)
+        (paths.bundle(precision) / "manifest.json").write_text("{}")
+    refs = {"eval_seen": ["the cat sat down", "red hat"], "eval_unseen": ["green apples"], "jfk": ["ask not"]}
+    # INT8 drops one word of eval_seen's first sentence and one of jfk: 2 errors in 10 words
+    hyps = {"fp32": refs, "int8": {**refs, "eval_seen": ["the cat sat", "red hat"], "jfk": ["ask"]}}
+    calls = []
+    monkeypatch.setattr(evaluate, "load_split", lambda split, corpus, limit=None: [
+        EvalItem(f"{split}-{i}", t, tmp_path / "x.flac") for i, t in enumerate(refs[split])])
+    monkeypatch.setattr(generate.Pipeline, "load", staticmethod(lambda path, *a, **k: path.name.split("-")[1]))
+
+    def fake_split(pipe, split, corpus, limit=None, show=0, progress=True):
+        calls.append((pipe, split))
+        if split == "qa":
+            return {"split": "qa", "n": 5, "qa": 60.0, "qa_by_type": {"count": 40.0}, "seconds": 0.1}
+        return {"split": split, "n": len(refs[split]), "wer": 0.0, "seconds": 0.1, "hyps": hyps[pipe][split]}
+
+    monkeypatch.setattr(evaluate, "evaluate_split", fake_split)
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"fp32": {"eval_seen": fake_split("fp32", "eval_seen", None)}}))
+    calls.clear()
+    done = recipe.stage_eval_bundle(tmp_path, paths, report)
+    assert calls == [("fp32", "eval_unseen"), ("fp32", "jfk"), ("int8", "eval_seen"), ("int8", "eval_unseen"),
+                     ("int8", "jfk"), ("int8", "qa")]
+    assert done["all"] == {"n": 4, "splits": ["eval_seen", "eval_unseen", "jfk"], "fp32": 0.0, "int8": 20.0,
+                           "int8_minus_fp32": 20.0}
+    assert json.loads(report.read_text())["int8"]["qa"]["qa"] == 60.0

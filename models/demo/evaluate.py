@@ -173,7 +173,7 @@ def evaluate_split(pipe, split: str, corpus: Path, limit: int | None = None, sho
     for it, h in list(zip(items, hyps))[:show]:
         print(f"  {it.id}\n    ref: {it.text}\n    hyp: {h}")
     return {"split": split, "n": len(items), "wer": round(wer([it.text for it in items], hyps), 2),
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "seconds": round(time.perf_counter() - t0, 1), "hyps": hyps}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,6 +16,10 @@ Stages (``all`` runs them in this order; each skips or resumes finished work):
                   fp16 weights, checked against fp32 on eval_seen)
 7. ``eval``       WER on eval_seen, eval_unseen and real speech (jfk.flac), each beside faster-whisper
                   tiny.en's on the same audio, and QA accuracy of the exported folder
+8. ``bundle``     the folder as ONNX bundles: fp32 (bundle-fp32/) and the shipped default, INT8
+                  calibrated on the corpus's calib split (bundle-int8/), through fastslm-export
+9. ``eval-bundle``  both bundles on every recording calibration never saw (eval_seen, eval_unseen,
+                  jfk.flac): the INT8 loss against fp32, and the INT8 bundle's QA -> eval_bundles.json
 
 Model: Whisper tiny.en encoder (80 mels, width 384, 4 layers; frozen), the full HFQ-Former at
 width 384 (stage queries 150/150/150, 150 speech tokens per window, 2 out blocks), and a Qwen3-style
@@ -40,7 +44,7 @@ from ...runtime.errors import reported_in_one_line
 from . import tasks
 from .windows import RecipeError, WindowOptions
 
-STAGES = ("tokenizer", "windows", "features", "align", "train", "export-folder", "eval")
+STAGES = ("tokenizer", "windows", "features", "align", "train", "export-folder", "eval", "bundle", "eval-bundle")
 DEFAULT_VOCAB = 2000  # learned BPE tokens (256 bytes + merges); the added tokens come on top
 SPEECH_TOKENS = 150  # per 30 s window; FastSLM uses 50 for its 4B LLM (see docs/DEMO_MODEL.md for why 150 here)
 MODEL_NAME = "fastslm-demo-en"
@@ -114,6 +118,9 @@ class Paths:
     @property
     def model(self) -> Path:
         return self.work / "model"
+
+    def bundle(self, precision: str) -> Path:
+        return self.work / f"bundle-{precision}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,6 +390,72 @@ def stage_eval(model: Path, corpus: Path, limit: int | None, report: Path | None
     return results
 
 
+# the INT8 bundle against the fp32 one on every recording whose audio no calibration saw
+BUNDLE_WER_SPLITS = ("eval_seen", "eval_unseen", "jfk")
+BUNDLE_TARGETS = {"fp32": "onnx", "int8": "onnx-int8"}
+
+
+def stage_bundle(model: Path, corpus: Path, paths: Paths, export_args: tuple[str, ...] = ()) -> None:
+    """fastslm-export of the model folder, fp32 and INT8; a bundle with its manifest is kept as it is."""
+    import subprocess
+
+    from ...runtime.bundle import MANIFEST_FILE
+
+    calib = corpus / "audio" / "calib"
+    if not any(calib.glob("*.flac")):
+        raise RecipeError(f"{calib} holds no recordings: the corpus command makes the calib split")
+    for precision, target in BUNDLE_TARGETS.items():
+        out = paths.bundle(precision)
+        if (out / MANIFEST_FILE).is_file():
+            print(f"bundle: {out} is done")
+            continue
+        cmd = [sys.executable, "-m", "fastslm.export.cli", "--model", str(model), "--target", target,
+               "--out", str(out), "--force", *export_args]
+        if target != "onnx":
+            cmd += ["--calibration-audio", str(calib)]
+        print("bundle: " + " ".join(cmd[1:]), flush=True)
+        rc = subprocess.run(cmd).returncode
+        if rc != 0:
+            raise RecipeError(f"fastslm-export --target {target} failed (exit {rc}); its message is above")
+
+
+def stage_eval_bundle(corpus: Path, paths: Paths, report: Path) -> dict:
+    """WER of both bundles per split and over all of them, INT8 minus fp32; QA of the INT8 bundle.
+
+    Each finished split goes to `report` at once, so a stopped stage resumes with the next one.
+    """
+    from ...calibration.evaluation import wer
+    from ...runtime.generate import Pipeline
+    from .evaluate import evaluate_split, load_split
+
+    from ...runtime.bundle import MANIFEST_FILE
+
+    for precision in BUNDLE_TARGETS:
+        if not (paths.bundle(precision) / MANIFEST_FILE).is_file():
+            raise RecipeError(f"{paths.bundle(precision)} is not a bundle yet: run the bundle stage first")
+    done = json.loads(report.read_text()) if report.is_file() else {}
+    for precision in BUNDLE_TARGETS:
+        pipe = None
+        for split in BUNDLE_WER_SPLITS + (("qa",) if precision == "int8" else ()):
+            if split in done.get(precision, {}):
+                continue
+            pipe = pipe or Pipeline.load(paths.bundle(precision))
+            r = evaluate_split(pipe, split, corpus, progress=False)
+            done.setdefault(precision, {})[split] = r
+            report.write_text(json.dumps(done, indent=1) + "\n")
+            metric = f"WER {r['wer']:.2f}%" if "wer" in r else f"QA {r['qa']:.2f}% {r['qa_by_type']}"
+            print(f"eval-bundle: {precision} {split}: {metric} (n={r['n']}, {r['seconds']} s)", flush=True)
+    refs = [it.text for split in BUNDLE_WER_SPLITS for it in load_split(split, corpus)]
+    overall = {p: round(wer(refs, [h for split in BUNDLE_WER_SPLITS for h in done[p][split]["hyps"]]), 2)
+               for p in BUNDLE_TARGETS}
+    done["all"] = {"n": len(refs), "splits": list(BUNDLE_WER_SPLITS), **overall,
+                   "int8_minus_fp32": round(overall["int8"] - overall["fp32"], 2)}
+    report.write_text(json.dumps(done, indent=1) + "\n")
+    print(f"eval-bundle: all {len(refs)} recordings: fp32 {overall['fp32']:.2f}%, INT8 {overall['int8']:.2f}% "
+          f"({done['all']['int8_minus_fp32']:+.2f} pt) -> {report}")
+    return done
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 
@@ -525,4 +598,8 @@ def main(argv: list[str] | None = None) -> None:
             elif stage == "eval":
                 stage_eval(out, a.corpus, a.limit, paths.work / "eval.json", paths.work / "faster_whisper.json",
                            a.threads)
+            elif stage == "bundle":
+                stage_bundle(out, a.corpus, paths)
+            elif stage == "eval-bundle":
+                stage_eval_bundle(a.corpus, paths, paths.work / "eval_bundles.json")
             print(f"[{stage}] {time.perf_counter() - t0:.1f} s", flush=True)

@@ -65,7 +65,7 @@ main() {
         "--spec-channel-masks 2 --spec-channel-width 32 --spec-speech-only --select-qa-weight 0.5 --reading-qa 8" \
         "--qa-weight 4 --qa-from 2000 --qa-think-from 3200 --reading-qa-from 4480:24 --ema-decay 0.998" \
         "--ema-from 4000" >"$state/recipe.args"
-    for stage in corpus tokenizer windows features align train export-folder eval; do
+    for stage in corpus tokenizer windows features align train export-folder eval bundle eval-bundle; do
         while [ ! -f "$state/done.$stage" ]; do
             t0=$(date +%s)
             children_cpu "$state"; cpu0=$cpu
@@ -103,7 +103,8 @@ main() {
             fi
         done
     done
-    echo "== $(date -u +%FT%TZ) recipe done: model in $state/demo/model, numbers in $state/demo/eval.json"
+    echo "== $(date -u +%FT%TZ) recipe done: model in $state/demo/model, its INT8 default in" \
+        "$state/demo/bundle-int8, numbers in $state/demo/eval.json and eval_bundles.json"
 }
 
 main "$@"

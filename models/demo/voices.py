@@ -219,11 +219,11 @@ def seeded_noise_model(path: Path) -> bytes:
         nodes += [
             helper.make_node("Shape", [like], [p + "shape"]),
             helper.make_node("Size", [like], [p + "size"]),
-            helper.make_node("Unsqueeze", [p + "size", p + "axis"], [p + "end"]),
+            helper.make_node("Reshape", [p + "size", p + "one"], [p + "end"]),
             helper.make_node("Slice", [pool, p + "start", p + "end"], [p + "flat"]),
             helper.make_node("Reshape", [p + "flat", p + "shape"], [out]),
         ]
-        graph.initializer.extend([onnx.numpy_helper.from_array(np.zeros(1, np.int64), p + "axis"),
+        graph.initializer.extend([onnx.numpy_helper.from_array(np.ones(1, np.int64), p + "one"),
                                   onnx.numpy_helper.from_array(np.zeros(1, np.int64), p + "start")])
         k += 1
     if k == 0:

@@ -413,7 +413,7 @@ def stage_bundle(model: Path, corpus: Path, paths: Paths, export_args: tuple[str
                "--out", str(out), "--force", *export_args]
         if target != "onnx":
             cmd += ["--calibration-audio", str(calib)]
-        print("bundle: " + " ".join(cmd[1:]), flush=True)
+        print("bundle: fastslm-export " + " ".join(cmd[3:]), flush=True)
         rc = subprocess.run(cmd).returncode
         if rc != 0:
             raise RecipeError(f"fastslm-export --target {target} failed (exit {rc}); its message is above")

@@ -395,7 +395,7 @@ BUNDLE_WER_SPLITS = ("eval_seen", "eval_unseen", "jfk")
 BUNDLE_TARGETS = {"fp32": "onnx", "int8": "onnx-int8"}
 
 
-def stage_bundle(model: Path, corpus: Path, paths: Paths, export_args: tuple[str, ...] = ()) -> None:
+def stage_bundle(model: Path, corpus: Path, paths: Paths) -> None:
     """fastslm-export of the model folder, fp32 and INT8; a bundle with its manifest is kept as it is."""
     import subprocess
 
@@ -410,7 +410,7 @@ def stage_bundle(model: Path, corpus: Path, paths: Paths, export_args: tuple[str
             print(f"bundle: {out} is done")
             continue
         cmd = [sys.executable, "-m", "fastslm.export.cli", "--model", str(model), "--target", target,
-               "--out", str(out), "--force", *export_args]
+               "--out", str(out), "--force"]
         if target != "onnx":
             cmd += ["--calibration-audio", str(calib)]
         print("bundle: fastslm-export " + " ".join(cmd[3:]), flush=True)
@@ -425,10 +425,9 @@ def stage_eval_bundle(corpus: Path, paths: Paths, report: Path) -> dict:
     Each finished split goes to `report` at once, so a stopped stage resumes with the next one.
     """
     from ...calibration.evaluation import wer
+    from ...runtime.bundle import MANIFEST_FILE
     from ...runtime.generate import Pipeline
     from .evaluate import evaluate_split, load_split
-
-    from ...runtime.bundle import MANIFEST_FILE
 
     for precision in BUNDLE_TARGETS:
         if not (paths.bundle(precision) / MANIFEST_FILE).is_file():

@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from fastslm.models.demo import evaluate, features, train
+from fastslm.models.demo import evaluate, features, tasks, train
 from fastslm.models.demo.features import FeatureStore, extract_features, file_sha256
 from fastslm.models.demo.windows import (
     WindowOptions, build_windows, compose_windows, load_windows, read_corpus, window_audio,
@@ -254,17 +254,17 @@ def test_qa_questions_are_seeded_by_utterance():
              evaluate.EvalItem("u2", "Hello there.", Path("y"))]
     qs = evaluate.questions_for_items(items)
     assert qs == evaluate.questions_for_items(items) and len(qs) == 10
-    assert {evaluate.question_type(q) for _, q, _ in qs} == {"first", "last", "count", "summary", "contains"}
+    assert {tasks.question_type(q) for _, q, _ in qs} == {"first", "last", "count", "summary", "contains"}
     random.seed(1)  # the global RNG plays no part
     assert qs == evaluate.questions_for_items(items)
 
 
 def test_schedule_is_sized_from_hours_and_kept_on_resume(recipe, tmp_path):
-    trainer = tiny_trainer(recipe, tmp_path, steps=None, hours=1e-4, warmup_steps=12, calibrate_steps=5,
+    trainer = tiny_trainer(recipe, tmp_path, steps=None, hours=1e-7, warmup_steps=12, calibrate_steps=5,
                            eval_every=None, eval_minutes=1.0)
     result = trainer.run(max_steps=9)
-    assert result["total_steps"] == 13 and trainer.eval_every >= 1  # 0.36 s of steps: the warmup floor
-    resumed = tiny_trainer(recipe, tmp_path, steps=None, hours=1e-4, warmup_steps=12, calibrate_steps=5,
+    assert result["total_steps"] == 13 and trainer.eval_every >= 1  # 0.36 ms of steps: always the warmup floor
+    resumed = tiny_trainer(recipe, tmp_path, steps=None, hours=1e-7, warmup_steps=12, calibrate_steps=5,
                            eval_every=None, eval_minutes=1.0)
     assert (resumed.step, resumed.total_steps, resumed.eval_every) == (9, 13, trainer.eval_every)
     assert train.learning_rate(12, 13, resumed.o) == pytest.approx(resumed.o.lr)
@@ -771,6 +771,92 @@ def test_qa_think_from_may_be_set_on_a_run_that_has_not_reached_it(recipe, tmp_p
     with pytest.raises(train.RecipeError):  # a step already behind the run
         tiny_trainer(recipe, tmp_path / "c", qa_think_from=3, **options)
     assert "qa_think_from" not in train.TrainOptions().trajectory_key()
+
+
+def test_lr_restart_repeats_the_shorter_schedule_to_the_bit_then_climbs_to_its_peak(recipe, tmp_path, capsys):
+    short = train.TrainOptions(warmup_steps=500, steps=8000)
+    longer = train.TrainOptions(warmup_steps=500, steps=12000, lr_restarts=((8000, 5e-4),))
+    # every step before the restart: the 8,000-step run's rate, exactly (its weights are the same)
+    assert all(train.learning_rate(s, 8000, short) == train.learning_rate(s, 12000, longer) for s in range(8000))
+    floor = longer.lr * longer.min_lr_ratio
+    rates = [train.learning_rate(s, 12000, longer) for s in range(8000, 12001)]
+    assert rates[0] == pytest.approx(floor + (5e-4 - floor) / train.RESTART_WARMUP_STEPS)
+    assert max(rates) == pytest.approx(5e-4) and rates.index(max(rates)) == train.RESTART_WARMUP_STEPS - 1
+    tail = rates[train.RESTART_WARMUP_STEPS - 1:]
+    assert all(a >= b for a, b in zip(tail, tail[1:])) and tail[-1] == pytest.approx(floor)
+    # two restarts: the first cycle ends where the second begins
+    two = train.TrainOptions(warmup_steps=10, steps=1000, lr_restarts=((600, 4e-4), (300, 8e-4)))
+    assert two.lr_restarts == ((300, 8e-4), (600, 4e-4))
+    assert [train.learning_rate(s, 1000, two) for s in (299, 300, 499, 599, 600, 799)] == pytest.approx(
+        [floor, floor + (8e-4 - floor) / train.RESTART_WARMUP_STEPS, 8e-4, floor, floor + (4e-4 - floor) / 200, 4e-4],
+        rel=0.01)
+    for bad in (dict(lr_restarts=((5, 1e-4),)), dict(lr_restarts=((9000, 1e-4),)), dict(lr_restarts=((700, 0.0),))):
+        with pytest.raises(ValueError):
+            train.TrainOptions(warmup_steps=10, steps=8000, **bad)
+    # a run that has not reached the restart may take it: bit-identical to one given it from step 0
+    options = dict(augment_prob=0.0, steps=6)
+    straight = tiny_trainer(recipe, tmp_path / "a", lr_restarts=((4, 2e-3),), **options)
+    assert straight.run()["finished"]
+    tiny_trainer(recipe, tmp_path / "b", **{**options, "steps": 4}).run()
+    resumed = tiny_trainer(recipe, tmp_path / "b", lr_restarts=((4, 2e-3),), **options)
+    assert resumed.step == 4 and resumed.run()["finished"]
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(train.RecipeError):  # a restart the run has passed is part of it
+        tiny_trainer(recipe, tmp_path / "b", lr_restarts=((4, 1e-3),), **options)
+    assert "lr_restarts" not in train.TrainOptions().trajectory_key()
+    # the recipe's flag: a malformed one as argparse's one usage line, one past --steps as one error line
+    from fastslm.models.demo.recipe import main
+
+    for bad in ("8000", "x:1e-4", "8000:0", "8000:-1e-4", "8000:inf", "8000:nan"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--work", str(tmp_path / "w"), "--stage", "train", "--lr-restart", bad])
+        assert exit_info.value.code == 2 and "--lr-restart" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--work", str(tmp_path / "w"), "--stage", "train", "--steps", "8000", "--lr-restart", "8000:1e-4"])
+    assert exit_info.value.code != 0 and "--lr-restart needs a step before --steps 8000" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+def test_reading_question_types_follow_their_weights_from_their_step(recipe, tmp_path, capsys):
+    only_summary = (("contains", 0.0), ("count", 0.0), ("first", 0.0), ("last", 0.0))
+    options = dict(augment_prob=0.0, reading_qa=6, qa_prob=1.0, steps=8)
+    tok = recipe["tokenizer"]
+
+    def types_at(trainer, step):
+        batch = trainer.reading_questions_for(step)[0]
+        texts = [tok.decode([int(i) for i in ids]) for ids in batch.ids]
+        return [next(t for t, phrasings in (("summary", tasks.SUMMARY_Q), ("count", tasks.COUNT_Q),
+                                            ("first", tasks.FIRST_Q), ("last", tasks.LAST_Q))
+                     if any(p in text for p in phrasings)) if "Is the word" not in text and "Was the word" not in text
+                else "contains" for text in texts]
+
+    weighted = tiny_trainer(recipe, tmp_path / "w", reading_qa_types_from=((3, only_summary),), **options)
+    plain = tiny_trainer(recipe, tmp_path / "p", **options)
+    assert [types_at(weighted, s) for s in range(3)] == [types_at(plain, s) for s in range(3)]  # before its step
+    assert len({t for s in range(3) for t in types_at(plain, s)}) >= 3
+    assert all(types_at(weighted, s) == ["summary"] * 6 for s in range(3, 8))
+    # weights, not a filter: summary 4 against 1 for the rest is drawn about half the time
+    half = tiny_trainer(recipe, tmp_path / "h", reading_qa_types_from=((0, (("summary", 4.0),)),), **options)
+    drawn = [t for s in range(8) for t in types_at(half, s)]
+    assert 0.3 <= drawn.count("summary") / len(drawn) <= 0.75 and len(set(drawn)) >= 3
+    assert "reading_qa_types_from" not in train.TrainOptions().trajectory_key()
+    # a checkpoint written with weights resumes with them (the schedule survives torch.load's weights_only)
+    tiny_trainer(recipe, tmp_path / "r", reading_qa_types_from=((1, only_summary),), **{**options, "steps": 2}).run()
+    assert tiny_trainer(recipe, tmp_path / "r", reading_qa_types_from=((1, only_summary),), **options).step == 2
+    with pytest.raises(train.RecipeError):  # and only with them, once it has passed their step
+        tiny_trainer(recipe, tmp_path / "r", **options)
+    with pytest.raises(ValueError):
+        train.TrainOptions(reading_qa_types_from=((0, (("colour", 1.0),)),))
+    with pytest.raises(ValueError):
+        train.TrainOptions(reading_qa_types_from=((0, tuple((t, 0.0) for t in tasks.QUESTION_TYPES)),))
+    from fastslm.models.demo.recipe import main
+
+    for bad in ("8000", "8000:colour=1", "8000:summary", "8000:summary=-1", "8000:summary=inf", "x:summary=2"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--work", str(tmp_path / "x"), "--stage", "train", "--reading-qa-types-from", bad])
+        assert exit_info.value.code == 2 and "--reading-qa-types-from" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_reading_questions_follow_their_schedule_and_a_run_may_take_a_later_entry(recipe, tmp_path, capsys):

@@ -45,15 +45,6 @@ def answer_correct(expected: str, got: str) -> bool:
     return tasks.words(expected) == tasks.words(got)
 
 
-def question_type(question: str) -> str:
-    q = question.strip().lower()
-    for name, phrasings in (("first", tasks.FIRST_Q), ("last", tasks.LAST_Q), ("count", tasks.COUNT_Q),
-                            ("summary", tasks.SUMMARY_Q)):
-        if q in (p.lower() for p in phrasings):
-            return name
-    return "contains"
-
-
 # ---------------------------------------------------------------------------------------------
 # Data
 
@@ -107,7 +98,7 @@ def answer_all(pipe, speech: list, questions: list[tuple[int, str, str]], progre
 def qa_report(questions: list[tuple[int, str, str]], answers: list[str]) -> tuple[float, dict[str, float]]:
     by_type: dict[str, list[bool]] = defaultdict(list)
     for (_, q, expected), got in zip(questions, answers):
-        by_type[question_type(q)].append(answer_correct(expected, got))
+        by_type[tasks.question_type(q)].append(answer_correct(expected, got))
     every = [ok for oks in by_type.values() for ok in oks]
     return 100.0 * float(np.mean(every)), {k: 100.0 * float(np.mean(v)) for k, v in sorted(by_type.items())}
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import random
 import sys
 import time
@@ -467,6 +468,28 @@ def step_count(text: str) -> tuple[int, int]:
     return int(step), int(count)
 
 
+def step_rate(text: str) -> tuple[int, float]:
+    """'STEP:LR' -> (STEP, LR): a whole step >= 0 and a learning rate > 0."""
+    step, sep, rate = text.partition(":")
+    if not sep or not step.isdigit() or not 0 < float(rate) < math.inf:
+        raise ValueError(text)
+    return int(step), float(rate)
+
+
+def step_type_weights(text: str) -> tuple[int, tuple[tuple[str, float], ...]]:
+    """'STEP:TYPE=W,TYPE=W' -> (STEP, ((TYPE, W), ...)): question types of tasks.QUESTION_TYPES, weights >= 0."""
+    step, sep, spec = text.partition(":")
+    if not sep or not step.isdigit():
+        raise ValueError(text)
+    weights = {}
+    for item in spec.split(","):
+        kind, eq, weight = item.partition("=")
+        if not eq or kind not in tasks.QUESTION_TYPES or not 0 <= float(weight) < math.inf or kind in weights:
+            raise ValueError(text)
+        weights[kind] = float(weight)
+    return int(step), tuple(sorted(weights.items()))
+
+
 def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(prog="python -m fastslm.models.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=Path("work/demo"), help="recipe folder (all state lives here)")
@@ -524,6 +547,14 @@ def parse_args(argv: list[str] | None):
                    help="keep an exponential moving average of the weights with this decay per step (0: none); "
                         "evaluations score it beside the raw weights and either can become the best checkpoint")
     g.add_argument("--ema-from", type=int, default=0, metavar="STEP", help="step where the moving average starts")
+    g.add_argument("--lr-restart", action="append", default=[], metavar="STEP:LR", type=step_rate,
+                   help="at STEP the learning rate climbs back to LR over 200 steps and follows a new cosine to "
+                        "the floor at the next restart or --steps; the first cosine ends at the first restart "
+                        "(repeatable)")
+    g.add_argument("--reading-qa-types-from", action="append", default=[], metavar="STEP:TYPE=W,...",
+                   type=step_type_weights,
+                   help="from STEP on, reading questions draw their type with these weights (types: "
+                        f"{', '.join(tasks.QUESTION_TYPES)}; unnamed ones weigh 1) instead of uniformly (repeatable)")
     g = p.add_argument_group("train: SpecAugment on the stored encoder features")
     g.add_argument("--spec-prob", type=float, default=0.5, help="share of training windows that get masks")
     g.add_argument("--spec-time-masks", type=int, default=2, help="time masks per masked window")
@@ -567,6 +598,11 @@ def main(argv: list[str] | None = None) -> None:
                               f"got {a.ema_decay}, {a.ema_from}")
         if a.eval_every is not None and a.eval_every < 1:
             raise RecipeError(f"--eval-every must be a positive step count; got {a.eval_every}")
+        if a.steps and any(step >= a.steps for step, _ in a.lr_restart):
+            raise RecipeError(f"--lr-restart needs a step before --steps {a.steps}; got "
+                              f"{', '.join(str(step) for step, _ in a.lr_restart)}")
+        if any(step <= a.warmup_steps for step, _ in a.lr_restart):
+            raise RecipeError(f"--lr-restart needs a step after --warmup-steps {a.warmup_steps}")
         train_options = TrainOptions(seed=a.seed, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps,
                                      steps=a.steps or None, hours=a.hours, eval_minutes=a.eval_minutes, bf16=a.bf16,
                                      eval_every=a.eval_every,
@@ -576,7 +612,8 @@ def main(argv: list[str] | None = None) -> None:
                                      qa_prob=a.qa_prob, qa_weight=a.qa_weight,
                                      qa_from=a.qa_from, qa_think_from=a.qa_think_from,
                                      slot_timing=a.slot_timing, select_qa_weight=a.select_qa_weight,
-                                     ema_decay=a.ema_decay, ema_from=a.ema_from,
+                                     ema_decay=a.ema_decay, ema_from=a.ema_from, lr_restarts=tuple(a.lr_restart),
+                                     reading_qa_types_from=tuple(a.reading_qa_types_from),
                                      augment_prob=a.spec_prob, time_masks=a.spec_time_masks,
                                      time_mask_frames=a.spec_time_frames, channel_masks=a.spec_channel_masks,
                                      channel_mask=a.spec_channel_width, mask_speech_only=a.spec_speech_only)

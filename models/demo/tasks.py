@@ -75,6 +75,16 @@ SUMMARY_Q = ("Summarize in three words.", "Give a three word summary.")
 CONTAINS_Q = ("Is the word {w} said?", "Was the word {w} said?")
 
 _CONTAINS_RE = re.compile(r"^(?:is|was) the word (\S+) said\?$")
+QUESTION_TYPES = ("first", "last", "count", "summary", "contains")
+
+
+def question_type(question: str) -> str:
+    """The type (one of QUESTION_TYPES) of a question in one of the supported phrasings."""
+    q = question.strip().lower()
+    for name, phrasings in (("first", FIRST_Q), ("last", LAST_Q), ("count", COUNT_Q), ("summary", SUMMARY_Q)):
+        if q in (p.lower() for p in phrasings):
+            return name
+    return "contains"
 
 
 def words(transcript: str) -> list[str]:

@@ -773,6 +773,43 @@ def test_qa_think_from_may_be_set_on_a_run_that_has_not_reached_it(recipe, tmp_p
     assert "qa_think_from" not in train.TrainOptions().trajectory_key()
 
 
+def test_summary_scratch_lists_the_words_a_summary_picks_from_its_step(recipe, tmp_path):
+    assert tasks.content_words("The cat and the dog saw the cat, then a dog.") == ["cat", "dog", "saw"]
+    assert tasks.content_words("It is what it is.") == []
+    o = train.TrainOptions(qa_think_from=0, summary_scratch_from=3)
+    text = "Add four cups of flour and five eggs to the bowl."
+    assert train.thinking_for("Give a three word summary.", text, 2, o) == text
+    assert train.thinking_for("Give a three word summary.", text, 3, o) == f"{text}\nadd four cups flour five eggs bowl"
+    assert train.thinking_for("What is the last word?", text, 3, o) == text  # other questions: the transcript
+    # in training batches: every summary's thinking ends with its word line from the step on
+    options = dict(augment_prob=0.0, reading_qa=6, qa_prob=1.0, steps=5, qa_think_from=0,
+                   reading_qa_types_from=((0, (("summary", 1.0), ("contains", 0.0), ("count", 0.0),
+                                               ("first", 0.0), ("last", 0.0))),))
+    tok = recipe["tokenizer"]
+    trainer = tiny_trainer(recipe, tmp_path / "s", summary_scratch_from=3, **options)
+    for step, scratch in ((2, False), (3, True)):
+        batch = trainer.reading_questions_for(step)[0]
+        for b in range(batch.targets.shape[0]):
+            reply = [t for t in batch.targets[b].tolist() if t >= 0][:-1]
+            answer, heard = tok.decode_answer(reply)
+            lines = heard.strip().splitlines()
+            assert len(lines) == (2 if scratch else 1)
+            if scratch:
+                assert lines[1].split() == tasks.content_words(lines[0])
+                assert tasks.words(answer) == tasks.words(tasks.summary(lines[0]))
+    # a run that has not reached the step may take the option: the same weights as one given it from step 0
+    straight = tiny_trainer(recipe, tmp_path / "a", summary_scratch_from=3, **options)
+    assert straight.run()["finished"]
+    tiny_trainer(recipe, tmp_path / "b", **options).run(max_steps=3)
+    resumed = tiny_trainer(recipe, tmp_path / "b", summary_scratch_from=3, **options)
+    assert resumed.step == 3 and resumed.run()["finished"]
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(train.RecipeError):  # once passed, it is part of the run
+        tiny_trainer(recipe, tmp_path / "b", **options)
+    assert "summary_scratch_from" not in train.TrainOptions().trajectory_key()
+
+
 def test_lr_restart_repeats_the_shorter_schedule_to_the_bit_then_climbs_to_its_peak(recipe, tmp_path, capsys):
     short = train.TrainOptions(warmup_steps=500, steps=8000)
     longer = train.TrainOptions(warmup_steps=500, steps=12000, lr_restarts=((8000, 5e-4),))

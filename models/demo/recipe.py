@@ -555,6 +555,9 @@ def parse_args(argv: list[str] | None):
                    type=step_type_weights,
                    help="from STEP on, reading questions draw their type with these weights (types: "
                         f"{', '.join(tasks.QUESTION_TYPES)}; unnamed ones weigh 1) instead of uniformly (repeatable)")
+    g.add_argument("--summary-scratch-from", type=int, metavar="STEP",
+                   help="step from which a three-word summary's thinking adds a line with the transcript's "
+                        "distinct non-stopwords (default: never)")
     g = p.add_argument_group("train: SpecAugment on the stored encoder features")
     g.add_argument("--spec-prob", type=float, default=0.5, help="share of training windows that get masks")
     g.add_argument("--spec-time-masks", type=int, default=2, help="time masks per masked window")
@@ -591,8 +594,9 @@ def main(argv: list[str] | None = None) -> None:
             raise RecipeError("--qa-prob is a probability (0 to 1); --qa-weight, --reading-qa, --reading-batch and "
                               f"--qa-from must not be negative; got {a.qa_prob}, {a.qa_weight}, {a.reading_qa}, "
                               f"{a.reading_batch}, {a.qa_from}")
-        if a.qa_think_from is not None and a.qa_think_from < 0:
-            raise RecipeError(f"--qa-think-from must be a step (>= 0); got {a.qa_think_from}")
+        for flag, value in (("--qa-think-from", a.qa_think_from), ("--summary-scratch-from", a.summary_scratch_from)):
+            if value is not None and value < 0:
+                raise RecipeError(f"{flag} must be a step (>= 0); got {value}")
         if not 0.0 <= a.ema_decay < 1.0 or a.ema_from < 0:
             raise RecipeError(f"--ema-decay is a decay per step in [0, 1) and --ema-from a step (>= 0); "
                               f"got {a.ema_decay}, {a.ema_from}")
@@ -614,6 +618,7 @@ def main(argv: list[str] | None = None) -> None:
                                      slot_timing=a.slot_timing, select_qa_weight=a.select_qa_weight,
                                      ema_decay=a.ema_decay, ema_from=a.ema_from, lr_restarts=tuple(a.lr_restart),
                                      reading_qa_types_from=tuple(a.reading_qa_types_from),
+                                     summary_scratch_from=a.summary_scratch_from,
                                      augment_prob=a.spec_prob, time_masks=a.spec_time_masks,
                                      time_mask_frames=a.spec_time_frames, channel_masks=a.spec_channel_masks,
                                      channel_mask=a.spec_channel_width, mask_speech_only=a.spec_speech_only)

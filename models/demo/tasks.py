@@ -97,6 +97,15 @@ def words(transcript: str) -> list[str]:
     return out
 
 
+def content_words(transcript: str) -> list[str]:
+    """The distinct words of a transcript that are not in STOPWORDS, in the order spoken."""
+    out: list[str] = []
+    for w in words(transcript):
+        if w not in STOPWORDS and w not in out:
+            out.append(w)
+    return out
+
+
 def summary(transcript: str) -> str:
     """The three-word summary rule (see the module docstring)."""
     ws = words(transcript)

@@ -123,6 +123,7 @@ class TrainOptions:
     # (step, ((question type, weight), ...)) pairs: from each step on, reading questions draw their type
     # with these weights (types not named weigh 1) instead of uniformly; see Trainer.reading_questions_for
     reading_qa_types_from: tuple[tuple[int, tuple[tuple[str, float], ...]], ...] = ()
+    summary_scratch_from: int | None = None  # step from which a summary's thinking lists its words; see thinking_for
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -163,10 +164,11 @@ class TrainOptions:
 # Options added after runs were started, with the value that leaves a run as it was.
 _LATER_OPTIONS = {"reading_batch": 0, "ctc_weight": 0.0, "slot_timing": "chars", "channel_masks": 1,
                   "mask_speech_only": False, "reading_qa": 0, "qa_from": 0, "qa_think_from": None,
-                  "reading_qa_from": (), "lr_restarts": (), "reading_qa_types_from": ()}
+                  "reading_qa_from": (), "lr_restarts": (), "reading_qa_types_from": (),
+                  "summary_scratch_from": None}
 # Options that act only from the step they name: a run that has reached none of the steps a
 # checkpoint and a resume give may resume with another (the steps before are the same either way).
-_FROM_STEP_OPTIONS = ("qa_think_from",)
+_FROM_STEP_OPTIONS = ("qa_think_from", "summary_scratch_from")
 # (step, value) schedules: a resume may change the entries whose step the run has not reached.
 _SCHEDULE_OPTIONS = ("reading_qa_from", "lr_restarts", "reading_qa_types_from")
 
@@ -233,6 +235,21 @@ def thinks_at(step: int, o: TrainOptions) -> bool:
     thinking format; the runtime keeps the block out of the answer, Tokenizer.split_thinking).
     """
     return o.qa_think_from is not None and step >= o.qa_think_from
+
+
+def thinking_for(question: str, transcript: str, step: int, o: TrainOptions) -> str:
+    """What a question's answer reasons over at `step`: the transcript, and for a three-word summary
+    from o.summary_scratch_from on, a second line with its distinct non-stopwords in spoken order.
+
+    The summary is the one answer that is a selection, not a copy: run 4's answers matched the rule
+    applied to their own thinking 21.7% of the time (first word 88%, last 65%). Written out word by
+    word, the selection becomes a filter decided on one word at a time, and the answer its first
+    three words (the rule's fill-up for shorter lists still reads the transcript above).
+    """
+    if o.summary_scratch_from is not None and step >= o.summary_scratch_from \
+            and tasks.question_type(question) == "summary":
+        return f"{transcript}\n{' '.join(tasks.content_words(transcript))}"
+    return transcript
 
 
 # Steps over which a learning-rate restart climbs from the floor back to its peak.
@@ -804,7 +821,8 @@ class Trainer:
         for w in picks:
             exs = self.windows[w]["examples"]  # exs[0]: the window's transcript (ASR), then its questions
             k = int(rng.integers(1, len(exs))) if len(exs) > 1 and rng.random() < self.o.qa_prob else 0
-            chosen.append({**exs[k], "thinking": exs[0]["answer"]} if k and thinks_at(step, self.o) else exs[k])
+            chosen.append({**exs[k], "thinking": thinking_for(exs[k]["instruction"], exs[0]["answer"], step, self.o)}
+                          if k and thinks_at(step, self.o) else exs[k])
         batch = self.examples.batch(self.features.batch([int(w) for w in picks]), chosen, self.qa_weight_at(step))
         if self.slot_head is not None:
             batch.slots, batch.slot_weights = slot_targets(
@@ -859,7 +877,8 @@ class Trainer:
                 question, answer = pairs[int(rng.choice(len(pairs), p=p / p.sum()))]
             task, instruction = resolve_task(question)
             example = {"task": task.name, "instruction": instruction, "answer": answer}
-            drawn.append((window, utts, {**example, "thinking": window["text"]} if thinks_at(step, self.o) else example))
+            drawn.append((window, utts, {**example, "thinking": thinking_for(question, window["text"], step, self.o)}
+                           if thinks_at(step, self.o) else example))
         # all answers weigh the same until thinking adds transcript tokens to them
         return self._text_only_batch(drawn, self.qa_weight_at(step) if thinks_at(step, self.o) else 1.0)
 

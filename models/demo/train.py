@@ -861,13 +861,13 @@ class Trainer:
             return None
         rng = np.random.default_rng([self.o.seed, 5, step])
         drawn = []
+        weights = reading_question_weights_at(step, self.o)
         while len(drawn) < count:
             window, utts = reading_window(self.reading_texts, rng, single_fraction=0.75,
                                           longest=WindowOptions.qa_max_seconds)
             pairs = tasks.questions_for(window["text"], random.Random(int(rng.integers(2**32))))
             if not pairs:
                 continue
-            weights = reading_question_weights_at(step, self.o)
             if weights is None:
                 question, answer = pairs[int(rng.integers(len(pairs)))]
             else:

@@ -773,7 +773,7 @@ def test_qa_think_from_may_be_set_on_a_run_that_has_not_reached_it(recipe, tmp_p
     assert "qa_think_from" not in train.TrainOptions().trajectory_key()
 
 
-def test_summary_scratch_lists_the_words_a_summary_picks_from_its_step(recipe, tmp_path):
+def test_summary_scratch_lists_the_words_a_summary_picks_from_its_step(recipe, tmp_path, capsys):
     assert tasks.content_words("The cat and the dog saw the cat, then a dog.") == ["cat", "dog", "saw"]
     assert tasks.content_words("It is what it is.") == []
     o = train.TrainOptions(qa_think_from=0, summary_scratch_from=3)
@@ -808,6 +808,12 @@ def test_summary_scratch_lists_the_words_a_summary_picks_from_its_step(recipe, t
     with pytest.raises(train.RecipeError):  # once passed, it is part of the run
         tiny_trainer(recipe, tmp_path / "b", **options)
     assert "summary_scratch_from" not in train.TrainOptions().trajectory_key()
+    from fastslm.models.demo.recipe import main
+
+    with pytest.raises(SystemExit) as exit_info:  # a negative step: one error line, nothing written
+        main(["--work", str(tmp_path / "w"), "--stage", "train", "--summary-scratch-from", "-1"])
+    assert exit_info.value.code != 0 and "--summary-scratch-from must be a step (>= 0); got -1" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
 
 
 def test_lr_restart_repeats_the_shorter_schedule_to_the_bit_then_climbs_to_its_peak(recipe, tmp_path, capsys):

@@ -41,7 +41,8 @@ def generate_rows(
 ) -> list["GenerationResult"]:
     """The answers `pipe.generate(r, prompt, sample_rate=16000, ...)` gives each 16 kHz recording, at once.
 
-    Recordings longer than one window go through `pipe.generate` alone (rows must be equally long).
+    Recordings longer than one window go through `pipe.generate` alone (rows must be equally long), and so
+    does every recording of a beam search.
     """
     from .generate import GenerationResult
 
@@ -49,7 +50,8 @@ def generate_rows(
     backend = pipe.backend
     samples = [load_audio(r, SAMPLE_RATE) for r in recordings]
     windows = [audio_to_windows(s, n_mels=backend.n_mels) for s in samples]
-    rows = [i for i, w in enumerate(windows) if len(w) == 1]
+    # a beam search keeps its own rows per recording (beam_search.py), so each recording goes alone
+    rows = [i for i, w in enumerate(windows) if len(w) == 1] if sampling.beam_size == 1 else []
     results: dict[int, GenerationResult] = {}
     for i in set(range(len(samples))) - set(rows):
         results[i] = pipe.generate(samples[i], prompt, sample_rate=SAMPLE_RATE, sampling=sampling, language=language)

@@ -35,6 +35,9 @@ def run(
     top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = off).")] = 20,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 0.95,
     seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,
+    beam_size: Annotated[int, typer.Option(
+        help="Search this many hypotheses and answer the most likely (Whisper's beam search; with --temperature 0). "
+        "1 = greedy.")] = 1,
     language: Annotated[Optional[str], typer.Option(help="Language token: en or ko.")] = None,
     precision: Annotated[str, typer.Option(
         help="auto (the fastest variant that passes the accuracy gates on this machine), fp32, fp16, int8 or int4.")] = "auto",
@@ -84,7 +87,8 @@ def run(
         if output_dir is not None:
             check_outputs(output_dir, list(audio), overwrite)
         sampling = SamplingOptions(
-            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens,
+            beam_size=beam_size,
         )
         pipe = closing.enter_context(Pipeline.load(model, backend, precision, providers=providers))  # TensorRT saves its cache on close
         note = f" ({DEFAULT_MODEL_NOTE})" if model is None else ""

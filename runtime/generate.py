@@ -18,6 +18,7 @@ import numpy as np
 from .audio import SAMPLE_RATE, WINDOW_SECONDS, audio_to_windows, load_audio, window_count
 from .audio_stream import AudioReader
 from .backend import Backend
+from .beam_search import beam_search
 from .beyond_context import duration_text
 from .bundle import sha256_file
 from .errors import AudioError, OptionError
@@ -206,10 +207,15 @@ class Pipeline:
         return Prefill(cache, logits, cache.length)
 
     def decode_tokens(self, prefill: Prefill, sampling: SamplingOptions) -> Iterator[int]:
-        """Sample answer tokens after `prefill` until an end token or max_new_tokens."""
-        sampler = Sampler(sampling)
+        """Sample answer tokens after `prefill` until an end token or max_new_tokens.
+
+        With `sampling.beam_size` > 1 the tokens come all at once, after the search (beam_search.py)."""
         stop = set(self.tokenizer.eos_ids)
         logits, cache = prefill.logits, prefill.cache
+        if sampling.beam_size > 1:
+            yield from beam_search(self.backend, logits, cache, sampling.beam_size, sampling.max_new_tokens, stop)
+            return
+        sampler = Sampler(sampling)
         for step in range(sampling.max_new_tokens):
             token = sampler(logits)
             if token in stop:

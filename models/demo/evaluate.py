@@ -128,7 +128,7 @@ REAL_SPEECH_SPLITS = ("jfk",)  # recordings of people, not synthesised: jfk.flac
 
 
 def faster_whisper_wer(split: str, corpus: Path, limit: int | None = None, cache: Path | None = None,
-                       threads: int = 2) -> dict:
+                       threads: int = 2, beam_size: int = 1) -> dict:
     """faster-whisper tiny.en's WER on a split, the baseline printed beside every demo-model WER.
 
     Cached in `cache` (JSON, keyed by split and utterance ids): the baseline never changes for the
@@ -138,11 +138,12 @@ def faster_whisper_wer(split: str, corpus: Path, limit: int | None = None, cache
 
     items = load_split(split, corpus, limit)
     key = f"{split}:{len(items)}:{items[0].id}:{items[-1].id}" if items else split
+    key += f":beam{beam_size}" if beam_size > 1 else ""  # greedy keeps the keys caches already hold
     known = json.loads(cache.read_text()) if cache is not None and cache.is_file() else {}
     if key not in known:
         t0 = time.perf_counter()
-        hyps = faster_whisper_transcripts(items, threads)
-        known[key] = {"split": split, "n": len(items), "model": "faster-whisper tiny.en int8",
+        hyps = faster_whisper_transcripts(items, threads, beam_size=beam_size)
+        known[key] = {"split": split, "n": len(items), "model": "faster-whisper tiny.en int8", "beam_size": beam_size,
                       "wer": round(wer([it.text for it in items], hyps), 2), "seconds": round(time.perf_counter() - t0, 1)}
         if cache is not None:
             cache.write_text(json.dumps(known, indent=1) + "\n")

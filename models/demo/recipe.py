@@ -394,6 +394,8 @@ def stage_eval(model: Path, corpus: Path, limit: int | None, report: Path | None
 # the INT8 bundle against the fp32 one on every recording whose audio no calibration saw
 BUNDLE_WER_SPLITS = ("eval_seen", "eval_unseen", "jfk")
 BUNDLE_TARGETS = {"fp32": "onnx", "int8": "onnx-int8"}
+# the shipped default is also scored with beam search (runtime/beam_search.py), faster-whisper at the same width
+EVAL_BEAM = 4
 
 
 def stage_bundle(model: Path, corpus: Path, paths: Paths) -> None:
@@ -420,15 +422,17 @@ def stage_bundle(model: Path, corpus: Path, paths: Paths) -> None:
             raise RecipeError(f"fastslm-export --target {target} failed (exit {rc}); its message is above")
 
 
-def stage_eval_bundle(corpus: Path, paths: Paths, report: Path) -> dict:
-    """WER of both bundles per split and over all of them, INT8 minus fp32; QA of the INT8 bundle.
+def stage_eval_bundle(corpus: Path, paths: Paths, report: Path, baseline_cache: Path | None = None,
+                      threads: int = 2) -> dict:
+    """WER of both bundles per split and over all of them, INT8 minus fp32; QA of the INT8 bundle; the
+    INT8 bundle again with beam search (`int8-beam4`), faster-whisper tiny.en's WER at that width beside.
 
     Each finished split goes to `report` at once, so a stopped stage resumes with the next one.
     """
     from ...calibration.evaluation import wer
     from ...runtime.bundle import MANIFEST_FILE
     from ...runtime.generate import Pipeline
-    from .evaluate import evaluate_split, load_split
+    from .evaluate import evaluate_split, faster_whisper_wer, load_split
 
     for precision in BUNDLE_TARGETS:
         if not (paths.bundle(precision) / MANIFEST_FILE).is_file():
@@ -445,6 +449,20 @@ def stage_eval_bundle(corpus: Path, paths: Paths, report: Path) -> dict:
             report.write_text(json.dumps(done, indent=1) + "\n")
             metric = f"WER {r['wer']:.2f}%" if "wer" in r else f"QA {r['qa']:.2f}% {r['qa_by_type']}"
             print(f"eval-bundle: {precision} {split}: {metric} (n={r['n']}, {r['seconds']} s)", flush=True)
+    beam, pipe = f"int8-beam{EVAL_BEAM}", None
+    for split in BUNDLE_WER_SPLITS + ("qa",):
+        if split in done.get(beam, {}):
+            continue
+        pipe = pipe or Pipeline.load(paths.bundle("int8"))
+        r = evaluate_split(pipe, split, corpus, progress=False, beam_size=EVAL_BEAM)
+        if "wer" in r:
+            r["faster_whisper_wer"] = faster_whisper_wer(split, corpus, None, baseline_cache, threads,
+                                                         beam_size=EVAL_BEAM)["wer"]
+        done.setdefault(beam, {})[split] = r
+        report.write_text(json.dumps(done, indent=1) + "\n")
+        metric = (f"WER {r['wer']:.2f}% (faster-whisper tiny.en, beam {EVAL_BEAM}: {r['faster_whisper_wer']:.2f}%)"
+                  if "wer" in r else f"QA {r['qa']:.2f}% {r['qa_by_type']}")
+        print(f"eval-bundle: int8, beam {EVAL_BEAM}, {split}: {metric} (n={r['n']}, {r['seconds']} s)", flush=True)
     refs = [it.text for split in BUNDLE_WER_SPLITS for it in load_split(split, corpus)]
     overall = {p: round(wer(refs, [h for split in BUNDLE_WER_SPLITS for h in done[p][split]["hyps"]]), 2)
                for p in BUNDLE_TARGETS}
@@ -642,5 +660,6 @@ def main(argv: list[str] | None = None) -> None:
             elif stage == "bundle":
                 stage_bundle(out, a.corpus, paths)
             elif stage == "eval-bundle":
-                stage_eval_bundle(a.corpus, paths, paths.work / "eval_bundles.json")
+                stage_eval_bundle(a.corpus, paths, paths.work / "eval_bundles.json", paths.work / "faster_whisper.json",
+                                  a.threads)
             print(f"[{stage}] {time.perf_counter() - t0:.1f} s", flush=True)

@@ -14,7 +14,9 @@ beam compare fairly:
 
 Backends that decode several equally long rows per call (`decode_rows`, ONNX Runtime) run all
 beams in one call per step, their KV cache rows gathered by parent; the others decode beam by beam,
-a beam whose parent another beam already continues getting a copy of the parent's cache.
+a beam whose parent another beam already continues getting a copy of the parent's cache. Either way
+every step moves whole caches (prompt included), so a search over a long recording's context costs
+far more than greedy decoding of it.
 """
 
 from __future__ import annotations

@@ -438,31 +438,26 @@ def stage_eval_bundle(corpus: Path, paths: Paths, report: Path, baseline_cache: 
         if not (paths.bundle(precision) / MANIFEST_FILE).is_file():
             raise RecipeError(f"{paths.bundle(precision)} is not a bundle yet: run the bundle stage first")
     done = json.loads(report.read_text()) if report.is_file() else {}
-    for precision in BUNDLE_TARGETS:
-        pipe = None
-        for split in BUNDLE_WER_SPLITS + (("qa",) if precision == "int8" else ()):
-            if split in done.get(precision, {}):
+    # report key -> (bundle, beam width, splits): both bundles greedy, then the shipped default searched
+    rows = {"fp32": ("fp32", 1, BUNDLE_WER_SPLITS), "int8": ("int8", 1, BUNDLE_WER_SPLITS + ("qa",)),
+            f"int8-beam{EVAL_BEAM}": ("int8", EVAL_BEAM, BUNDLE_WER_SPLITS + ("qa",))}
+    pipes = {}  # each bundle is loaded once, when a split still needs it
+    for key, (precision, beam, splits) in rows.items():
+        for split in splits:
+            if split in done.get(key, {}):
                 continue
-            pipe = pipe or Pipeline.load(paths.bundle(precision))
-            r = evaluate_split(pipe, split, corpus, progress=False)
-            done.setdefault(precision, {})[split] = r
-            report.write_text(json.dumps(done, indent=1) + "\n")
+            if precision not in pipes:
+                pipes[precision] = Pipeline.load(paths.bundle(precision))
+            r = evaluate_split(pipes[precision], split, corpus, progress=False, beam_size=beam)
             metric = f"WER {r['wer']:.2f}%" if "wer" in r else f"QA {r['qa']:.2f}% {r['qa_by_type']}"
-            print(f"eval-bundle: {precision} {split}: {metric} (n={r['n']}, {r['seconds']} s)", flush=True)
-    beam, pipe = f"int8-beam{EVAL_BEAM}", None
-    for split in BUNDLE_WER_SPLITS + ("qa",):
-        if split in done.get(beam, {}):
-            continue
-        pipe = pipe or Pipeline.load(paths.bundle("int8"))
-        r = evaluate_split(pipe, split, corpus, progress=False, beam_size=EVAL_BEAM)
-        if "wer" in r:
-            r["faster_whisper_wer"] = faster_whisper_wer(split, corpus, None, baseline_cache, threads,
-                                                         beam_size=EVAL_BEAM)["wer"]
-        done.setdefault(beam, {})[split] = r
-        report.write_text(json.dumps(done, indent=1) + "\n")
-        metric = (f"WER {r['wer']:.2f}% (faster-whisper tiny.en, beam {EVAL_BEAM}: {r['faster_whisper_wer']:.2f}%)"
-                  if "wer" in r else f"QA {r['qa']:.2f}% {r['qa_by_type']}")
-        print(f"eval-bundle: int8, beam {EVAL_BEAM}, {split}: {metric} (n={r['n']}, {r['seconds']} s)", flush=True)
+            if beam > 1 and "wer" in r:
+                r["faster_whisper_wer"] = faster_whisper_wer(split, corpus, None, baseline_cache, threads,
+                                                             beam_size=beam)["wer"]
+                metric += f" (faster-whisper tiny.en, beam {beam}: {r['faster_whisper_wer']:.2f}%)"
+            done.setdefault(key, {})[split] = r
+            report.write_text(json.dumps(done, indent=1) + "\n")
+            label = precision if beam == 1 else f"{precision}, beam {beam},"
+            print(f"eval-bundle: {label} {split}: {metric} (n={r['n']}, {r['seconds']} s)", flush=True)
     refs = [it.text for split in BUNDLE_WER_SPLITS for it in load_split(split, corpus)]
     overall = {p: round(wer(refs, [h for split in BUNDLE_WER_SPLITS for h in done[p][split]["hyps"]]), 2)
                for p in BUNDLE_TARGETS}

@@ -99,27 +99,15 @@ def words(transcript: str) -> list[str]:
 
 def content_words(transcript: str) -> list[str]:
     """The distinct words of a transcript that are not in STOPWORDS, in the order spoken."""
-    out: list[str] = []
-    for w in words(transcript):
-        if w not in STOPWORDS and w not in out:
-            out.append(w)
-    return out
+    return [w for w in dict.fromkeys(words(transcript)) if w not in STOPWORDS]
 
 
 def summary(transcript: str) -> str:
     """The three-word summary rule (see the module docstring)."""
-    ws = words(transcript)
-    distinct: list[tuple[int, str]] = []
-    seen: set[str] = set()
-    for i, w in enumerate(ws):
-        if w not in seen:
-            seen.add(w)
-            distinct.append((i, w))
-    chosen = [iw for iw in distinct if iw[1] not in STOPWORDS][:3]
-    if len(chosen) < 3:
-        rest = [iw for iw in distinct if iw not in chosen]
-        chosen = chosen + rest[: 3 - len(chosen)]
-    return " ".join(w for _, w in sorted(chosen))
+    distinct = list(dict.fromkeys(words(transcript)))  # first occurrences, in spoken order
+    chosen = set(content_words(transcript)[:3])
+    chosen |= set([w for w in distinct if w not in chosen][: 3 - len(chosen)])
+    return " ".join(w for w in distinct if w in chosen)
 
 
 def answer(question: str, transcript: str) -> str:

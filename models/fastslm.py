@@ -12,7 +12,7 @@ embeddings. Export, batching, streaming and prefix caching all build on that spl
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from ..runtime.bundle import (
 )  # fmt: skip
 from ..runtime.errors import ModelFileError
 from ..runtime.output_folder import with_new_file_mode
+from ..runtime.sampling import SamplingOptions
 from .hfq_former import HFQFormer, HFQFormerDims
 from .qwen3 import Qwen3Dims, Qwen3ForCausalLM
 from .weights import assign_checked
@@ -39,8 +40,11 @@ class FastSLMConfig:
     qwen3: Qwen3Dims
     name: str = "fastslm"
     description: str = ""
+    # The decoding the model is meant to be read with (runtime SamplingOptions fields; empty: greedy).
+    decoding: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        SamplingOptions.from_config({"decoding": self.decoding}, "the model config")  # raises on a bad option
         if self.hfq_former.width != self.whisper.width:
             raise ValueError(f"HFQ-Former width {self.hfq_former.width} != Whisper width {self.whisper.width}")
         if self.hfq_former.n_frames != self.whisper.n_ctx:
@@ -65,6 +69,7 @@ class FastSLMConfig:
             "whisper": self.whisper.to_dict(),
             "hfq_former": self.hfq_former.to_dict(),
             "qwen3": self.qwen3.to_dict(),
+            **({"decoding": dict(self.decoding)} if self.decoding else {}),
         }
 
     @classmethod
@@ -85,6 +90,7 @@ class FastSLMConfig:
             qwen3=Qwen3Dims.from_dict(d["qwen3"]),
             name=d.get("name", "fastslm"),
             description=d.get("description", ""),
+            decoding=d.get("decoding", {}),
         )
 
 

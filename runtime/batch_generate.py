@@ -46,7 +46,7 @@ def generate_rows(
     """
     from .generate import GenerationResult
 
-    sampling = sampling or SamplingOptions()
+    sampling = sampling or pipe.sampling
     backend = pipe.backend
     samples = [load_audio(r, SAMPLE_RATE) for r in recordings]
     windows = [audio_to_windows(s, n_mels=backend.n_mels) for s in samples]

@@ -30,14 +30,19 @@ def run(
     output_format: Annotated[str, typer.Option("--format", help="txt, json, srt or vtt (transcription; others answer in txt or json).")] = "txt",
     output_dir: Annotated[Optional[Path], typer.Option(help="Also write NAME.txt/.json/.srt/.vtt of each transcribed file here.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Let --output-dir replace existing files.")] = False,
-    max_new_tokens: Annotated[int, typer.Option(help="Stop after this many answer tokens (per segment when transcribing).")] = 512,
-    temperature: Annotated[float, typer.Option(help="0 = greedy; the reference FastSLM samples at 0.2.")] = 0.0,
-    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = off).")] = 20,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 0.95,
+    # The decoding options default to what the model's config.json recommends ("decoding"), else to greedy
+    # with these values; one given option replaces only itself (SamplingOptions.replaced).
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        help="Stop after this many answer tokens (per segment when transcribing). [default: the model's, else 512]")] = None,
+    temperature: Annotated[Optional[float], typer.Option(
+        help="0 = greedy or beam search; the reference FastSLM samples at 0.2. [default: the model's, else 0]")] = None,
+    top_k: Annotated[Optional[int], typer.Option(
+        help="Sample among the k most likely tokens (0 = off). [default: the model's, else 20]")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling threshold. [default: the model's, else 0.95]")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,
-    beam_size: Annotated[int, typer.Option(
-        help="Search this many hypotheses and answer the most likely (Whisper's beam search; with --temperature 0). "
-        "1 = greedy.")] = 1,
+    beam_size: Annotated[Optional[int], typer.Option(
+        help="Search this many hypotheses and answer the most likely (Whisper's beam search; temperature 0). "
+        "1 = greedy. [default: the model's, else 1]")] = None,
     language: Annotated[Optional[str], typer.Option(help="Language token: en or ko.")] = None,
     precision: Annotated[str, typer.Option(
         help="auto (the fastest variant that passes the accuracy gates on this machine), fp32, fp16, int8 or int4.")] = "auto",
@@ -86,15 +91,15 @@ def run(
             raise OptionError(f"--input-channels {input_channels} is invalid: give the raw audio's channels, 1..{MAX_CHANNELS}")
         if output_dir is not None:
             check_outputs(output_dir, list(audio), overwrite)
-        sampling = SamplingOptions(
-            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens,
-            beam_size=beam_size,
-        )
+        chosen = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens,
+                      beam_size=beam_size)  # fmt: skip
+        SamplingOptions().replaced(**chosen)  # a bad option fails before the model loads
         pipe = closing.enter_context(Pipeline.load(model, backend, precision, providers=providers))  # TensorRT saves its cache on close
+        sampling = pipe.sampling.replaced(**chosen)
         note = f" ({DEFAULT_MODEL_NOTE})" if model is None else ""
         where = getattr(pipe.backend, "providers", None)
         where = f" ({', '.join(where)})" if where else ""
-        typer.echo(f"fastslm-run: model {pipe.model_name} on {pipe.variant}{where}{note}", err=True)
+        typer.echo(f"fastslm-run: model {pipe.model_name} on {pipe.variant}{where}, {decoding_text(sampling)}{note}", err=True)
         raw_input = RawInput(input_rate, input_format, input_channels)
         failed = 0
         for path in audio:
@@ -119,6 +124,13 @@ def run(
                 failed += 1
         if failed:
             raise typer.Exit(2)
+
+
+def decoding_text(sampling) -> str:
+    """How the answers will be decoded, for the banner."""
+    if sampling.beam_size > 1:
+        return f"beam search {sampling.beam_size}"
+    return "greedy" if sampling.greedy else f"sampling at temperature {sampling.temperature:g}"
 
 
 @dataclass(frozen=True)

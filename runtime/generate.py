@@ -80,11 +80,15 @@ class Pipeline:
         *,
         model_name: str = "fastslm",
         identity: "str | Callable[[], str] | None" = None,
+        sampling: SamplingOptions | None = None,
     ):
         self.backend = backend
         self.tokenizer = tokenizer
         self.model_name = model_name
         self._identity = identity
+        # How to decode when a call passes no SamplingOptions: the model's recommendation
+        # (SamplingOptions.from_config), greedy when it has none.
+        self.sampling = sampling or SamplingOptions()
 
     @property
     def identity(self) -> str | None:

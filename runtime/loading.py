@@ -9,6 +9,7 @@ from pathlib import Path
 from .bundle import CONFIG_FILE, MANIFEST_FILE, MODEL_FORMAT, TOKENIZER_FILE, WEIGHTS_FILE, read_manifest, sha256_file
 from .errors import ModelFileError, OptionError
 from .generate import Pipeline
+from .sampling import SamplingOptions
 from .tokenizer import Tokenizer
 
 BACKENDS = ("auto", "torch", "onnx", "tensorrt")
@@ -172,7 +173,9 @@ def load_pipeline(model: str | Path | None = None, backend: str = "auto", precis
             f"{tokenizer_path} has {tokenizer.vocab_size} tokens, more than the model's {bundle.dims.vocab_size} "
             "embeddings: the tokenizer comes from another model; re-export the bundle"
         )
-    return Pipeline(engine, tokenizer, model_name=name, identity=identity)
+    config_file = path / CONFIG_FILE  # a bundle's was checked against its manifest when it loaded
+    sampling = SamplingOptions.from_config(json.loads(config_file.read_text()), config_file)
+    return Pipeline(engine, tokenizer, model_name=name, identity=identity, sampling=sampling)
 
 
 def bundle_identity(manifest: dict) -> str:

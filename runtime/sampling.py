@@ -8,11 +8,11 @@ draws from the same distribution the reference's `llm.generate(do_sample=True, .
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .errors import OptionError
+from .errors import FastSLMError, ModelFileError, OptionError
 
 
 # Below this, logits / temperature leaves float64's range for real logit spreads (~1e3) and the
@@ -67,6 +67,44 @@ class SamplingOptions:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def replaced(self, **given) -> SamplingOptions:
+        """These options with the `given` ones that are not None put in their place.
+
+        Sampling and beam search exclude each other: asking for a temperature above 0 alone drops a
+        beam search these options had, and asking for beams alone drops their temperature.
+        """
+        given = {k: v for k, v in given.items() if v is not None}
+        temperature = given.get("temperature")
+        if "beam_size" not in given and _is_number(temperature) and temperature > 0:
+            given["beam_size"] = 1
+        beam_size = given.get("beam_size")
+        if "temperature" not in given and _is_int(beam_size) and beam_size > 1:
+            given["temperature"] = 0.0
+        return replace(self, **given)
+
+    @classmethod
+    def from_config(cls, config: dict, source: object) -> SamplingOptions:
+        """The decoding a model recommends: config.json's optional "decoding" object (Hugging Face's
+        generation_config.json, kept inside the hashed config so a bundle carries it unaltered).
+
+        Callers that pass no SamplingOptions decode this way; any option they pass replaces it.
+        """
+        decoding = config.get("decoding", {}) if isinstance(config, dict) else {}
+        if not isinstance(decoding, dict):
+            raise ModelFileError(f"{source}: \"decoding\" must be an object of sampling options; re-create the config")
+        unknown = sorted(set(decoding) - set(DECODING_KEYS))
+        if unknown:
+            raise ModelFileError(f"{source}: \"decoding\" has unknown option(s) {', '.join(unknown)}; "
+                                 f"it takes {', '.join(DECODING_KEYS)}")
+        try:
+            return cls(**decoding)
+        except FastSLMError as exc:
+            raise ModelFileError(f"{source}: \"decoding\": {exc}") from None
+
+
+# What a model's config may recommend (a seed belongs to a run, not to a model).
+DECODING_KEYS = ("temperature", "top_k", "top_p", "max_new_tokens", "beam_size")
 
 
 def _is_int(value: object) -> bool:

@@ -129,7 +129,7 @@ class AudioSession:
         asked = self._opened_at if self._opened_at is not None else time.perf_counter()
         timings = {"audio_tower_s": 0.0, "prefill_s": 0.0, **self._opening}
         self._opened_at, self._opening = None, {}
-        sampling = sampling or SamplingOptions()
+        sampling = sampling or self.pipe.sampling
         self.last_result = None
         if not self.fits(prompt, language, sampling.max_new_tokens):
             self.last_result = yield from answer_in_parts(self, prompt, language, sampling, asked, timings)

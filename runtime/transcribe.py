@@ -35,7 +35,7 @@ from .segmenter import SegmentAudio, Segmenter, SegmentOptions
 class TranscribeOptions:
     segments: SegmentOptions = field(default_factory=SegmentOptions)
     stream: StreamOptions = field(default_factory=StreamOptions)
-    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    sampling: SamplingOptions | None = None  # None: the model's (Pipeline.sampling)
     language: str | None = None
     prompt: str = "transcribe"
     in_flight: int = 2  # segments read ahead of the model: the memory bound is (in_flight + batch) windows

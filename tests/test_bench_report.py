@@ -41,6 +41,7 @@ def test_systems_are_separate_processes():
     ours = System("fastslm onnx-fp32", model=Path("b")).command(audio)
     assert peer[1:3] == ["-m", "fastslm.runtime.bench.peer"] and ours[1:3] == ["-m", "fastslm.runtime.cli"]
     assert ours[ours.index("--model") + 1] == "b" and ours[-1] == "x.flac"
+    assert ours[ours.index("--beam-size") + 1] == "1"  # greedy, like the peer, whatever the model recommends
 
 
 def test_docs_section_is_replaced_and_the_rest_kept(tmp_path):

@@ -93,3 +93,33 @@ def test_every_cli_reports_user_errors_and_ctrl_c_in_one_line(raised, code, line
     with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
         with reported_in_one_line("fastslm-x"):
             1 / 0
+
+
+def test_the_model_config_chooses_the_default_decoding(tmp_path, jfk_path):
+    """A config.json "decoding" object is how the model is read unless an option says otherwise."""
+    from fastslm.runtime.generate import Pipeline
+
+    folder = tmp_path / "beam3"
+    build_tiny_model(folder, seed=2, varied_llm=True)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "decoding": {"beam_size": 3, "max_new_tokens": 6}}))
+    pipe = Pipeline.load(folder, "torch")
+    assert pipe.sampling.beam_size == 3 and pipe.sampling.max_new_tokens == 6
+    assert pipe.generate(str(jfk_path)).token_ids == pipe.generate(str(jfk_path), sampling=pipe.sampling).token_ids
+
+    def text(*args):
+        result = run_cli("--backend", "torch", "--model", str(folder), "--json", str(jfk_path), *args)
+        assert result.returncode == 0, result.stderr
+        return result.stderr, json.loads(result.stdout)["text"]
+
+    banner, default = text()
+    assert ", beam search 3" in banner
+    assert default == text("--beam-size", "3", "--max-new-tokens", "6")[1]
+    banner, greedy = text("--beam-size", "1")
+    assert ", greedy" in banner and greedy == text("--beam-size", "1", "--max-new-tokens", "6")[1]
+    assert ", sampling at temperature 0.7" in text("--temperature", "0.7", "--seed", "1")[0]  # no beam error
+
+    (folder / "config.json").write_text(json.dumps({**config, "decoding": {"beam": 3}}))
+    result = run_cli("--backend", "torch", "--model", str(folder), str(jfk_path))
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(errors) == 1 and "unknown option(s) beam" in errors[0], result.stderr

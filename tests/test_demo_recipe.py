@@ -1009,12 +1009,15 @@ def test_eval_bundle_stage_scores_the_int8_loss_over_every_split_and_resumes(tmp
     done = recipe.stage_eval_bundle(tmp_path, paths, report)
     assert calls == [("fp32", "eval_unseen"), ("fp32", "jfk"), ("int8", "eval_seen"), ("int8", "eval_unseen"),
                      ("int8", "jfk"), ("int8", "qa"), ("int8", "eval_seen", 4), ("int8", "eval_unseen", 4),
-                     ("int8", "jfk", 4), ("int8", "qa", 4)]
+                     ("int8", "jfk", 4), ("int8", "qa", 4), ("fp32", "eval_seen", 4), ("fp32", "eval_unseen", 4),
+                     ("fp32", "jfk", 4)]
     # the beam-search rows carry faster-whisper's WER at the same width; greedy rows are unchanged
-    assert baselines == [("eval_seen", 4), ("eval_unseen", 4), ("jfk", 4)]
+    assert baselines == [("eval_seen", 4), ("eval_unseen", 4), ("jfk", 4)] * 2
     assert done["int8-beam4"]["jfk"]["faster_whisper_wer"] == 1.5 and done["int8-beam4"]["qa"]["qa"] == 63.0
-    assert done["all"] == {"n": 4, "splits": ["eval_seen", "eval_unseen", "jfk"], "fp32": 0.0, "int8": 20.0,
-                           "int8_minus_fp32": 20.0}
+    # the INT8 loss at both decodings (the fake gives each width the same hypotheses)
+    for key in ("all", "all-beam4"):
+        assert done[key] == {"n": 4, "splits": ["eval_seen", "eval_unseen", "jfk"], "fp32": 0.0, "int8": 20.0,
+                             "int8_minus_fp32": 20.0}
     assert json.loads(report.read_text())["int8"]["qa"]["qa"] == 60.0
     calls.clear()
     recipe.stage_eval_bundle(tmp_path, paths, report)

@@ -118,3 +118,35 @@ def test_bad_logits():
         sampler(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="-inf"):
         sampler(np.full(5, -np.inf))
+
+
+def test_a_model_config_recommends_its_decoding():
+    from fastslm.runtime.errors import ModelFileError
+
+    assert SamplingOptions.from_config({"format": "fastslm-model"}, "c") == SamplingOptions()  # none: greedy
+    assert SamplingOptions.from_config({"decoding": {"beam_size": 4}}, "c") == SamplingOptions(beam_size=4)
+    for decoding, match in [([4], "must be an object"), ({"beams": 4}, "unknown option.*beams"),
+                            ({"seed": 1}, "unknown option.*seed"), ({"beam_size": 0}, "beam_size 0"),
+                            ({"beam_size": 4, "temperature": 0.5}, "temperature 0")]:  # fmt: skip
+        with pytest.raises(ModelFileError, match=match):
+            SamplingOptions.from_config({"decoding": decoding}, "config.json")
+
+
+@pytest.mark.parametrize("given, expected", [
+    ({}, dict(beam_size=4)),
+    ({"beam_size": None, "top_k": None}, dict(beam_size=4)),  # None: not given
+    ({"beam_size": 1}, dict(beam_size=1)),
+    ({"temperature": 0.5}, dict(temperature=0.5, beam_size=1)),  # sampling asked alone drops the beams
+    ({"temperature": 0.0}, dict(beam_size=4)),
+    ({"max_new_tokens": 7, "seed": 3}, dict(beam_size=4, max_new_tokens=7, seed=3)),
+])
+def test_given_options_replace_only_themselves(given, expected):
+    assert SamplingOptions(beam_size=4).replaced(**given) == SamplingOptions(**expected)
+    assert SamplingOptions(temperature=0.2).replaced(beam_size=3) == SamplingOptions(beam_size=3)  # and beams the temperature
+
+
+def test_replaced_options_are_checked():
+    with pytest.raises(OptionError, match="temperature 0"):
+        SamplingOptions(beam_size=4).replaced(temperature=0.5, beam_size=2)
+    with pytest.raises(OptionError, match="top_p"):
+        SamplingOptions().replaced(top_p=0)

@@ -415,6 +415,20 @@ def test_engine_stops_when_its_client_is_gone(pipe, jfk_path, two_utterances):
     assert len(stopped.transcript.segments) == 1 and pieces == [stopped.transcript.text]
 
 
+@pytest.mark.parametrize("body, beam_size, temperature", [
+    ({}, 4, 0.0),  # the OpenAI default, temperature 0: the model's recommended beam search
+    ({"temperature": 0.5}, 1, 0.5),  # sampling asked for: no beams
+    ({"top_p": 0}, 4, 0.0),  # top_p 0 means greedy-like: the model's deterministic decoding
+])
+def test_requests_are_read_the_way_the_model_recommends(jfk_path, body, beam_size, temperature):
+    from fastslm.runtime.serve.requests import ChatRequest
+
+    messages = chat_audio(jfk_path.read_bytes(), "transcribe", "flac")
+    got = ChatRequest.from_json({"messages": messages, **body}, ServeOptions(), SamplingOptions(beam_size=4)).sampling
+    assert (got.beam_size, got.temperature, got.max_new_tokens) == (beam_size, temperature, ServeOptions().max_new_tokens)
+    assert ChatRequest.from_json({"messages": messages, **body}, ServeOptions()).sampling.beam_size == 1  # none: greedy
+
+
 def test_options_refuse_absurd_values():
     for bad in ({"port": 0}, {"workers": 0}, {"queue_size": -1}, {"max_audio_seconds": float("nan")},
                 {"api_key": " "}, {"prefix_cache_mb": -1},

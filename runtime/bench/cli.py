@@ -4,7 +4,7 @@
 
 Systems: fastslm with the shipped default, each `--bundle` (named by its export target), the
 PyTorch eager reference on the shipped model folder (when torch is installed), and the peer
-faster-whisper tiny.en int8 beam 1 (when installed). Each repeat runs every system once, in a
+faster-whisper tiny.en int8 beam 1 (when installed), fastslm greedy like it. Each repeat runs every system once, in a
 rotated order (A B C, B C A, ...), so background load falls on all alike and each pair of
 fastslm / peer runs is back to back. Everything is kept under --out as it finishes
 (recordings, runs.jsonl, clips.json, stages.json), so an interrupted bench resumes where it
@@ -25,6 +25,9 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import OptionError, reported_in_one_line
+from ..sampling import SamplingOptions
+
+GREEDY = SamplingOptions()  # as the peer decodes (beam 1), whatever the model recommends
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -103,7 +106,7 @@ def _clip_wer(pipe, ref: dict, cache: dict) -> float:
     if missing:
         audio = {cid: samples for cid, _, samples in held_out_clips()}
         for cid in missing:
-            cache[cid] = pipe.generate(audio[cid], "transcribe", sample_rate=16000).text
+            cache[cid] = pipe.generate(audio[cid], "transcribe", sample_rate=16000, sampling=GREEDY).text
     return wer(ref["texts"], [cache[c] for c in ref["clip_ids"]])
 
 

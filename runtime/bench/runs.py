@@ -32,7 +32,8 @@ class System:
     def command(self, audio: Path) -> list[str]:
         if self.is_peer:
             return [sys.executable, "-m", "fastslm.runtime.bench.peer", str(audio)]
-        cmd = [sys.executable, "-m", "fastslm.runtime.cli", "--format", "json", "--backend", self.backend]
+        # greedy, as the peer decodes (beam 1), whatever the model recommends
+        cmd = [sys.executable, "-m", "fastslm.runtime.cli", "--format", "json", "--backend", self.backend, "--beam-size", "1"]
         if self.model is not None:
             cmd += ["--model", str(self.model)]
         return cmd + [str(audio)]

@@ -96,7 +96,7 @@ def create_app(engine: Engine) -> FastAPI:
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request) -> Response:
         form = await read_form(request)
-        params = TranscriptionRequest.from_form(form, options)
+        params = TranscriptionRequest.from_form(form, options, engine.pipe.sampling)
         engine.check_room()
         upload = await run_in_threadpool(read_upload, await params.file.read(), max_bytes=options.max_audio_bytes,
                                          max_seconds=options.max_audio_seconds)  # fmt: skip
@@ -109,7 +109,7 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        params = ChatRequest.from_json(await read_json(request), options)
+        params = ChatRequest.from_json(await read_json(request), options, engine.pipe.sampling)
         engine.check_room()
         upload = await run_in_threadpool(read_upload, params.audio, max_bytes=options.max_audio_bytes,
                                          max_seconds=options.max_audio_seconds, param=params.audio_param)  # fmt: skip

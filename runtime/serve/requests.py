@@ -33,7 +33,7 @@ class TranscriptionRequest:
     language: str | None
 
     @classmethod
-    def from_form(cls, form: FormData, options: ServeOptions) -> TranscriptionRequest:
+    def from_form(cls, form: FormData, options: ServeOptions, decoding: SamplingOptions | None = None) -> TranscriptionRequest:
         file = form.get("file")
         if not isinstance(file, UploadFile):
             raise bad_request("the form has no `file` part: attach the recording as `file`", param="file")
@@ -50,7 +50,8 @@ class TranscriptionRequest:
             raise bad_request("word timestamps are not available: ask for segment timestamps",
                               param="timestamp_granularities")  # fmt: skip
         temperature = number(text_field(form, "temperature") or "0", "temperature", 0.0, 1.0)
-        return cls(file, fmt, stream, sampling(options, temperature=temperature), language(text_field(form, "language")))
+        return cls(file, fmt, stream, sampling(options, decoding, temperature=temperature),
+                   language(text_field(form, "language")))
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class ChatRequest:
     language: str | None = None
 
     @classmethod
-    def from_json(cls, body: Any, options: ServeOptions) -> ChatRequest:
+    def from_json(cls, body: Any, options: ServeOptions, decoding: SamplingOptions | None = None) -> ChatRequest:
         if not isinstance(body, dict):
             raise bad_request("the body must be a JSON object with `messages`")
         messages = body.get("messages")
@@ -102,7 +103,7 @@ class ChatRequest:
         include_usage = bool(isinstance(stream_options, dict) and stream_options.get("include_usage"))
         return cls(
             audio=audio[0], audio_param=audio_param, prompt=question or "transcribe",
-            sampling=sampling(options, temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=limit),
+            sampling=sampling(options, decoding, temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=limit),
             stream=stream, include_usage=include_usage,
         )  # fmt: skip
 
@@ -171,12 +172,14 @@ def language(value: str | None) -> str | None:
     return value
 
 
-def sampling(options: ServeOptions, **fields) -> SamplingOptions:
+def sampling(options: ServeOptions, decoding: SamplingOptions | None, **fields) -> SamplingOptions:
+    """A request's options over the model's recommended decoding (`decoding`, Pipeline.sampling): a
+    request at temperature 0 is read the way the model recommends, beam search included."""
     fields.setdefault("max_new_tokens", options.max_new_tokens)
     if fields.get("top_p") == 0:
         fields["temperature"] = 0.0  # top_p 0 keeps only the likeliest token: greedy
         fields["top_p"] = 1.0
     try:
-        return SamplingOptions(**fields)
+        return (decoding or SamplingOptions()).replaced(**fields)
     except FastSLMError as exc:
         raise bad_request(str(exc)) from None

@@ -71,14 +71,22 @@ def test_default_run_transcribes_jfk(jfk_path):
     assert result.returncode == 0, result.stderr
     banner = [line for line in result.stderr.splitlines() if line.startswith("fastslm-run: model")]
     assert len(banner) == 1 and DEFAULT_MODEL_NOTE in banner[0] and "onnx" in banner[0]
+    assert ", beam search 4" in banner[0]  # the decoding the shipped config.json recommends
     assert wer([JFK_TRANSCRIPT], [result.stdout.strip()]) <= MAX_WER["jfk"], result.stdout
 
 
+def test_the_shipped_model_recommends_beam_search(onnx_pipe, torch_pipe):
+    """The recipe writes "decoding" into config.json; the bundle carries the same config (hashed)."""
+    assert onnx_pipe.sampling.beam_size == torch_pipe.sampling.beam_size == 4
+    assert onnx_pipe.sampling.greedy
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("beam_size", [1, 4])
 @pytest.mark.parametrize("split", ["eval_seen", "eval_unseen"])
-def test_eval_subset_wer(onnx_pipe, split):
+def test_eval_subset_wer(onnx_pipe, split, beam_size):
     items = load_split(split, EVAL_SUBSET)
-    hyps = transcribe_all(onnx_pipe, [it.audio for it in items], max_new_tokens=96)
+    hyps = transcribe_all(onnx_pipe, [it.audio for it in items], max_new_tokens=96, beam_size=beam_size)
     assert wer([it.text for it in items], hyps) <= MAX_WER[split]
 
 

@@ -69,6 +69,9 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"  # node metadata torch.onnx writes (name scopes stay: calibration reads them)
+
+
 def parameter_bytes(module: nn.Module) -> int:
     tensors = {id(t): t for t in list(module.parameters()) + list(module.buffers())}  # tied weights once
     return sum(t.numel() * t.element_size() for t in tensors.values())
@@ -95,6 +98,11 @@ def export_graph(
             opset_version=opset,
             verbose=False,
         )
+        # torch records every node's Python stack: absolute paths of the build machine and source line
+        # numbers, which would ship inside the graphs and change their bytes with any unrelated edit.
+        for graph in (program.model.graph, *program.model.functions.values()):
+            for node in graph.all_nodes():
+                node.metadata_props.pop(STACK_TRACE_KEY, None)
         external = parameter_bytes(module) > external_data_threshold
         program.save(str(path), external_data=external)
     data_file = f"{path.name}.data"

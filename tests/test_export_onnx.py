@@ -127,6 +127,12 @@ def test_bundle_layout_and_manifest(external_bundle, tiny_dir):
     for name, entry in manifest["files"].items():
         assert entry == {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
     assert (out / "config.json").read_bytes() == (tiny_dir / "config.json").read_bytes()
+    # no build-machine paths or source line numbers in the graphs; the module scopes calibration reads stay
+    for graph_file in ("audio_tower.onnx", "llm.onnx"):
+        keys = {p.key for node in onnx.load(str(out / graph_file), load_external_data=False).graph.node
+                for p in node.metadata_props}
+        assert "pkg.torch.onnx.name_scopes" in keys and not any("stack_trace" in k for k in keys), keys
+    assert str(Path(__file__).resolve().parents[1]) not in (out / "audio_tower.onnx").read_bytes().decode("latin-1")
 
     config = FastSLM.from_pretrained(tiny_dir).config
     audio, llm = manifest["graphs"]["audio_tower"], manifest["graphs"]["llm"]

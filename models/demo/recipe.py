@@ -477,10 +477,10 @@ def stage_eval_bundle(corpus: Path, paths: Paths, report: Path, baseline_cache: 
                    for p in BUNDLE_TARGETS}
         done["all" + suffix] = {"n": len(refs), "splits": list(BUNDLE_WER_SPLITS), **overall,
                                 "int8_minus_fp32": round(overall["int8"] - overall["fp32"], 2)}
-        report.write_text(json.dumps(done, indent=1) + "\n")
         label = "" if not suffix else f", beam {EVAL_BEAM}"
         print(f"eval-bundle: all {len(refs)} recordings{label}: fp32 {overall['fp32']:.2f}%, INT8 "
               f"{overall['int8']:.2f}% ({done['all' + suffix]['int8_minus_fp32']:+.2f} pt) -> {report}")
+    report.write_text(json.dumps(done, indent=1) + "\n")
     return done
 
 

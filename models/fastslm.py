@@ -174,8 +174,13 @@ def read_config(folder: Path) -> FastSLMConfig:
     if not config_path.is_file():
         raise ModelFileError(f"{folder} has no {CONFIG_FILE}: give a fastslm model folder (see `fastslm-convert`)")
     try:
-        return FastSLMConfig.from_dict(json.loads(config_path.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        data = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{config_path} is unreadable ({exc}); re-create the model folder") from None
+    SamplingOptions.from_config(data, config_path)  # checked here too, so that its error names the file
+    try:
+        return FastSLMConfig.from_dict(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ModelFileError(f"{config_path} is unreadable ({exc}); re-create the model folder") from None
 
 

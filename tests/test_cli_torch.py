@@ -123,3 +123,4 @@ def test_the_model_config_chooses_the_default_decoding(tmp_path, jfk_path):
     result = run_cli("--backend", "torch", "--model", str(folder), str(jfk_path))
     errors = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(errors) == 1 and "unknown option(s) beam" in errors[0], result.stderr
+    assert str(folder / "config.json") in errors[0]  # the file to fix, not "the model config"

@@ -20,6 +20,7 @@ import numpy as np
 
 from .audio import SAMPLE_RATE, audio_to_windows, load_audio
 from .kv_cache import KVCache
+from .repetition import loop_period
 from .sampling import Sampler, SamplingOptions
 from .session import prefix_ids, prefix_key
 
@@ -101,6 +102,8 @@ def generate_rows(
             token = samplers[a](logits[r])
             if token not in stop:
                 answers[a].append(token)
+                if loop_period(answers[a]):  # ends as `Pipeline.decode_tokens` ends it: repeats kept
+                    continue
                 keep.append(r)
                 tokens.append(token)
         active = [active[r] for r in keep]

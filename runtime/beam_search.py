@@ -7,6 +7,9 @@ beam compare fairly:
 - every live hypothesis proposes its `beam_size + 1` most likely next tokens; of all proposals, in
   order of summed log-probability, one that ends the answer (an end token) is finished while fewer
   than `beam_size` are, any other joins the next step's beams until there are `beam_size` of them;
+- a proposal that ends the answer in a loop (repetition.py) is finished too, with the loop's
+  repeats cut: nothing of a beam search's answer is shown before it ends, so unlike a streamed
+  greedy answer it can drop them;
 - the search stops once `beam_size` answers are finished, or after `max_new_tokens` tokens (then
   the most likely live beams fill the answers up to `beam_size`);
 - the answer kept has the highest summed log-probability divided by its token count (the end token
@@ -27,6 +30,7 @@ import numpy as np
 
 from .backend import Backend
 from .kv_cache import KVCache
+from .repetition import loop_period, without_loop
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,13 @@ def beam_search(backend: Backend, logits: np.ndarray, cache: KVCache, beam_size:
                 if len(finished) < beam_size:
                     finished.append(Hypothesis(beams[b].tokens, logprob))
             else:
-                live.append(Hypothesis(beams[b].tokens + (token,), logprob))
+                tokens = beams[b].tokens + (token,)
+                period = loop_period(tokens)
+                if period:  # a loop ends its beam as an end token would, cut back to the loop's first span
+                    if len(finished) < beam_size:
+                        finished.append(Hypothesis(tuple(without_loop(tokens, period)), logprob))
+                    continue
+                live.append(Hypothesis(tokens, logprob))
                 parents.append(b)
                 if len(live) == beam_size:
                     break

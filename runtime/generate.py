@@ -24,6 +24,7 @@ from .bundle import sha256_file
 from .errors import AudioError, OptionError
 from .kv_cache import KVCache
 from .prompt import Task, build_prompt, resolve_task
+from .repetition import loop_period
 from .sampling import Sampler, SamplingOptions
 from .session import AudioSession, samples_sha256
 from .tokenizer import StreamDecoder, Tokenizer
@@ -211,7 +212,7 @@ class Pipeline:
         return Prefill(cache, logits, cache.length)
 
     def decode_tokens(self, prefill: Prefill, sampling: SamplingOptions) -> Iterator[int]:
-        """Sample answer tokens after `prefill` until an end token or max_new_tokens.
+        """Sample answer tokens after `prefill` until an end token, a loop (repetition.py) or max_new_tokens.
 
         With `sampling.beam_size` > 1 the tokens come all at once, after the search (beam_search.py)."""
         stop = set(self.tokenizer.eos_ids)
@@ -220,11 +221,15 @@ class Pipeline:
             yield from beam_search(self.backend, logits, cache, sampling.beam_size, sampling.max_new_tokens, stop)
             return
         sampler = Sampler(sampling)
+        answer: list[int] = []
         for step in range(sampling.max_new_tokens):
             token = sampler(logits)
             if token in stop:
                 return
             yield token
+            answer.append(token)
+            if loop_period(answer):  # streamed tokens cannot be taken back; the loop just ends here
+                return
             if step + 1 < sampling.max_new_tokens:
                 logits, cache = self.backend.decode(self.backend.embed_tokens(np.array([token], dtype=np.int64)), cache)
 

@@ -1,0 +1,70 @@
+"""A decoding that falls into a loop ends there (runtime/repetition.py), greedy and beam search alike."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from fastslm.runtime.beam_search import beam_search
+from fastslm.runtime.generate import Pipeline, Prefill
+from fastslm.runtime.repetition import MIN_REPEATS, MIN_TOKENS, loop_period, without_loop
+from fastslm.runtime.sampling import SamplingOptions
+
+from .test_beam_search import STOP, TableLM
+
+PREFIX = [3, 9, 4, 10]
+SPAN = [5, 6, 7, 8]  # 4 tokens: MIN_REPEATS copies of it reach MIN_TOKENS
+
+
+def test_a_loop_is_a_span_repeated_enough_times_to_cover_enough_tokens():
+    assert (MIN_REPEATS, MIN_TOKENS) == (4, 16)
+    assert loop_period(PREFIX + SPAN * 4) == 4
+    assert loop_period(PREFIX + SPAN * 3) == 0  # three times over can be speech
+    assert loop_period(PREFIX + SPAN * 4 + [3]) == 0  # the loop must end the answer
+    assert loop_period([7] * 15) == 0 and loop_period([7] * 16) == 1  # one token needs 16 repeats
+    assert loop_period([1, 2] * 7) == 0 and loop_period([1, 2] * 8) == 2
+    assert loop_period([1, 2, 3] * 5) == 0 and loop_period([1, 2, 3] * 6) == 3
+    assert loop_period([]) == 0 and loop_period([5, 5, 5, 5]) == 0
+
+
+def test_a_loop_is_cut_back_to_its_first_span():
+    assert without_loop(PREFIX + SPAN * 6, 4) == PREFIX + SPAN
+    assert without_loop([7] * 20, 1) == [7]
+    # a loop that started in the middle of a span keeps the tokens before its first whole repeat
+    assert without_loop([1, 6, 7, 8] + SPAN * 4, 4) == [1, 6, 7, 8, 5, 6, 7, 8]
+
+
+class LoopLM(TableLM):
+    """After PREFIX, the model is sure the next token continues SPAN forever (p 0.97 each step), and
+    all but sure that the answer never ends (p 1e-6 for the end token)."""
+
+    def logits(self, history):
+        if len(history) < len(PREFIX):
+            want = PREFIX[len(history)]
+        else:
+            want = SPAN[(len(history) - len(PREFIX)) % len(SPAN)]
+        p = np.full(self.vocab, 0.03 / (self.vocab - 2))
+        p[STOP], p[want] = 1e-6, 0.97
+        return np.log(p).astype(np.float32)
+
+
+@pytest.mark.parametrize("beam", [2, 4])
+def test_beam_search_finishes_a_looping_beam_without_its_repeats(beam):
+    lm = LoopLM(vocab=12, seed=0)
+    logits, cache = lm.start()
+    answer = beam_search(lm, logits, cache, beam, 200, {STOP})
+    assert answer == PREFIX + SPAN
+    # it stops once `beam` beams have looped or ended, not at max_new_tokens (one call per beam per step)
+    assert lm.calls / beam < 40
+
+
+def test_greedy_decoding_stops_at_the_first_token_that_makes_a_loop():
+    lm = LoopLM(vocab=12, seed=0)
+    logits, cache = lm.start()
+    pipe = SimpleNamespace(backend=lm, tokenizer=SimpleNamespace(eos_ids=[STOP]))
+    tokens = list(Pipeline.decode_tokens(pipe, Prefill(cache, logits, 0), SamplingOptions(max_new_tokens=200)))
+    # a streamed answer keeps what it has shown: the repeats up to the one that made the loop
+    assert tokens == PREFIX + SPAN * MIN_REPEATS
+    assert lm.calls == len(tokens) - 1

@@ -102,7 +102,7 @@ def generate_rows(
             token = samplers[a](logits[r])
             if token not in stop:
                 answers[a].append(token)
-                if loop_period(answers[a]):  # ends as `Pipeline.decode_tokens` ends it: repeats kept
+                if sampling.stop_loops and loop_period(answers[a]):  # ends as `Pipeline.decode_tokens` ends it: repeats kept
                     continue
                 keep.append(r)
                 tokens.append(token)

@@ -52,7 +52,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def beam_search(backend: Backend, logits: np.ndarray, cache: KVCache, beam_size: int, max_new_tokens: int,
-                stop: set[int]) -> list[int]:
+                stop: set[int], stop_loops: bool = True) -> list[int]:
     """The answer's token ids (without its end token) after a prefill that left `logits` and `cache`."""
     rows = callable(getattr(backend, "decode_rows", None))
     beams = [Hypothesis((), 0.0)]
@@ -73,7 +73,7 @@ def beam_search(backend: Backend, logits: np.ndarray, cache: KVCache, beam_size:
                     finished.append(Hypothesis(beams[b].tokens, logprob))
             else:
                 tokens = beams[b].tokens + (token,)
-                period = loop_period(tokens)
+                period = loop_period(tokens) if stop_loops else 0
                 if period:  # a loop ends its beam as an end token would, cut back to the loop's first span
                     if len(finished) < beam_size:
                         finished.append(Hypothesis(tuple(without_loop(tokens, period)), logprob))

@@ -218,7 +218,8 @@ class Pipeline:
         stop = set(self.tokenizer.eos_ids)
         logits, cache = prefill.logits, prefill.cache
         if sampling.beam_size > 1:
-            yield from beam_search(self.backend, logits, cache, sampling.beam_size, sampling.max_new_tokens, stop)
+            yield from beam_search(self.backend, logits, cache, sampling.beam_size, sampling.max_new_tokens, stop,
+                                   sampling.stop_loops)
             return
         sampler = Sampler(sampling)
         answer: list[int] = []
@@ -228,7 +229,7 @@ class Pipeline:
                 return
             yield token
             answer.append(token)
-            if loop_period(answer):  # streamed tokens cannot be taken back; the loop just ends here
+            if sampling.stop_loops and loop_period(answer):  # streamed tokens cannot be taken back; the loop just ends here
                 return
             if step + 1 < sampling.max_new_tokens:
                 logits, cache = self.backend.decode(self.backend.embed_tokens(np.array([token], dtype=np.int64)), cache)

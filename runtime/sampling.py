@@ -27,7 +27,9 @@ MAX_BEAM_SIZE = 32
 class SamplingOptions:
     """temperature 0 means greedy; top_k 0 and top_p 1 switch those filters off.
 
-    beam_size > 1 searches that many hypotheses instead (runtime/beam_search.py; temperature 0 only)."""
+    beam_size > 1 searches that many hypotheses instead (runtime/beam_search.py; temperature 0 only).
+    stop_loops ends an answer that falls into a loop (runtime/repetition.py); parity tests that
+    compare a fixed number of tokens from random models turn it off."""
 
     temperature: float = 0.0
     top_k: int = 20
@@ -35,6 +37,7 @@ class SamplingOptions:
     seed: int | None = None
     max_new_tokens: int = 512
     beam_size: int = 1
+    stop_loops: bool = True
 
     def __post_init__(self) -> None:
         if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
@@ -55,6 +58,8 @@ class SamplingOptions:
         if not _is_int(self.beam_size) or not 1 <= self.beam_size <= MAX_BEAM_SIZE:
             raise OptionError(f"beam_size {self.beam_size!r} is invalid: use a whole number from 1 (greedy) "
                               f"to {MAX_BEAM_SIZE}")
+        if not isinstance(self.stop_loops, bool):
+            raise OptionError(f"stop_loops {self.stop_loops!r} is invalid: use true or false")
         if self.beam_size > 1 and self.temperature > 0:
             raise OptionError(f"beam search picks the most likely answer, it does not sample: use temperature 0 "
                               f"with beam_size {self.beam_size}, or beam_size 1 to sample")

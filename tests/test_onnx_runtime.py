@@ -137,7 +137,9 @@ def greedy(backend, tokenizer_path: Path, audio) -> tuple[list[int], np.ndarray]
     recorder = Recorder(backend)
     pipe = Pipeline(recorder, NoStopTokenizer.from_file(tokenizer_path))
     rate = SAMPLE_RATE if isinstance(audio, np.ndarray) else None
-    result = pipe.generate(audio, "transcribe", sample_rate=rate, sampling=SamplingOptions(max_new_tokens=GREEDY_TOKENS))
+    # a random model loops: without stop_loops=False its answer would end before GREEDY_TOKENS
+    options = SamplingOptions(max_new_tokens=GREEDY_TOKENS, stop_loops=False)
+    result = pipe.generate(audio, "transcribe", sample_rate=rate, sampling=options)
     # generate() builds the audio prefix first (decode calls whose logits decide no token), so the
     # answer's tokens are decided by the last GREEDY_TOKENS calls.
     logits = np.array(recorder.logits[-GREEDY_TOKENS:]).reshape(GREEDY_TOKENS, -1)
@@ -382,7 +384,7 @@ FP16_CHILD = textwrap.dedent(
     for name, audio in (("jfk", data["audio_jfk"]), ("long", data["audio_long"])):
         rec = Recorder(backend)
         pipe = Pipeline(rec, NoStop.from_file(bundle + "/tokenizer.json"))
-        r = pipe.generate(audio, "transcribe", sample_rate=16000, sampling=SamplingOptions(max_new_tokens=int(data["n"])))
+        r = pipe.generate(audio, "transcribe", sample_rate=16000, sampling=SamplingOptions(max_new_tokens=int(data["n"]), stop_loops=False))
         result["greedy_" + name] = np.array(r.token_ids)
         result["greedy_logits_" + name] = np.array(rec.logits[-int(data["n"]):])
     np.savez(out, **result)

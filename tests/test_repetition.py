@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fastslm.runtime.beam_search import beam_search
+from fastslm.runtime.errors import OptionError
 from fastslm.runtime.generate import Pipeline, Prefill
 from fastslm.runtime.repetition import MIN_REPEATS, MIN_TOKENS, loop_period, without_loop
 from fastslm.runtime.sampling import SamplingOptions
@@ -68,3 +69,14 @@ def test_greedy_decoding_stops_at_the_first_token_that_makes_a_loop():
     # a streamed answer keeps what it has shown: the repeats up to the one that made the loop
     assert tokens == PREFIX + SPAN * MIN_REPEATS
     assert lm.calls == len(tokens) - 1
+
+
+def test_stop_loops_off_decodes_to_max_new_tokens():
+    pipe = SimpleNamespace(backend=LoopLM(vocab=12, seed=0), tokenizer=SimpleNamespace(eos_ids=[STOP]))
+    logits, cache = pipe.backend.start()
+    options = SamplingOptions(max_new_tokens=50, stop_loops=False)
+    assert len(list(Pipeline.decode_tokens(pipe, Prefill(cache, logits, 0), options))) == 50
+    beam = beam_search(LoopLM(vocab=12, seed=0), logits, cache, 2, 50, {STOP}, stop_loops=False)
+    assert beam[:len(PREFIX)] == PREFIX and len(beam) == 50
+    with pytest.raises(OptionError, match="stop_loops"):
+        SamplingOptions(stop_loops="no")

@@ -102,7 +102,8 @@ def generate_rows(
             token = samplers[a](logits[r])
             if token not in stop:
                 answers[a].append(token)
-                if sampling.stop_loops and loop_period(answers[a]):  # ends as `Pipeline.decode_tokens` ends it: repeats kept
+                # a loop ends the row as `Pipeline.decode_tokens` ends it: repeats kept
+                if sampling.stop_loops and loop_period(answers[a]):
                     continue
                 keep.append(r)
                 tokens.append(token)

@@ -229,7 +229,8 @@ class Pipeline:
                 return
             yield token
             answer.append(token)
-            if sampling.stop_loops and loop_period(answer):  # streamed tokens cannot be taken back; the loop just ends here
+            # streamed tokens cannot be taken back: a loop just ends here
+            if sampling.stop_loops and loop_period(answer):
                 return
             if step + 1 < sampling.max_new_tokens:
                 logits, cache = self.backend.decode(self.backend.embed_tokens(np.array([token], dtype=np.int64)), cache)

@@ -5,8 +5,9 @@ A speech LM that loses its place in the audio can fall into a loop ("for destroy
 this after the fact with a gzip compression-ratio threshold and re-decodes at a higher temperature;
 a loop is cheaper to see while it happens, from the tokens alone, and stopping there also saves the
 decoding steps. The threshold is set so that speech does not trip it: a span must repeat at least
-MIN_REPEATS times back to back and the repeats must cover at least MIN_TOKENS tokens, so a phrase
-said four times over trips it, while "no, no, no" or a word said eight times does not.
+MIN_REPEATS times back to back and the repeats must cover at least MIN_TOKENS tokens, so a phrase of
+four or more tokens said four times over trips it, while "no, no, no" does not, nor a one-token word
+said fewer than sixteen times.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def loop_period(tokens: Sequence[int]) -> int:
         span = period * repeats
         if span > n_tokens:
             continue
-        tail = tokens[n_tokens - span:]
-        if all(tail[i] == tail[i - period] for i in range(period, span)):
+        # compared from the last token back, so a non-loop fails at once, with no copy of the tail
+        if all(tokens[i] == tokens[i - period] for i in range(n_tokens - 1, n_tokens - span + period - 1, -1)):
             return period
     return 0
 

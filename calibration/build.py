@@ -35,6 +35,7 @@ import onnxruntime as ort
 from ..runtime.bundle import AUDIO_TOWER, CONFIG_FILE, INT8_WEIGHT_ZERO_POINTS, LLM, TOKENIZER_FILE, Bundle, ModelDims
 from ..runtime.errors import OptionError
 from ..runtime.onnx_backend import OnnxBackend, session_options
+from ..runtime.sampling import MAX_BEAM_SIZE
 from .data import DEFAULT_MAX_WINDOWS, CalibrationSet, collect
 from .gates import GateRow, GateThresholds, eval_items, run_gates, unseen_by_calibration
 from .qdq import INT4_BLOCK, find_layers, insert_int8_qdq, insert_weight_only, load_graph, save_graph
@@ -103,8 +104,11 @@ class QuantOptions:
     escalate: bool = True  # an audio-tower gate missed: keep more sensitive layers float and gate again
     override_gates: bool = False
     gate_windows: int = 16
-    eval_corpus: Path | None = None  # folder of eval_seen.jsonl; None: FASTSLM_CORPUS or the shipped eval subset
+    eval_corpus: Path | None = None  # folder of gate.jsonl or eval_seen.jsonl; None: FASTSLM_CORPUS or the shipped eval subset
     wer_items: int = 50
+    # 1 (greedy) keeps the gate quick; a bundle decoded with a beam search loses to INT8 at that width,
+    # which a greedy gate does not measure (the demo recipe gates at the model's recommended width)
+    gate_beam: int = 1
     progress: bool | None = None
 
     def __post_init__(self) -> None:
@@ -116,6 +120,8 @@ class QuantOptions:
             raise OptionError(f"--llm-bits must be 8 or 4, got {self.llm_bits}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise OptionError(f"--block-size must be a power of two >= 16, got {self.block_size}")
+        if isinstance(self.gate_beam, bool) or not isinstance(self.gate_beam, int) or not 1 <= self.gate_beam <= MAX_BEAM_SIZE:
+            raise OptionError(f"--gate-beam must be a whole number from 1 (greedy) to {MAX_BEAM_SIZE}, got {self.gate_beam}")
         if not 0.0 < self.target_cosine <= 1.0:
             raise OptionError(f"--target-cosine must be in (0, 1], got {self.target_cosine}")
         for name in ("sensitivity_windows", "gate_windows", "wer_items"):
@@ -236,10 +242,11 @@ class Quantizer:
                                      lazy_llm=True)  # fmt: skip
             report = run_gates(
                 reference, candidate, tokenizer,
-                title=f"accuracy gates: {self.target.name} vs FP32 ({dims.name})",
+                title=f"accuracy gates: {self.target.name} vs FP32 ({dims.name}"
+                      + (f"; WER beam search {o.gate_beam})" if o.gate_beam > 1 else ")"),
                 windows=self.calibration().subset(max(1, o.gate_windows)),
                 audio_quantized=True, llm_bits=self.llm_bits if llm_in_memory else None, thresholds=o.thresholds,
-                items=items, no_wer_reason=why, fp32_transcripts=fp32_transcripts, log=self.log,
+                items=items, no_wer_reason=why, fp32_transcripts=fp32_transcripts, beam_size=o.gate_beam, log=self.log,
             )  # fmt: skip
             if not (o.escalate and self._keep_more_float(report)):
                 break

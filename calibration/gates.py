@@ -157,13 +157,24 @@ def top1_agreement(reference: Any, candidate: Any, tokenizer: Any, speech: Seque
     return matches, positions
 
 
+GATE_SPLIT = "gate.jsonl"  # a corpus's own gate split (models/demo/corpus.py), apart from every reported set
+
+
 def eval_items(corpus: Path | None, limit: int) -> tuple[list[EvalItem], str]:
-    """The WER subset: the first `limit` eval_seen utterances and jfk.flac; ([], why) when there is none."""
+    """The WER subset; ([], why) when there is none.
+
+    A corpus with a gate split gives its first `limit` utterances: a gate that scored the sets a
+    model's results are reported on would choose its float layers on them. Otherwise the first
+    `limit` eval_seen utterances and jfk.flac (the shipped eval subset's default)."""
     from .data import default_corpus
 
     if limit <= 0:
         return [], "WER gate off (--wer-items 0)"
     corpus = Path(corpus) if corpus is not None else default_corpus()
+    gate = corpus / GATE_SPLIT
+    if gate.is_file():
+        items = [EvalItem(u.id, u.text, u.path) for u in read_corpus(gate)[:limit] if u.path.is_file()]
+        return items, "" if items else f"{gate} lists no recording that exists"
     items: list[EvalItem] = []
     jsonl = corpus / "eval_seen.jsonl"
     if jsonl.is_file():
@@ -204,12 +215,13 @@ def unseen_by_calibration(items: list[EvalItem], sources: list[dict]) -> tuple[l
 Transcriber = Callable[[Any, Any, list[EvalItem]], list[str]]
 
 
-def pipeline_transcriber(tokenizer: Any, max_new_tokens: int = 96) -> Transcriber:
-    """Transcribe through `runtime.generate.Pipeline`; speech tokens are encoded once per audio backend."""
+def pipeline_transcriber(tokenizer: Any, max_new_tokens: int = 96, beam_size: int = 1) -> Transcriber:
+    """Transcribe through `runtime.generate.Pipeline`, greedily or with a beam search of `beam_size`;
+    speech tokens are encoded once per audio backend."""
     from ..runtime.generate import Pipeline
     from ..runtime.sampling import SamplingOptions
 
-    greedy = SamplingOptions(temperature=0.0, max_new_tokens=max_new_tokens)
+    greedy = SamplingOptions(temperature=0.0, max_new_tokens=max_new_tokens, beam_size=beam_size)
     speech: dict[tuple[int, str], Any] = {}  # (audio backend, item id) -> its SpeechTokens
 
     def tokens(audio: Any, item: EvalItem) -> Any:
@@ -249,13 +261,15 @@ def run_gates(
     top1_tokens: int = 32,
     transcriber: Transcriber | None = None,
     fp32_transcripts: dict[str, str] | None = None,
+    beam_size: int = 1,
     log: Callable[[str], None] = lambda line: None,
 ) -> GateReport:
     """Every gate that applies: the audio tower's if it is quantized, the LLM's if its weights are.
 
     `fp32_transcripts` (item id -> the reference's transcript) is filled as the reference is
     transcribed; pass the same dict to gate again with the same reference and items (the exporter's
-    rounds with more float layers) and the reference's transcripts are not made again."""
+    rounds with more float layers) and the reference's transcripts are not made again. The WER gates
+    decode with a beam search of `beam_size` (1: greedy) unless a `transcriber` is given."""
     report = GateReport(title)
     t = thresholds
     if audio_quantized:
@@ -275,7 +289,7 @@ def run_gates(
                                    f"{100 * rate:.1f}% of {positions} positions", f">= {100 * limit:g}%",
                                    rate >= limit, rate))  # fmt: skip
     report.rows += wer_rows(reference, candidate, audio_quantized, llm_bits, t, items or [], no_wer_reason,
-                            transcriber or pipeline_transcriber(tokenizer), log, fp32_transcripts)  # fmt: skip
+                            transcriber or pipeline_transcriber(tokenizer, beam_size=beam_size), log, fp32_transcripts)  # fmt: skip
     return report
 
 

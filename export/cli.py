@@ -16,10 +16,10 @@ _QUANT_FLAGS = {
     "--percentile": "percentile", "--sensitivity-windows": "sensitivity_windows", "--target-cosine": "target_cosine",
     "--keep-float": "keep_float", "--llm-bits": "llm_bits", "--block-size": "block_size",
     "--llm-keep-float": "llm_keep_float", "--gate-windows": "gate_windows", "--wer-items": "wer_items",
-    "--eval-corpus": "eval_corpus", "--override-gates": "override_gates",
+    "--eval-corpus": "eval_corpus", "--gate-beam": "gate_beam", "--override-gates": "override_gates",
 }  # fmt: skip
 _DEFAULTS = {"range_method": "percentile", "percentile": 99.99, "sensitivity_windows": 4, "target_cosine": 0.999,
-             "gate_windows": 16, "wer_items": 50}  # fmt: skip
+             "gate_windows": 16, "wer_items": 50, "gate_beam": 1}  # fmt: skip
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -54,7 +54,8 @@ def export(
     llm_keep_float: Annotated[Optional[list[str]], typer.Option(help="LLM layer (e.g. llm.lm_head) that keeps float weights (repeatable).", rich_help_panel=_Q)] = None,
     gate_windows: Annotated[int, typer.Option(help="Calibration windows the cosine and top-1 gates run on.", rich_help_panel=_Q)] = 16,
     wer_items: Annotated[int, typer.Option(help="Utterances of the demo eval subset for the WER gate (0: off).", rich_help_panel=_Q)] = 50,
-    eval_corpus: Annotated[Optional[Path], typer.Option(help="Folder with eval_seen.jsonl for the WER gate [default: the shipped demo eval subset].", rich_help_panel=_Q)] = None,
+    eval_corpus: Annotated[Optional[Path], typer.Option(help="Corpus folder for the WER gate: its gate.jsonl, else its eval_seen.jsonl [default: the shipped demo eval subset].", rich_help_panel=_Q)] = None,
+    gate_beam: Annotated[int, typer.Option(help="Beam width the WER gate decodes with (1: greedy); a bundle run with a beam search is best gated at that width.", rich_help_panel=_Q)] = 1,
     override_gates: Annotated[bool, typer.Option(help="Write the bundle even when it misses an accuracy gate.", rich_help_panel=_Q)] = False,
 ) -> None:
     with reported_in_one_line("fastslm-export", "interrupted; nothing was written"):
@@ -96,6 +97,7 @@ def export(
                 gate_windows=gate_windows,
                 wer_items=wer_items,
                 eval_corpus=eval_corpus,
+                gate_beam=gate_beam,
                 override_gates=override_gates,
             )
         else:
@@ -103,7 +105,8 @@ def export(
                       "percentile": percentile, "sensitivity_windows": sensitivity_windows,
                       "target_cosine": target_cosine, "keep_float": keep_float, "llm_bits": llm_bits,
                       "block_size": block_size, "llm_keep_float": llm_keep_float, "gate_windows": gate_windows,
-                      "wer_items": wer_items, "eval_corpus": eval_corpus, "override_gates": override_gates}  # fmt: skip
+                      "wer_items": wer_items, "eval_corpus": eval_corpus, "gate_beam": gate_beam,
+                      "override_gates": override_gates}  # fmt: skip
             given = [flag for flag, name in _QUANT_FLAGS.items() if values[name] not in (None, False, _DEFAULTS.get(name))]
             if given:
                 raise OptionError(f"{given[0]} applies to the calibrated targets (onnx-int8, onnx-int4, trt-int8), not {target}")

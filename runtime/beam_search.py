@@ -8,8 +8,9 @@ beam compare fairly:
   order of summed log-probability, one that ends the answer (an end token) is finished while fewer
   than `beam_size` are, any other joins the next step's beams until there are `beam_size` of them;
 - a proposal that ends the answer in a loop (repetition.py) is finished too, with the loop's
-  repeats cut: nothing of a beam search's answer is shown before it ends, so unlike a streamed
-  greedy answer it can drop them;
+  repeats and the near-copies leading into it cut: nothing of a beam search's answer is shown
+  before it ends, so unlike a streamed greedy answer it can drop them. It keeps the log-probability
+  of every token it decoded, so a loop ranks below an answer that ends as well as it did;
 - the search stops once `beam_size` answers are finished, or after `max_new_tokens` tokens (then
   the most likely live beams fill the answers up to `beam_size`);
 - the answer kept has the highest summed log-probability divided by its token count (the end token

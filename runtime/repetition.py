@@ -37,9 +37,17 @@ def loop_period(tokens: Sequence[int]) -> int:
 
 
 def without_loop(tokens: Sequence[int], period: int) -> list[int]:
-    """`tokens` that end in a loop of `period`-token spans, with the loop cut back to its first span."""
+    """`tokens` that end in a loop of `period`-token spans, cut after the loop's first cycle.
+
+    A decoder often drifts into its loop through copies that differ in a token or two ("in for
+    destroy in for destroyed in for destroying for destroyed in ..."), so the cut walks back through
+    every copy of the cycle, in any rotation, that starts within two periods of the one after it."""
     n_tokens = len(tokens)
+    cycle = tuple(tokens[n_tokens - period :])
+    rotations = {cycle[i:] + cycle[:i] for i in range(period)}
     start = n_tokens - period
-    while start - period >= 0 and all(tokens[start - period + i] == tokens[start + i] for i in range(period)):
-        start -= period
-    return list(tokens[: start + period])
+    while True:
+        earlier = [s for s in range(max(0, start - 2 * period), start) if tuple(tokens[s : s + period]) in rotations]
+        if not earlier:
+            return list(tokens[: start + period])
+        start = earlier[0]

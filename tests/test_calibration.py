@@ -529,6 +529,32 @@ def test_wer_gate_gives_up_early_on_a_model_that_does_not_transcribe():
     assert rows[0].passed is None and rows[0].note.startswith("skipped: FP32 WER 100% on the first 5 utterances")
 
 
+def test_a_corpus_gate_split_replaces_eval_seen_and_jfk_in_the_wer_gate(jfk_path, tmp_path):
+    """A gate split keeps the WER gate off the sets a model's results are reported on."""
+    from fastslm.calibration.gates import eval_items
+
+    def split(name: str, n: int) -> None:
+        (tmp_path / "audio" / name).mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i in range(n):
+            rel = f"audio/{name}/{name}-{i:06d}.flac"
+            sf.write(tmp_path / rel, np.zeros(1600, np.float32), SAMPLE_RATE)
+            lines.append(json.dumps({"id": f"{name}-{i:06d}", "text": f"line {i}", "seconds": 0.1, "path": rel}))
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+
+    split("eval_seen", 4)
+    items, why = eval_items(tmp_path, 3)
+    assert [it.id for it in items] == ["eval_seen-000000", "eval_seen-000001", "jfk"] and not why
+    split("gate", 5)
+    items, why = eval_items(tmp_path, 3)
+    assert [it.id for it in items] == ["gate-000000", "gate-000001", "gate-000002"] and not why
+    assert [it.id for it in eval_items(tmp_path, 50)[0]] == [f"gate-{i:06d}" for i in range(5)]
+    for flac in (tmp_path / "audio" / "gate").glob("*.flac"):
+        flac.unlink()
+    items, why = eval_items(tmp_path, 3)
+    assert items == [] and why.endswith("gate.jsonl lists no recording that exists")
+
+
 def test_default_calibration_audio_is_disjoint_from_what_the_gates_score(jfk_path, tmp_path, monkeypatch):
     """The shipped calibration set is the recipe's calib split: none of its recordings (by bytes or by
     sentence) is in the eval subset the WER gate scores, and jfk.flac is not among them."""

@@ -30,6 +30,7 @@ from fastslm.export.bundle_writer import ExportOptions, export_bundle
 from fastslm.export.cli import app as export_app
 from fastslm.models.tiny import build_tiny_model
 from fastslm.runtime.audio import SAMPLE_RATE, audio_to_windows, load_audio
+from fastslm.runtime.errors import OptionError
 from fastslm.runtime.loading import DEFAULT_MODEL_FOLDER
 from fastslm.runtime.onnx_backend import OnnxBackend
 
@@ -289,6 +290,41 @@ def test_a_missed_gate_writes_nothing_unless_overridden(tiny, calib, tmp_path):
     assert not (tmp_path / "strict").exists()
     manifest = export(tiny, tmp_path / "strict", "onnx-int8", **quick, override_gates=True)
     assert manifest["quantization"]["gates_overridden"] and not manifest["quantization"]["gates"]["passed"]
+
+
+def test_wer_gate_scores_a_corpus_gate_split_at_the_asked_beam_width(tiny, calib, jfk_path, tmp_path, monkeypatch):
+    """--eval-corpus with a gate split: the WER gate scores its utterances (not eval_seen, not jfk.flac)
+    and, with --gate-beam 2, decodes them with a beam search of 2, as the table's title says."""
+    corpus = tmp_path / "corpus"
+    (corpus / "audio" / "gate").mkdir(parents=True)
+    jfk, lines = load_audio(jfk_path), []
+    for i, (start, end) in enumerate([(0, 4), (5, 9), (2, 7)]):
+        rel = f"audio/gate/gate-{i:06d}.flac"
+        sf.write(corpus / rel, 0.8 * jfk[start * SAMPLE_RATE : end * SAMPLE_RATE], SAMPLE_RATE)
+        lines.append(json.dumps({"id": f"gate-{i:06d}", "text": "and so my fellow americans", "seconds": end - start,
+                                 "path": rel}))
+    (corpus / "gate.jsonl").write_text("\n".join(lines) + "\n")
+    from fastslm.calibration import gates as gates_module
+
+    widths, made = [], gates_module.pipeline_transcriber
+
+    def spy(tokenizer, max_new_tokens=96, beam_size=1):
+        widths.append(beam_size)
+        return made(tokenizer, max_new_tokens, beam_size)
+
+    monkeypatch.setattr(gates_module, "pipeline_transcriber", spy)
+    log: list[str] = []
+    manifest = export(tiny, tmp_path / "beam", "onnx-int8", log, calibration=calib, sensitivity_windows=0,
+                      gate_windows=1, eval_corpus=corpus, wer_items=2, gate_beam=2, override_gates=True)
+    gates = manifest["quantization"]["gates"]
+    assert gates["title"].endswith("; WER beam search 2)") and widths and set(widths) == {2}
+    assert "gates: FP32 transcripts of 2 utterances" in log  # the first two of the three gate utterances
+    wer = [r for r in gates["rows"] if r["gate"].startswith("WER")]
+    assert len(wer) == 3 and all("(2 utt.)" in r["gate"] or "on 2 utterances" in r["note"] for r in wer)
+    with pytest.raises(OptionError, match="--gate-beam must be a whole number from 1"):
+        QuantOptions(gate_beam=0)
+    result = runner.invoke(export_app, ["--model", str(tiny), "--out", str(tmp_path / "x"), "--gate-beam", "2"])
+    assert result.exit_code == 2 and "--gate-beam applies to the calibrated targets" in result.output
 
 
 def test_export_cli_refuses_misplaced_or_mismatched_calibration(tiny, calib, jfk_path, tmp_path):

@@ -158,7 +158,7 @@ def test_augment_lengths_and_determinism():
 def _small_sets() -> texts.SentenceSets:
     rng = random.Random(0)
     train = [f"Sentence number {texts.number_words(i)} is here." for i in range(40)]
-    held = [f"Held out line {texts.number_words(i)} stays out." for i in range(12)]
+    held = [f"Held out line {texts.number_words(i)} stays out." for i in range(15)]
     rng.shuffle(train)
     return texts.SentenceSets(train=train, heldout=held, source={})
 
@@ -174,7 +174,7 @@ class _Killed(Exception):
 
 def _plan(mix: str = "shipped", n_train: int = 30):
     return corpus.plan(seed=0, n_train=n_train, sentences=_small_sets(), n_eval_seen=6, n_eval_unseen=4, n_calib=2,
-                       mix=mix)
+                       n_gate=3, mix=mix)
 
 
 def test_plan_is_deterministic_and_mixes_voices():
@@ -221,6 +221,27 @@ def test_calibration_split_is_disjoint_from_everything_scored(sets):
     assert not calib & {key(s) for s in sets.train} and not any(texts.is_jfk_like(u.text) for u in plan["calib"])
     assert all(u.params["augment"] is None or "seed" in u.params["augment"] for u in plan["calib"])
     assert corpus.voices.HELDOUT_VOICE not in {u.voice for u in plan["calib"]}
+
+
+def test_gate_split_is_clean_training_voices_and_disjoint_from_every_other_split(sets):
+    """The INT8 WER gate scores the gate split: none of its sentences is in a set the recipe reports
+    (eval_seen, eval_unseen, jfk), in the shipped test subset, in calibration or in training."""
+    plan = corpus.plan(seed=0, n_train=0, sentences=sets)
+    key = texts.normalize_key
+    gate = {key(u.text) for u in plan["gate"]}
+    assert len(gate) == corpus.N_GATE == 200
+    others = {key(u.text) for split in ("eval_seen", "eval_unseen", "calib") for u in plan[split]}
+    assert not gate & others and not gate & corpus.shipped_subset_keys()
+    assert not gate & {key(s) for s in sets.train} and not any(texts.is_jfk_like(u.text) for u in plan["gate"])
+    assert all(u.params["augment"] is None for u in plan["gate"])
+    voices_used = {u.voice for u in plan["gate"]}
+    assert corpus.voices.HELDOUT_VOICE not in voices_used and len(voices_used) >= 8
+    # adding the gate split moved nothing that was built before it
+    before = corpus.plan(seed=0, n_train=5, sentences=sets, n_gate=0)
+    after = corpus.plan(seed=0, n_train=5, sentences=sets)
+    for split in ("eval_seen", "eval_unseen", "calib", "train"):
+        assert [(u.id, u.text, u.voice, u.params) for u in before[split]] == \
+               [(u.id, u.text, u.voice, u.params) for u in after[split]]
 
 
 def test_pitch_shift_and_lowpass_keep_length_and_move_what_they_should():
@@ -287,7 +308,7 @@ def test_manifest_resume(tmp_path: Path):
     assert manifest.read_bytes() == before
     # another seed in the same folder is refused
     other = corpus.plan(seed=1, n_train=30, sentences=_small_sets(), n_eval_seen=6, n_eval_unseen=4,
-                        n_calib=2, mix="shipped")["train"]
+                        n_calib=2, n_gate=3, mix="shipped")["train"]
     with pytest.raises(SystemExit):
         corpus.build_split(tmp_path, "train", other, synth=_fake_synth, progress=False)
 
@@ -298,7 +319,7 @@ def test_check_counts(tmp_path: Path):
         corpus.build_split(tmp_path, split, the_plan[split], synth=_fake_synth, progress=False)
     result = corpus.check(tmp_path)
     assert {s: r["utterances"] for s, r in result.items()} == {"eval_seen": 6, "eval_unseen": 4, "calib": 2,
-                                                                   "train": 30}
+                                                                   "gate": 3, "train": 30}
     assert all(r["hours"] > 0 for r in result.values())
 
 

@@ -943,6 +943,9 @@ def test_bundle_stage_exports_fp32_and_the_calibrated_int8_default(tmp_path, mon
     with pytest.raises(train.RecipeError, match="holds no recordings"):
         recipe.stage_bundle(paths.model, corpus, paths)
     sf.write(corpus / "audio" / "calib" / "calib-000000.flac", np.zeros(1600, np.float32), SAMPLE_RATE)
+    with pytest.raises(train.RecipeError, match="gate.jsonl is missing"):
+        recipe.stage_bundle(paths.model, corpus, paths)
+    (corpus / "gate.jsonl").write_text("")
     calls, fail = [], set()
 
     def fake_run(cmd):
@@ -966,6 +969,10 @@ def test_bundle_stage_exports_fp32_and_the_calibrated_int8_default(tmp_path, mon
                for c in calls)
     assert "--calibration-audio" not in calls[0] and calls[2][calls[2].index("--calibration-audio") + 1] == str(
         corpus / "audio" / "calib")
+    # INT8 gates on the corpus's gate split (every utterance of it) at the beam width users decode with
+    flag = lambda name: calls[2][calls[2].index(name) + 1]  # noqa: E731
+    assert (flag("--eval-corpus"), flag("--wer-items"), flag("--gate-beam")) == (str(corpus), "200", "4")
+    assert "--eval-corpus" not in calls[0]
     recipe.stage_bundle(paths.model, corpus, paths)
     assert len(calls) == 3  # both bundles done: nothing runs
 

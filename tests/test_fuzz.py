@@ -467,6 +467,7 @@ def test_fuzz_cli_export(cli_files, data):
         "--trt-max-context": NUMBERS, "--trt-max-windows": NUMBERS, "--trt-prefill-chunk": NUMBERS,
         "--trt-opt-level": NUMBERS, "--percentile": NUMBERS, "--range-method": WORDS, "--llm-bits": NUMBERS,
         "--block-size": NUMBERS, "--wer-items": NUMBERS, "--target-cosine": NUMBERS, "--calibration": WORDS,
+        "--gate-beam": NUMBERS,
     }))  # fmt: skip
     out = data.draw(st.sampled_from(["new", "file", "proc", "root"]))
     options["--out"] = {"new": str(cli_files["root"] / "out-new"), "file": str(cli_files["file"]),

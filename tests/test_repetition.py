@@ -33,8 +33,24 @@ def test_a_loop_is_a_span_repeated_enough_times_to_cover_enough_tokens():
 def test_a_loop_is_cut_back_to_its_first_span():
     assert without_loop(PREFIX + SPAN * 6, 4) == PREFIX + SPAN
     assert without_loop([7] * 20, 1) == [7]
-    # a loop that started in the middle of a span keeps the tokens before its first whole repeat
-    assert without_loop([1, 6, 7, 8] + SPAN * 4, 4) == [1, 6, 7, 8, 5, 6, 7, 8]
+    # a loop that starts in the middle of a span is cut after its first cycle, in whatever rotation
+    assert without_loop([1, 6, 7, 8] + SPAN * 4, 4) == [1, 6, 7, 8, 5]
+    assert without_loop([3, 9] + SPAN * 4, 4) == [3, 9] + SPAN  # the prefix's 9 is no part of it
+
+
+def test_the_cut_walks_back_through_the_near_copies_that_led_into_the_loop():
+    """A beam of run 7's INT8 bundle (eval_seen #7): "in for destroy in for destroyed" x3, a copy
+    with one token changed and one dropped, then the exact loop; cut after the first exact copy."""
+    lead = [44, 649, 348, 1105, 68, 337, 1710, 410, 220, 360, 65, 337, 781, 1204, 1936, 82, 363, 362, 435, 385]
+    near = [284, 395, 340, 464, 354, 88]  # "in for destroy"
+    cycle = [284, 395, 340, 464, 354, 88, 337]  # "in for destroyed"
+    drift = [284, 395, 340, 464, 354, 88, 305, 395, 340, 464, 354, 88, 337]
+    tokens = lead + near + cycle * 3 + drift + cycle * 3 + [284]
+    assert loop_period(tokens) == 7
+    assert without_loop(tokens, 7) == lead + near + cycle
+    # a copy more than two periods before the next one is left alone: it may be speech
+    spoken = [5, 6, 7, 8, 1, 2, 3, 4, 9, 10]
+    assert without_loop(spoken + SPAN * 4, 4) == spoken + SPAN
 
 
 class LoopLM(TableLM):

@@ -409,14 +409,22 @@ EVAL_BEAM = DECODING["beam_size"]
 
 
 def stage_bundle(model: Path, corpus: Path, paths: Paths) -> None:
-    """fastslm-export of the model folder, fp32 and INT8; a bundle with its manifest is kept as it is."""
+    """fastslm-export of the model folder, fp32 and INT8; a bundle with its manifest is kept as it is.
+
+    The INT8 export's WER gate scores the corpus's gate split at the beam width users decode with, so
+    the float layers it keeps are chosen on none of the sets eval-bundle reports."""
     import subprocess
 
+    from ...calibration.gates import GATE_SPLIT
     from ...runtime.bundle import MANIFEST_FILE
+    from .corpus import N_GATE
 
     calib = corpus / "audio" / "calib"
     if not any(calib.glob("*.flac")):
         raise RecipeError(f"{calib} holds no recordings: the corpus command makes the calib split")
+    if not (corpus / GATE_SPLIT).is_file():
+        raise RecipeError(f"{corpus / GATE_SPLIT} is missing: run `python -m fastslm.models.demo.corpus` with "
+                          f"the corpus's arguments and --splits gate to add the gate split")
     for precision, target in BUNDLE_TARGETS.items():
         out = paths.bundle(precision)
         if (out / MANIFEST_FILE).is_file():
@@ -425,7 +433,8 @@ def stage_bundle(model: Path, corpus: Path, paths: Paths) -> None:
         cmd = [sys.executable, "-m", "fastslm.export.cli", "--model", str(model), "--target", target,
                "--out", str(out), "--force"]
         if target != "onnx":
-            cmd += ["--calibration-audio", str(calib)]
+            cmd += ["--calibration-audio", str(calib), "--eval-corpus", str(corpus), "--wer-items", str(N_GATE),
+                    "--gate-beam", str(EVAL_BEAM)]
         print("bundle: fastslm-export " + " ".join(cmd[3:]), flush=True)
         rc = subprocess.run(cmd).returncode
         if rc != 0:

@@ -221,7 +221,7 @@ def pipeline_transcriber(tokenizer: Any, max_new_tokens: int = 96, beam_size: in
     from ..runtime.generate import Pipeline
     from ..runtime.sampling import SamplingOptions
 
-    greedy = SamplingOptions(temperature=0.0, max_new_tokens=max_new_tokens, beam_size=beam_size)
+    decoding = SamplingOptions(temperature=0.0, max_new_tokens=max_new_tokens, beam_size=beam_size)
     speech: dict[tuple[int, str], Any] = {}  # (audio backend, item id) -> its SpeechTokens
 
     def tokens(audio: Any, item: EvalItem) -> Any:
@@ -232,7 +232,7 @@ def pipeline_transcriber(tokenizer: Any, max_new_tokens: int = 96, beam_size: in
 
     def transcribe(audio: Any, llm: Any, items: list[EvalItem]) -> list[str]:
         pipe = Pipeline(audio if audio is llm else MixedBackend(audio, llm), tokenizer)
-        return [pipe.generate(tokens(audio, it), "transcribe", sampling=greedy).text for it in items]
+        return [pipe.generate(tokens(audio, it), "transcribe", sampling=decoding).text for it in items]
 
     return transcribe
 

@@ -53,7 +53,7 @@ def export(
     block_size: Annotated[Optional[int], typer.Option(help="INT4 weights: rows per scale along the input dimension [default: 128, TensorRT-LLM's group size; 32 is more exact and decodes slower].", rich_help_panel=_Q, show_default=False)] = None,
     llm_keep_float: Annotated[Optional[list[str]], typer.Option(help="LLM layer (e.g. llm.lm_head) that keeps float weights (repeatable).", rich_help_panel=_Q)] = None,
     gate_windows: Annotated[int, typer.Option(help="Calibration windows the cosine and top-1 gates run on.", rich_help_panel=_Q)] = 16,
-    wer_items: Annotated[int, typer.Option(help="Utterances of the demo eval subset for the WER gate (0: off).", rich_help_panel=_Q)] = 50,
+    wer_items: Annotated[int, typer.Option(help="Utterances of --eval-corpus the WER gate scores (0: off).", rich_help_panel=_Q)] = 50,
     eval_corpus: Annotated[Optional[Path], typer.Option(help="Corpus folder for the WER gate: its gate.jsonl, else its eval_seen.jsonl [default: the shipped demo eval subset].", rich_help_panel=_Q)] = None,
     gate_beam: Annotated[int, typer.Option(help="Beam width the WER gate decodes with (1: greedy); a bundle run with a beam search is best gated at that width.", rich_help_panel=_Q)] = 1,
     override_gates: Annotated[bool, typer.Option(help="Write the bundle even when it misses an accuracy gate.", rich_help_panel=_Q)] = False,

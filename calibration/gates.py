@@ -4,7 +4,8 @@
     LLM top-1 agreement   the FP32 LLM decodes greedily from an ASR prompt over FP32 speech tokens;
                           the candidate LLM is fed the same tokens (teacher forcing) and must pick
                           the same next token: matches / positions
-    WER delta             greedy transcripts of the demo eval subset (Whisper normalisation), each
+    WER delta             transcripts, greedy or beam-searched, of a corpus's gate split or the demo
+                          eval subset (Whisper normalisation), each
                           quantized stage alone (the other in FP32) and the whole bundle, minus the
                           FP32 WER, in points
 
@@ -211,7 +212,7 @@ def unseen_by_calibration(items: list[EvalItem], sources: list[dict]) -> tuple[l
     return kept, dropped
 
 
-# (audio-tower backend, LLM backend, items) -> greedy transcripts: the seam the WER gate runs through.
+# (audio-tower backend, LLM backend, items) -> transcripts: the seam the WER gate runs through.
 Transcriber = Callable[[Any, Any, list[EvalItem]], list[str]]
 
 

@@ -35,7 +35,7 @@ import onnxruntime as ort
 from ..runtime.bundle import AUDIO_TOWER, CONFIG_FILE, INT8_WEIGHT_ZERO_POINTS, LLM, TOKENIZER_FILE, Bundle, ModelDims
 from ..runtime.errors import OptionError
 from ..runtime.onnx_backend import OnnxBackend, session_options
-from ..runtime.sampling import MAX_BEAM_SIZE
+from ..runtime.sampling import MAX_BEAM_SIZE, is_beam_size
 from .data import DEFAULT_MAX_WINDOWS, CalibrationSet, collect
 from .gates import GateRow, GateThresholds, eval_items, run_gates, unseen_by_calibration
 from .qdq import INT4_BLOCK, find_layers, insert_int8_qdq, insert_weight_only, load_graph, save_graph
@@ -120,7 +120,7 @@ class QuantOptions:
             raise OptionError(f"--llm-bits must be 8 or 4, got {self.llm_bits}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise OptionError(f"--block-size must be a power of two >= 16, got {self.block_size}")
-        if isinstance(self.gate_beam, bool) or not isinstance(self.gate_beam, int) or not 1 <= self.gate_beam <= MAX_BEAM_SIZE:
+        if not is_beam_size(self.gate_beam):
             raise OptionError(f"--gate-beam must be a whole number from 1 (greedy) to {MAX_BEAM_SIZE}, got {self.gate_beam}")
         if not 0.0 < self.target_cosine <= 1.0:
             raise OptionError(f"--target-cosine must be in (0, 1], got {self.target_cosine}")

@@ -75,7 +75,7 @@ def beam_search(backend: Backend, logits: np.ndarray, cache: KVCache, beam_size:
             else:
                 tokens = beams[b].tokens + (token,)
                 period = loop_period(tokens) if stop_loops else 0
-                if period:  # a loop ends its beam as an end token would, cut back to the loop's first span
+                if period:  # a loop ends its beam as an end token would, cut after the loop's first cycle
                     if len(finished) < beam_size:
                         finished.append(Hypothesis(tuple(without_loop(tokens, period)), logprob))
                     continue

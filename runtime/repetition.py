@@ -47,7 +47,8 @@ def without_loop(tokens: Sequence[int], period: int) -> list[int]:
     rotations = {cycle[i:] + cycle[:i] for i in range(period)}
     start = n_tokens - period
     while True:
-        earlier = [s for s in range(max(0, start - 2 * period), start) if tuple(tokens[s : s + period]) in rotations]
-        if not earlier:
+        earliest = next((s for s in range(max(0, start - 2 * period), start) if tuple(tokens[s : s + period]) in rotations),
+                        None)
+        if earliest is None:
             return list(tokens[: start + period])
-        start = earlier[0]
+        start = earliest

@@ -55,7 +55,7 @@ class SamplingOptions:
             raise OptionError(f"seed {self.seed!r} is invalid: use a whole number >= 0 or leave it unset")
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise OptionError(f"max_new_tokens {self.max_new_tokens!r} is invalid: use a whole number >= 1")
-        if not _is_int(self.beam_size) or not 1 <= self.beam_size <= MAX_BEAM_SIZE:
+        if not is_beam_size(self.beam_size):
             raise OptionError(f"beam_size {self.beam_size!r} is invalid: use a whole number from 1 (greedy) "
                               f"to {MAX_BEAM_SIZE}")
         if not isinstance(self.stop_loops, bool):
@@ -110,6 +110,11 @@ class SamplingOptions:
 
 # What a model's config may recommend (a seed belongs to a run, not to a model).
 DECODING_KEYS = ("temperature", "top_k", "top_p", "max_new_tokens", "beam_size")
+
+
+def is_beam_size(value: object) -> bool:
+    """A beam width the search takes: a whole number from 1 (greedy) to MAX_BEAM_SIZE."""
+    return _is_int(value) and 1 <= value <= MAX_BEAM_SIZE
 
 
 def _is_int(value: object) -> bool:

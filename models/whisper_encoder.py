@@ -127,6 +127,13 @@ class WhisperEncoder(nn.Module):
         self.ln_post = LayerNorm(dims.width)
 
     def forward(self, mel: Tensor) -> Tensor:  # (B, n_mels, 3000) -> (B, n_ctx, D)
+        return self.head(self.hidden(mel, 0), 0)
+
+    def hidden(self, mel: Tensor, n_blocks: int) -> Tensor:
+        """The residual stream after the convolutions and the first `n_blocks` blocks: (B, n_ctx, D).
+
+        With `head` it splits the encoder where a recipe stores a frozen bottom and trains the top.
+        """
         d = self.dims
         if mel.dim() != 3 or mel.shape[1] != d.n_mels or mel.shape[2] != d.n_frames:
             raise ValueError(
@@ -136,9 +143,15 @@ class WhisperEncoder(nn.Module):
         x = F.gelu(self.conv1(mel.to(self.conv1.weight.dtype)))  # (B, D, 3000)
         x = F.gelu(self.conv2(x))  # (B, D, 1500)
         x = x.transpose(1, 2) + self.positional_embedding  # (B, 1500, D)
-        for block in self.blocks:
+        for block in self.blocks[:n_blocks]:
             x = block(x)  # (B, 1500, D)
-        return self.ln_post(x)  # (B, 1500, D)
+        return x
+
+    def head(self, hidden: Tensor, from_block: int) -> Tensor:
+        """The encoder's output from `hidden(mel, from_block)`: the remaining blocks, then ln_post."""
+        for block in self.blocks[from_block:]:
+            hidden = block(hidden)
+        return self.ln_post(hidden)  # (B, 1500, D)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "WhisperEncoder":

@@ -140,11 +140,11 @@ def test_feature_shards_resume_after_a_kill(recipe, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = features._encode_batch
 
-    def dies_on_second_call(encoder, mel):
+    def dies_on_second_call(encoder, mel, tuned_top_blocks):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
-        return real(encoder, mel)
+        return real(encoder, mel, tuned_top_blocks)
 
     monkeypatch.setattr(features, "_encode_batch", dies_on_second_call)
     with pytest.raises(KeyboardInterrupt):
@@ -167,14 +167,15 @@ def test_feature_shards_resume_after_a_kill(recipe, tmp_path, monkeypatch):
 # training
 
 
-def tiny_trainer(recipe, out: Path, token_times: dict | None = None, **overrides) -> train.Trainer:
+def tiny_trainer(recipe, out: Path, token_times: dict | None = None, features: str = "features",
+                 **overrides) -> train.Trainer:
     tok = recipe["tokenizer"]
     config = tiny_demo_config(-(-tok.vocab_size // 64) * 64)
     options = train.TrainOptions(**{"seed": 0, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "steps": 4,
                                     "eval_minutes": 0, "eval_every": 0, "log_every": 2,
                                     **overrides})
-    model = train.new_model(config, options.seed)
-    return train.Trainer(model, tok, recipe["windows"], FeatureStore(recipe["work"] / "features"), out, options,
+    model = train.new_model(config, options.seed, tiny_encoder(), options.tune_encoder_blocks)
+    return train.Trainer(model, tok, recipe["windows"], FeatureStore(recipe["work"] / features), out, options,
                          progress=False, utterances={u.id: u for u in recipe["utts"]},
                          reading_texts=[u.text for u in recipe["utts"]], token_times=token_times)
 
@@ -233,6 +234,77 @@ def test_trainer_refuses_other_options_on_resume(recipe, tmp_path):
     tiny_trainer(recipe, tmp_path).run(max_steps=1)
     with pytest.raises(train.RecipeError):
         tiny_trainer(recipe, tmp_path, lr=1e-4)
+
+
+def test_the_encoder_splits_anywhere_into_a_stored_bottom_and_a_head():
+    torch.manual_seed(1)
+    encoder = WhisperEncoder(WhisperEncoderDims(n_mels=80, n_ctx=1500, width=32, n_heads=2, n_layers=3)).eval()
+    mel = torch.randn(2, 80, 3000)
+    with torch.no_grad():
+        whole = encoder(mel)
+        for k in range(4):
+            assert torch.equal(encoder.head(encoder.hidden(mel, k), k), whole)
+
+
+@pytest.fixture(scope="module")
+def tuned_features(recipe):
+    """The recipe's windows stored as the input of the tiny encoder's last (only) block."""
+    folder = recipe["work"] / "features-tune1"
+    extract_features(recipe["windows"], {u.id: u for u in recipe["utts"]}, tiny_encoder(), folder,
+                     file_sha256(recipe["work"] / "windows.jsonl"), shard_size=2, batch_size=2, progress=False,
+                     tuned_top_blocks=1)
+    return folder
+
+
+def test_tuned_encoder_blocks_train_from_their_stored_input(recipe, tuned_features, tmp_path):
+    from fastslm.models.demo.features import EncoderOutputs
+
+    store, frozen = FeatureStore(tuned_features), FeatureStore(recipe["work"] / "features")
+    assert store.tuned_top_blocks == 1 and frozen.tuned_top_blocks == 0
+    # the pretrained block run on the stored input gives the frozen encoder's output (both stored as float16)
+    outputs = EncoderOutputs(store, tiny_encoder())
+    np.testing.assert_allclose(outputs[0], np.asarray(frozen[0], dtype=np.float32), atol=2e-2)
+    assert np.array_equal(EncoderOutputs(frozen, tiny_encoder())[0], frozen[0])
+
+    trainer = tiny_trainer(recipe, tmp_path / "run", features="features-tune1", tune_encoder_blocks=1,
+                           encoder_lr_scale=0.25, augment_prob=0.0)
+    encoder = trainer.model.audio_tower.whisper
+    before = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    scales = sorted(g.get("lr_scale", 1.0) for g in trainer.optimizer.param_groups)
+    assert scales == [0.25, 0.25, 1.0, 1.0]
+    assert trainer.run()["finished"]
+    after = encoder.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith(("blocks.0.", "ln_post.")) for k in moved)
+    assert torch.equal(before["conv1.weight"], after["conv1.weight"])
+    lrs = {g.get("lr_scale", 1.0): g["lr"] for g in trainer.optimizer.param_groups}
+    assert lrs[0.25] == pytest.approx(0.25 * lrs[1.0])
+
+    # the checkpoint carries the tuned block: a fresh model with the pretrained encoder gets it back
+    state = torch.load(tmp_path / "run" / train.STATE_FILE, weights_only=True)
+    assert set(state["model"]["whisper"]) == {k for k in after if k.startswith(("blocks.0.", "ln_post."))}
+    fresh = train.new_model(trainer.model.config, 0, tiny_encoder())
+    train.load_trainable_state(fresh, state["model"])
+    assert all(torch.equal(v, after[k]) for k, v in fresh.audio_tower.whisper.state_dict().items())
+    # and it runs the block itself: speech tokens from the stored input equal the whole model's on audio
+    feats = torch.from_numpy(np.asarray(store[0], dtype=np.float32))[None]
+    with torch.no_grad():
+        tokens = train.speech_from_features(trainer.model.eval(), feats, 1)
+        again = fresh.audio_tower.hfq_former(fresh.audio_tower.whisper.head(feats, 0))
+    assert torch.allclose(tokens, again, atol=1e-6)
+
+
+def test_tuned_encoder_blocks_refuse_features_of_another_split(recipe, tuned_features, tmp_path):
+    with pytest.raises(train.RecipeError, match="features stage with the same --tune-encoder-blocks"):
+        tiny_trainer(recipe, tmp_path / "a", tune_encoder_blocks=1)
+    with pytest.raises(train.RecipeError, match="features stage with the same --tune-encoder-blocks"):
+        tiny_trainer(recipe, tmp_path / "b", features="features-tune1")
+    with pytest.raises(train.RecipeError, match="must be 0 to 1"):
+        tiny_trainer(recipe, tmp_path / "c", tune_encoder_blocks=2)
+    with pytest.raises(train.RecipeError, match="other features|features of other windows or another encoder"):
+        extract_features(recipe["windows"], {u.id: u for u in recipe["utts"]}, tiny_encoder(),
+                         recipe["work"] / "features", file_sha256(recipe["work"] / "windows.jsonl"),
+                         shard_size=2, progress=False, tuned_top_blocks=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -686,6 +758,11 @@ def test_selection_evaluator_scores_every_question_type(recipe, corpus, tmp_path
     # the encoder's output is computed once and read back from the cache
     again = SelectionEvaluator(items, recipe["work"] / "tokenizer.json", tmp_path / "eval.npz", None)
     assert [f.shape for f in again.features] == [f.shape for f in evaluator.features]
+    # with a tuned top the cache holds its input and the model runs it: the same transcripts while it is untrained
+    tuned = SelectionEvaluator(items, recipe["work"] / "tokenizer.json", tmp_path / "eval.npz", tiny_encoder(),
+                               tuned_top_blocks=1)
+    assert not np.allclose(tuned.features[0], evaluator.features[0])
+    assert tuned(model.eval()) == result
 
 
 def test_eval_stage_says_at_once_when_the_real_recording_is_missing(tmp_path, monkeypatch):

@@ -10,6 +10,10 @@ the features stage runs it once per window and stores the (1500, width) outputs 
 A shard is written to ``shard_XXXXX.npy.tmp`` and renamed when complete, so a killed run
 leaves only whole shards and a rerun skips them; an index written for another windows file
 is refused rather than mixed with it.
+
+With ``--tune-encoder-blocks N`` the last N blocks (and ln_post) train with the rest, so a shard
+holds what goes into them: the residual stream after the first ``n_layers - N`` frozen blocks
+(``"tuned_top_blocks": N`` in the index). Training runs the top on it; storing it costs the same.
 """
 
 from __future__ import annotations
@@ -55,9 +59,11 @@ class FeatureStats:
         return self.seconds / self.computed if self.computed else float("nan")
 
 
-def _encode_batch(encoder: torch.nn.Module, mel: np.ndarray) -> np.ndarray:
+def _encode_batch(encoder: torch.nn.Module, mel: np.ndarray, tuned_top_blocks: int) -> np.ndarray:
     with torch.inference_mode():
-        return encoder(torch.from_numpy(mel)).to(torch.float16).numpy()  # (B, 1500, D)
+        x = torch.from_numpy(mel)
+        out = encoder.hidden(x, encoder.dims.n_layers - tuned_top_blocks) if tuned_top_blocks else encoder(x)
+        return out.to(torch.float16).numpy()  # (B, 1500, D)
 
 
 def window_mel(spec: dict, utterances: dict[str, Utterance], n_mels: int) -> np.ndarray:
@@ -78,9 +84,13 @@ def extract_features(
     shard_size: int = 64,
     batch_size: int = 2,
     progress: bool = True,
+    tuned_top_blocks: int = 0,
 ) -> FeatureStats:
     """Encode every window not yet in a finished shard (see the module docstring)."""
     dims = encoder.dims
+    if not 0 <= tuned_top_blocks <= dims.n_layers:
+        raise RecipeError(f"--tune-encoder-blocks must be 0 to {dims.n_layers} (the encoder's blocks); "
+                          f"got {tuned_top_blocks}")
     out_dir.mkdir(parents=True, exist_ok=True)
     index = {
         "format": FORMAT,
@@ -91,6 +101,8 @@ def extract_features(
         "dtype": "float16",
         "windows_sha256": windows_sha256,
         "encoder": dims.to_dict(),
+        # only when set, so the folders of runs made before the option keep their index
+        **({"tuned_top_blocks": tuned_top_blocks} if tuned_top_blocks else {}),
     }
     index_path = out_dir / INDEX_FILE
     if index_path.is_file():
@@ -119,7 +131,7 @@ def extract_features(
             t0 = time.perf_counter()
             specs = part[start : start + batch_size]
             mel = np.stack([window_mel(s, utterances, dims.n_mels) for s in specs])  # (B, n_mels, 3000)
-            shard[start : start + len(specs)] = _encode_batch(encoder, mel)
+            shard[start : start + len(specs)] = _encode_batch(encoder, mel, tuned_top_blocks)
             stats.seconds += time.perf_counter() - t0
             stats.computed += len(specs)
             bar.update(len(specs))
@@ -159,8 +171,34 @@ class FeatureStore:
     def width(self) -> int:
         return self.index["width"]
 
+    @property
+    def tuned_top_blocks(self) -> int:
+        """0: the encoder's output; N: the input of its last N blocks (see the module docstring)."""
+        return self.index.get("tuned_top_blocks", 0)
+
     def __getitem__(self, i: int) -> np.ndarray:
         return self.shards[i // self.shard_size][i % self.shard_size]
 
     def batch(self, indices: list[int]) -> np.ndarray:
         return np.stack([self[i] for i in indices])  # (B, frames, width) float16
+
+
+class EncoderOutputs:
+    """The encoder's output of each stored window, whichever the store holds: its rows as they are,
+    or, for features of tuned top blocks, the pretrained top run on them (what tiny.en's own
+    alignment reads, alignment.py)."""
+
+    def __init__(self, store: FeatureStore, encoder: torch.nn.Module):
+        self.store, self.encoder = store, encoder.eval()
+        self.from_block = encoder.dims.n_layers - store.tuned_top_blocks
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        row = self.store[i]
+        if not self.store.tuned_top_blocks:
+            return row
+        with torch.inference_mode():
+            x = torch.from_numpy(np.asarray(row, dtype=np.float32))[None]
+            return self.encoder.head(x, self.from_block)[0].numpy()  # (frames, width) float32

@@ -54,6 +54,13 @@ MODEL_DESCRIPTION = (
     "Small English demo FastSLM: Whisper tiny.en encoder (frozen) + HFQ-Former + a 4-layer Qwen3-style "
     "decoder trained from scratch on synthetic speech (ASR and simple spoken questions)"
 )
+
+
+def model_description(tune_encoder_blocks: int = 0) -> str:
+    if not tune_encoder_blocks:
+        return MODEL_DESCRIPTION
+    tuned = "its last block" if tune_encoder_blocks == 1 else f"its last {tune_encoder_blocks} blocks"
+    return MODEL_DESCRIPTION.replace("(frozen)", f"({tuned} tuned, the rest frozen)")
 EVAL_SELECT = 40  # eval_seen utterances (the last ones) that pick the best checkpoint during training
 
 
@@ -72,7 +79,7 @@ def load_tiny_en():
     return WhisperEncoder.from_pretrained(tiny_en_dir())
 
 
-def demo_config(vocab_size: int, speech_tokens: int = SPEECH_TOKENS):
+def demo_config(vocab_size: int, speech_tokens: int = SPEECH_TOKENS, tune_encoder_blocks: int = 0):
     if speech_tokens < 1:
         raise RecipeError(f"--speech-tokens must be a positive count per 30 s window, got {speech_tokens}")
     from ..fastslm import FastSLMConfig
@@ -89,13 +96,14 @@ def demo_config(vocab_size: int, speech_tokens: int = SPEECH_TOKENS):
                         num_kv_heads=2, head_dim=64, rope_theta=10_000.0, rms_norm_eps=1e-6,
                         tie_word_embeddings=True, max_position_embeddings=8192),
         name=MODEL_NAME,
-        description=MODEL_DESCRIPTION,
+        description=model_description(tune_encoder_blocks),
     )
 
 
 @dataclass(frozen=True)
 class Paths:
     work: Path
+    tune_encoder_blocks: int = 0  # the features stored for it differ, so they get a folder of their own
 
     @property
     def tokenizer(self) -> Path:
@@ -107,7 +115,7 @@ class Paths:
 
     @property
     def features(self) -> Path:
-        return self.work / "features"
+        return self.work / ("features" if not self.tune_encoder_blocks else f"features-tune{self.tune_encoder_blocks}")
 
     @property
     def alignment(self) -> Path:
@@ -190,14 +198,15 @@ def stage_features(paths: Paths, corpus: Path, shard_size: int, batch_size: int,
     windows = load_windows(paths.windows)
     utts = {u.id: u for u in read_corpus(corpus / "train.jsonl")}
     stats = extract_features(windows, utts, load_tiny_en(), paths.features, file_sha256(paths.windows),
-                             shard_size=shard_size, batch_size=batch_size, progress=progress)
+                             shard_size=shard_size, batch_size=batch_size, progress=progress,
+                             tuned_top_blocks=paths.tune_encoder_blocks)
     print(f"features: {stats.computed} windows encoded ({stats.seconds_per_window:.3f} s per window), "
           f"{stats.skipped} already done -> {paths.features}")
 
 
 def stage_align(paths: Paths, corpus: Path, slot_timing: str, threads: int, progress: bool) -> None:
     from .alignment import WindowAligner, align_windows
-    from .features import FeatureStore
+    from .features import EncoderOutputs, FeatureStore
     from .windows import load_windows, read_corpus
 
     if slot_timing != "whisper":
@@ -206,8 +215,8 @@ def stage_align(paths: Paths, corpus: Path, slot_timing: str, threads: int, prog
     windows = load_windows(paths.windows)
     utts = {u.id: u for u in read_corpus(corpus / "train.jsonl")}
     aligner = WindowAligner(tiny_en_dir(), paths.tokenizer, threads)
-    n = align_windows(windows, utts, FeatureStore(paths.features), aligner, paths.alignment, paths.windows,
-                      paths.tokenizer, progress)
+    n = align_windows(windows, utts, EncoderOutputs(FeatureStore(paths.features), load_tiny_en()), aligner,
+                      paths.alignment, paths.windows, paths.tokenizer, progress)
     print(f"align: {n} windows aligned, {len(windows) - n} already done -> {paths.alignment}")
 
 
@@ -217,10 +226,12 @@ class SelectionEvaluator:
     The frozen encoder's output for each utterance is computed once (float32, as at inference);
     each evaluation runs the HFQ-Former on it and hands the speech tokens to the runtime Pipeline
     (torch backend around the model being trained), i.e. the same prefill and decode loop as
-    `fastslm-run`.
+    `fastslm-run`. With `tuned_top_blocks` N the cache holds the input of the encoder's last N
+    blocks instead, and each evaluation runs them as trained so far.
     """
 
-    def __init__(self, items: list, tokenizer_path: Path, cache: Path, whisper, with_qa: bool = True):
+    def __init__(self, items: list, tokenizer_path: Path, cache: Path, whisper, with_qa: bool = True,
+                 tuned_top_blocks: int = 0):
         from ...runtime.audio import audio_to_windows, load_audio
         from ...runtime.tokenizer import Tokenizer
 
@@ -229,10 +240,11 @@ class SelectionEvaluator:
         self.items = items
         self.tokenizer = Tokenizer.from_file(tokenizer_path)
         self.with_qa = with_qa
+        self.tuned_top_blocks = tuned_top_blocks
         ids = [it.id for it in items]
         if cache.is_file():
             with np.load(cache) as data:
-                if list(data["ids"]) == ids:
+                if list(data["ids"]) == ids and int(data.get("tuned_top_blocks", 0)) == tuned_top_blocks:
                     self.features = [data[f"f{i}"] for i in range(len(ids))]
                     self.seconds = list(data["seconds"])
                     return
@@ -241,9 +253,11 @@ class SelectionEvaluator:
             for it in items:
                 samples = load_audio(it.audio)
                 mel = audio_to_windows(samples, n_mels=whisper.dims.n_mels)
-                self.features.append(whisper(torch.from_numpy(mel)).numpy())  # (W, 1500, D) float32
+                mel = torch.from_numpy(mel)
+                out = whisper.hidden(mel, whisper.dims.n_layers - tuned_top_blocks) if tuned_top_blocks else whisper(mel)
+                self.features.append(out.numpy())  # (W, 1500, D) float32
                 self.seconds.append(len(samples) / 16000.0)
-        np.savez(cache, ids=np.array(ids), seconds=np.array(self.seconds),
+        np.savez(cache, ids=np.array(ids), seconds=np.array(self.seconds), tuned_top_blocks=tuned_top_blocks,
                  **{f"f{i}": f for i, f in enumerate(self.features)})
 
     def __call__(self, model) -> dict:
@@ -252,12 +266,13 @@ class SelectionEvaluator:
         from ...runtime.generate import Pipeline, SpeechTokens
         from ..torch_backend import TorchBackend
         from .evaluate import answer_all, qa_report, questions_for_items, transcribe_all, wer
+        from .train import speech_from_features
 
         pipe = Pipeline(TorchBackend(model), self.tokenizer)
         with torch.inference_mode():
             speech = []
             for f, s in zip(self.features, self.seconds):
-                tokens = model.audio_tower.hfq_former(torch.from_numpy(f)).float().numpy()  # (W, Q, H)
+                tokens = speech_from_features(model, torch.from_numpy(f), self.tuned_top_blocks).float().numpy()
                 speech.append(SpeechTokens(tokens.reshape(-1, tokens.shape[-1]), len(f), s))
         hyps = transcribe_all(pipe, speech, max_new_tokens=96)  # eval sentences are <= 25 words
         result = {"wer": round(wer([it.text for it in self.items], hyps), 2), "sample": hyps[0][:120]}
@@ -277,14 +292,16 @@ def build_trainer(paths: Paths, corpus: Path, options, progress: bool = True, sp
     from .windows import load_windows, read_corpus
 
     tokenizer = Tokenizer.from_file(paths.tokenizer)
-    config = demo_config(tokenizer.vocab_size, speech_tokens)
+    n = options.tune_encoder_blocks
+    config = demo_config(tokenizer.vocab_size, speech_tokens, n)
     whisper = load_tiny_en()
-    model = new_model(config, options.seed, whisper)
+    model = new_model(config, options.seed, whisper, n)
     evaluator = None
     if options.eval_minutes or options.eval_every:
         paths.train.mkdir(parents=True, exist_ok=True)
         items = load_split("eval_seen", corpus)[-EVAL_SELECT:]
-        evaluator = SelectionEvaluator(items, paths.tokenizer, paths.train / "eval_features.npz", whisper)
+        evaluator = SelectionEvaluator(items, paths.tokenizer, paths.train / "eval_features.npz", whisper,
+                                       tuned_top_blocks=n)
     utterances = {u.id: u for u in read_corpus(corpus / "train.jsonl")} if options.align_weight else None
     reading_texts = None
     if options.reading_batch or options.reading_qa or options.reading_qa_from:
@@ -592,6 +609,11 @@ def parse_args(argv: list[str] | None):
                    type=step_type_weights,
                    help="from STEP on, reading questions draw their type with these weights (types: "
                         f"{', '.join(tasks.QUESTION_TYPES)}; unnamed ones weigh 1) instead of uniformly (repeatable)")
+    g.add_argument("--tune-encoder-blocks", type=int, default=0, metavar="N",
+                   help="train the Whisper encoder's last N blocks (and its final LayerNorm) too; the features "
+                        "stage then stores their input (features-tuneN/); 0: the whole encoder frozen")
+    g.add_argument("--encoder-lr-scale", type=float, default=0.1,
+                   help="the tuned encoder blocks' learning rate, as a fraction of --lr's schedule")
     g.add_argument("--summary-scratch-from", type=int, metavar="STEP",
                    help="step from which a three-word summary's thinking adds a line with the transcript's "
                         "distinct non-stopwords (default: never)")
@@ -620,7 +642,7 @@ def main(argv: list[str] | None = None) -> None:
     from .train import TrainOptions
 
     torch.set_num_threads(a.threads)
-    paths = Paths(a.work)
+    paths = Paths(a.work, a.tune_encoder_blocks)
     out = a.out or paths.model
     stages = STAGES if a.stage == "all" else (a.stage,)
     window_options = WindowOptions(seed=a.seed, passes=a.passes, single_fraction=a.single_fraction)
@@ -637,6 +659,9 @@ def main(argv: list[str] | None = None) -> None:
         if not 0.0 <= a.ema_decay < 1.0 or a.ema_from < 0:
             raise RecipeError(f"--ema-decay is a decay per step in [0, 1) and --ema-from a step (>= 0); "
                               f"got {a.ema_decay}, {a.ema_from}")
+        if not 0 <= a.tune_encoder_blocks <= 4 or a.encoder_lr_scale <= 0:
+            raise RecipeError(f"--tune-encoder-blocks is 0 to 4 (tiny.en's blocks) and --encoder-lr-scale above 0; "
+                              f"got {a.tune_encoder_blocks}, {a.encoder_lr_scale}")
         if a.eval_every is not None and a.eval_every < 1:
             raise RecipeError(f"--eval-every must be a positive step count; got {a.eval_every}")
         if a.steps and any(step >= a.steps for step, _ in a.lr_restart):
@@ -656,6 +681,7 @@ def main(argv: list[str] | None = None) -> None:
                                      ema_decay=a.ema_decay, ema_from=a.ema_from, lr_restarts=tuple(a.lr_restart),
                                      reading_qa_types_from=tuple(a.reading_qa_types_from),
                                      summary_scratch_from=a.summary_scratch_from,
+                                     tune_encoder_blocks=a.tune_encoder_blocks, encoder_lr_scale=a.encoder_lr_scale,
                                      augment_prob=a.spec_prob, time_masks=a.spec_time_masks,
                                      time_mask_frames=a.spec_time_frames, channel_masks=a.spec_channel_masks,
                                      channel_mask=a.spec_channel_width, mask_speech_only=a.spec_speech_only)

@@ -3,6 +3,9 @@
 The Whisper encoder is frozen, so one training step starts from its stored output:
 
     features (B, 1500, D) --HFQ-Former--> speech (B, 50, H)
+
+(with `tune_encoder_blocks` N, the stored features are the input of the encoder's last N blocks,
+which train with the rest: features --last N blocks + ln_post--> --HFQ-Former--> speech)
     inputs_embeds = embed(left ids) + speech + embed(right ids) + embed(answer ids + <|im_end|>)
     loss = cross-entropy on the answer tokens and <|im_end|> only
          + align_weight * slot loss(speech tokens, read through the decoder's embedding table)
@@ -124,6 +127,10 @@ class TrainOptions:
     # with these weights (types not named weigh 1) instead of uniformly; see Trainer.reading_questions_for
     reading_qa_types_from: tuple[tuple[int, tuple[tuple[str, float], ...]], ...] = ()
     summary_scratch_from: int | None = None  # step from which a summary's thinking lists its words; see thinking_for
+    # the encoder's last N blocks and ln_post train too (the features hold their input), their
+    # learning rate scaled by encoder_lr_scale: pretrained weights move less than new ones
+    tune_encoder_blocks: int = 0
+    encoder_lr_scale: float = 0.1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -146,6 +153,9 @@ class TrainOptions:
             raise ValueError(f"slot_timing must be one of {SLOT_TIMINGS}, got {self.slot_timing!r}")
         if self.steps is None and self.calibrate_steps >= self.warmup_steps:
             raise ValueError("calibrate_steps must be below warmup_steps: the schedule is sized during warmup")
+        if self.tune_encoder_blocks < 0 or self.encoder_lr_scale <= 0:
+            raise ValueError(f"tune_encoder_blocks must be >= 0 and encoder_lr_scale > 0; got "
+                             f"{self.tune_encoder_blocks}, {self.encoder_lr_scale}")
         if not 0.0 <= self.ema_decay < 1.0 or self.ema_from < 0:
             raise ValueError(f"ema_decay must be in [0, 1) and ema_from a step; got {self.ema_decay}, {self.ema_from}")
 
@@ -165,7 +175,7 @@ class TrainOptions:
 _LATER_OPTIONS = {"reading_batch": 0, "ctc_weight": 0.0, "slot_timing": "chars", "channel_masks": 1,
                   "mask_speech_only": False, "reading_qa": 0, "qa_from": 0, "qa_think_from": None,
                   "reading_qa_from": (), "lr_restarts": (), "reading_qa_types_from": (),
-                  "summary_scratch_from": None}
+                  "summary_scratch_from": None, "tune_encoder_blocks": 0, "encoder_lr_scale": 0.1}
 # Options that act only from the step they name: a run that has reached none of the steps a
 # checkpoint and a resume give may resume with another (the steps before are the same either way).
 _FROM_STEP_OPTIONS = ("qa_think_from", "summary_scratch_from")
@@ -340,17 +350,35 @@ def init_hfq_former_outputs_(hfq_former: HFQFormer) -> None:
         proj.bias.zero_()
 
 
-def new_model(config: FastSLMConfig, seed: int, whisper: torch.nn.Module | None = None) -> FastSLM:
-    """A FastSLM with seeded random HFQ-Former and decoder and (if given) the pretrained, frozen encoder."""
+def new_model(config: FastSLMConfig, seed: int, whisper: torch.nn.Module | None = None,
+              tune_encoder_blocks: int = 0) -> FastSLM:
+    """A FastSLM with seeded random HFQ-Former and decoder and (if given) the pretrained encoder,
+    frozen but for its last `tune_encoder_blocks` blocks and ln_post."""
+    if not 0 <= tune_encoder_blocks <= config.whisper.n_layers:
+        raise RecipeError(f"--tune-encoder-blocks must be 0 to {config.whisper.n_layers} (the encoder's blocks); "
+                          f"got {tune_encoder_blocks}")
     torch.manual_seed(seed)
     model = FastSLM(config)
     init_llm_(model, seed)
     init_time_local_queries_(model.audio_tower.hfq_former)
     init_hfq_former_outputs_(model.audio_tower.hfq_former)
+    encoder = model.audio_tower.whisper
     if whisper is not None:
-        model.audio_tower.whisper.load_state_dict(whisper.state_dict())
-    model.audio_tower.whisper.requires_grad_(False)
+        encoder.load_state_dict(whisper.state_dict())
+    encoder.requires_grad_(False)
+    if tune_encoder_blocks:
+        encoder.blocks[-tune_encoder_blocks:].requires_grad_(True)
+        encoder.ln_post.requires_grad_(True)
     return model
+
+
+def speech_from_features(model: FastSLM, features: Tensor, tuned_top_blocks: int = 0) -> Tensor:
+    """Speech tokens (B, Q, H) of stored features: the encoder's output, or with `tuned_top_blocks`
+    N the input of its last N blocks, which run here (features.py)."""
+    if tuned_top_blocks:
+        encoder = model.audio_tower.whisper
+        features = encoder.head(features, encoder.dims.n_layers - tuned_top_blocks)
+    return model.audio_tower.hfq_former(features)
 
 
 def trainable_parameters(model: FastSLM) -> list[torch.nn.Parameter]:
@@ -359,13 +387,21 @@ def trainable_parameters(model: FastSLM) -> list[torch.nn.Parameter]:
 
 def trainable_state(model: FastSLM) -> dict:
     clone = lambda sd: {k: v.detach().clone() for k, v in sd.items()}  # noqa: E731
-    return {"hfq_former": clone(model.audio_tower.hfq_former.state_dict()), "llm": clone(model.llm.state_dict())}
+    state = {"hfq_former": clone(model.audio_tower.hfq_former.state_dict()), "llm": clone(model.llm.state_dict())}
+    tuned = {k: p for k, p in model.audio_tower.whisper.named_parameters() if p.requires_grad}
+    if tuned:  # the encoder's tuned top; the frozen rest is the pretrained encoder's
+        state["whisper"] = clone(tuned)
+    return state
 
 
 def load_trainable_state(model: FastSLM, state: dict) -> None:
     # States saved before the HFQ-Former had one name call it "adapter" (same keys below it).
     model.audio_tower.hfq_former.load_state_dict(state["hfq_former"] if "hfq_former" in state else state["adapter"])
     model.llm.load_state_dict(state["llm"])
+    if "whisper" in state:
+        missing, unexpected = model.audio_tower.whisper.load_state_dict(state["whisper"], strict=False)
+        if unexpected:
+            raise RecipeError(f"the checkpoint's encoder weights {unexpected[:3]} do not fit this model's encoder")
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -621,12 +657,13 @@ def reading_loss(model: FastSLM, batch: Batch, slots: list[list[tuple[int, int]]
 
 
 def forward_loss(model: FastSLM, batch: Batch, bf16: bool = False, slot_head: SlotHead | None = None,
-                 align_weight: float = 0.0, ctc_weight: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 align_weight: float = 0.0, ctc_weight: float = 0.0,
+                 tuned_top_blocks: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(total, answer cross-entropy, slot loss, mean speech-token norm, CTC loss): the weighted
     mean cross-entropy over the answer tokens, plus `align_weight` times the slot loss and
     `ctc_weight` times the slot CTC loss (see the module docstring)."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        speech = model.audio_tower.hfq_former(batch.features)  # (B, Q, H)
+        speech = speech_from_features(model, batch.features, tuned_top_blocks)  # (B, Q, H)
         answer = answer_loss(model, speech, batch)
     norm = speech.detach().float().norm(dim=-1).mean()
     zero = answer.new_zeros(())
@@ -701,6 +738,16 @@ class Trainer:
     ):
         if len(windows) != len(features):
             raise RecipeError(f"{len(windows)} windows but {len(features)} feature rows: rerun the features stage")
+        if features.tuned_top_blocks != options.tune_encoder_blocks:
+            raise RecipeError(f"the features hold the input of the encoder's last {features.tuned_top_blocks} blocks, "
+                              f"but training tunes {options.tune_encoder_blocks}: run the features stage with the "
+                              "same --tune-encoder-blocks")
+        encoder, n = model.audio_tower.whisper, options.tune_encoder_blocks
+        tuned = {id(p) for p in encoder.parameters() if p.requires_grad}
+        if tuned != {id(p) for m in ([*encoder.blocks[len(encoder.blocks) - n:], encoder.ln_post] if n else [])
+                     for p in m.parameters()}:
+            raise RecipeError(f"the model's trainable encoder weights do not match --tune-encoder-blocks "
+                              f"{options.tune_encoder_blocks}: build it with new_model(..., tune_encoder_blocks=)")
         self.model, self.windows, self.features = model, windows, features
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -726,12 +773,16 @@ class Trainer:
             raise RecipeError(f"--ctc-weight {options.ctc_weight}: give a weight >= 0, and a positive "
                               "--align-weight (the CTC loss reads the speech tokens through the slot head)")
         params = trainable_parameters(model) + (list(self.slot_head.parameters()) if self.slot_head else [])
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": options.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=options.lr, betas=options.betas,
-        )
+        new = [p for p in params if id(p) not in tuned]
+        pretrained = [p for p in params if id(p) in tuned]
+        groups = [{"params": [p for p in new if p.dim() >= 2], "weight_decay": options.weight_decay},
+                  {"params": [p for p in new if p.dim() < 2], "weight_decay": 0.0}]
+        if pretrained:  # only then, so the optimizer state of runs without it keeps its two groups
+            groups += [{"params": [p for p in pretrained if p.dim() >= 2], "weight_decay": options.weight_decay,
+                        "lr_scale": options.encoder_lr_scale},
+                       {"params": [p for p in pretrained if p.dim() < 2], "weight_decay": 0.0,
+                        "lr_scale": options.encoder_lr_scale}]
+        self.optimizer = torch.optim.AdamW(groups, lr=options.lr, betas=options.betas)
         self.step = 0
         self.total_steps = options.steps
         self.eval_every = options.eval_every
@@ -898,10 +949,11 @@ class Trainer:
                    questions: tuple[Batch, list] | None = None) -> tuple[float, float, float, float]:
         """One optimizer step; returns (answer cross-entropy, slot loss, CTC loss, gradient norm)."""
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.step, self.total_steps, self.o)
+            group["lr"] = learning_rate(self.step, self.total_steps, self.o) * group.get("lr_scale", 1.0)
         self.model.train()
         loss, answer, aligned, norm, ctc = forward_loss(self.model, batch, self.o.bf16, self.slot_head,
-                                                        self.o.align_weight, self.o.ctc_weight)
+                                                        self.o.align_weight, self.o.ctc_weight,
+                                                        self.o.tune_encoder_blocks)
         if reading is not None:
             loss = loss + reading_loss(self.model, reading[0], reading[1], self.slot_head.silence, norm, self.o.bf16)
         if questions is not None:

@@ -555,6 +555,12 @@ def test_negative_steps_is_one_error_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1 and "--ema-decay is a decay per step in [0, 1)" in err[0]
     assert not (tmp_path / "w").exists()
+    for bad in (["--tune-encoder-blocks", "5"], ["--tune-encoder-blocks", "-1"], ["--encoder-lr-scale", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--work", str(tmp_path / "w"), "--stage", "features", *bad])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and "--tune-encoder-blocks is 0 to 4" in err[0]
+    assert not (tmp_path / "w").exists()
 
 
 def test_align_stage_is_skipped_or_says_what_is_missing(tmp_path, capsys):

@@ -54,6 +54,7 @@ MODEL_DESCRIPTION = (
     "Small English demo FastSLM: Whisper tiny.en encoder (frozen) + HFQ-Former + a 4-layer Qwen3-style "
     "decoder trained from scratch on synthetic speech (ASR and simple spoken questions)"
 )
+EVAL_SELECT = 40  # eval_seen utterances (the last ones) that pick the best checkpoint during training
 
 
 def model_description(tune_encoder_blocks: int = 0) -> str:
@@ -61,7 +62,6 @@ def model_description(tune_encoder_blocks: int = 0) -> str:
         return MODEL_DESCRIPTION
     tuned = "its last block" if tune_encoder_blocks == 1 else f"its last {tune_encoder_blocks} blocks"
     return MODEL_DESCRIPTION.replace("(frozen)", f"({tuned} tuned, the rest frozen)")
-EVAL_SELECT = 40  # eval_seen utterances (the last ones) that pick the best checkpoint during training
 
 
 def tiny_en_dir() -> Path:

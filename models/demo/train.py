@@ -3,12 +3,12 @@
 The Whisper encoder is frozen, so one training step starts from its stored output:
 
     features (B, 1500, D) --HFQ-Former--> speech (B, 50, H)
-
-(with `tune_encoder_blocks` N, the stored features are the input of the encoder's last N blocks,
-which train with the rest: features --last N blocks + ln_post--> --HFQ-Former--> speech)
     inputs_embeds = embed(left ids) + speech + embed(right ids) + embed(answer ids + <|im_end|>)
     loss = cross-entropy on the answer tokens and <|im_end|> only
          + align_weight * slot loss(speech tokens, read through the decoder's embedding table)
+
+With `tune_encoder_blocks` N the stored features are the input of the encoder's last N blocks,
+which train with the rest (features --last N blocks, ln_post--> --HFQ-Former--> speech).
 
 The slot loss is training-only scaffolding (its head is not part of the model). A decoder
 trained from scratch first learns the language prior, and the LLM loss alone gives the
@@ -399,7 +399,7 @@ def load_trainable_state(model: FastSLM, state: dict) -> None:
     model.audio_tower.hfq_former.load_state_dict(state["hfq_former"] if "hfq_former" in state else state["adapter"])
     model.llm.load_state_dict(state["llm"])
     if "whisper" in state:
-        missing, unexpected = model.audio_tower.whisper.load_state_dict(state["whisper"], strict=False)
+        unexpected = model.audio_tower.whisper.load_state_dict(state["whisper"], strict=False).unexpected_keys
         if unexpected:
             raise RecipeError(f"the checkpoint's encoder weights {unexpected[:3]} do not fit this model's encoder")
 

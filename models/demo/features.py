@@ -59,11 +59,24 @@ class FeatureStats:
         return self.seconds / self.computed if self.computed else float("nan")
 
 
+def check_tuned_top_blocks(tuned_top_blocks: int, n_layers: int) -> None:
+    if not 0 <= tuned_top_blocks <= n_layers:
+        raise RecipeError(f"--tune-encoder-blocks must be 0 to {n_layers} (the encoder's blocks); got {tuned_top_blocks}")
+
+
+def stored_features(encoder: torch.nn.Module, mel: torch.Tensor, tuned_top_blocks: int) -> torch.Tensor:
+    """What a window's row holds: the encoder's output, or the input of its last `tuned_top_blocks` blocks."""
+    return encoder.hidden(mel, encoder.dims.n_layers - tuned_top_blocks) if tuned_top_blocks else encoder(mel)
+
+
+def encoder_output(encoder: torch.nn.Module, stored: torch.Tensor, tuned_top_blocks: int) -> torch.Tensor:
+    """The encoder's output from a stored row (`stored_features`): `encoder`'s top run on it, if it holds the top's input."""
+    return encoder.head(stored, encoder.dims.n_layers - tuned_top_blocks) if tuned_top_blocks else stored
+
+
 def _encode_batch(encoder: torch.nn.Module, mel: np.ndarray, tuned_top_blocks: int) -> np.ndarray:
     with torch.inference_mode():
-        x = torch.from_numpy(mel)
-        out = encoder.hidden(x, encoder.dims.n_layers - tuned_top_blocks) if tuned_top_blocks else encoder(x)
-        return out.to(torch.float16).numpy()  # (B, 1500, D)
+        return stored_features(encoder, torch.from_numpy(mel), tuned_top_blocks).to(torch.float16).numpy()
 
 
 def window_mel(spec: dict, utterances: dict[str, Utterance], n_mels: int) -> np.ndarray:
@@ -88,9 +101,7 @@ def extract_features(
 ) -> FeatureStats:
     """Encode every window not yet in a finished shard (see the module docstring)."""
     dims = encoder.dims
-    if not 0 <= tuned_top_blocks <= dims.n_layers:
-        raise RecipeError(f"--tune-encoder-blocks must be 0 to {dims.n_layers} (the encoder's blocks); "
-                          f"got {tuned_top_blocks}")
+    check_tuned_top_blocks(tuned_top_blocks, dims.n_layers)
     out_dir.mkdir(parents=True, exist_ok=True)
     index = {
         "format": FORMAT,
@@ -190,7 +201,6 @@ class EncoderOutputs:
 
     def __init__(self, store: FeatureStore, encoder: torch.nn.Module):
         self.store, self.encoder = store, encoder.eval()
-        self.from_block = encoder.dims.n_layers - store.tuned_top_blocks
 
     def __len__(self) -> int:
         return len(self.store)
@@ -201,4 +211,4 @@ class EncoderOutputs:
             return row
         with torch.inference_mode():
             x = torch.from_numpy(np.asarray(row, dtype=np.float32))[None]
-            return self.encoder.head(x, self.from_block)[0].numpy()  # (frames, width) float32
+            return encoder_output(self.encoder, x, self.store.tuned_top_blocks)[0].numpy()  # (frames, width) float32

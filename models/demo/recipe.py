@@ -234,6 +234,7 @@ class SelectionEvaluator:
                  tuned_top_blocks: int = 0):
         from ...runtime.audio import audio_to_windows, load_audio
         from ...runtime.tokenizer import Tokenizer
+        from .features import stored_features
 
         import torch
 
@@ -253,9 +254,7 @@ class SelectionEvaluator:
             for it in items:
                 samples = load_audio(it.audio)
                 mel = audio_to_windows(samples, n_mels=whisper.dims.n_mels)
-                mel = torch.from_numpy(mel)
-                out = whisper.hidden(mel, whisper.dims.n_layers - tuned_top_blocks) if tuned_top_blocks else whisper(mel)
-                self.features.append(out.numpy())  # (W, 1500, D) float32
+                self.features.append(stored_features(whisper, torch.from_numpy(mel), tuned_top_blocks).numpy())
                 self.seconds.append(len(samples) / 16000.0)
         np.savez(cache, ids=np.array(ids), seconds=np.array(self.seconds), tuned_top_blocks=tuned_top_blocks,
                  **{f"f{i}": f for i, f in enumerate(self.features)})

@@ -66,7 +66,7 @@ from ..fastslm import FastSLM, FastSLMConfig
 from ..hfq_former import HFQFormer
 from ..whisper_encoder import sinusoids
 from . import tasks
-from .features import FeatureStore
+from .features import FeatureStore, check_tuned_top_blocks, encoder_output
 from .windows import RecipeError, WindowOptions
 
 SLOT_TIMINGS = ("chars", "whisper")
@@ -354,9 +354,7 @@ def new_model(config: FastSLMConfig, seed: int, whisper: torch.nn.Module | None 
               tune_encoder_blocks: int = 0) -> FastSLM:
     """A FastSLM with seeded random HFQ-Former and decoder and (if given) the pretrained encoder,
     frozen but for its last `tune_encoder_blocks` blocks and ln_post."""
-    if not 0 <= tune_encoder_blocks <= config.whisper.n_layers:
-        raise RecipeError(f"--tune-encoder-blocks must be 0 to {config.whisper.n_layers} (the encoder's blocks); "
-                          f"got {tune_encoder_blocks}")
+    check_tuned_top_blocks(tune_encoder_blocks, config.whisper.n_layers)
     torch.manual_seed(seed)
     model = FastSLM(config)
     init_llm_(model, seed)
@@ -375,10 +373,7 @@ def new_model(config: FastSLMConfig, seed: int, whisper: torch.nn.Module | None 
 def speech_from_features(model: FastSLM, features: Tensor, tuned_top_blocks: int = 0) -> Tensor:
     """Speech tokens (B, Q, H) of stored features: the encoder's output, or with `tuned_top_blocks`
     N the input of its last N blocks, which run here (features.py)."""
-    if tuned_top_blocks:
-        encoder = model.audio_tower.whisper
-        features = encoder.head(features, encoder.dims.n_layers - tuned_top_blocks)
-    return model.audio_tower.hfq_former(features)
+    return model.audio_tower.hfq_former(encoder_output(model.audio_tower.whisper, features, tuned_top_blocks))
 
 
 def trainable_parameters(model: FastSLM) -> list[torch.nn.Parameter]:

@@ -265,6 +265,10 @@ def test_tuned_encoder_blocks_train_from_their_stored_input(recipe, tuned_featur
     outputs = EncoderOutputs(store, tiny_encoder())
     np.testing.assert_allclose(outputs[0], np.asarray(frozen[0], dtype=np.float32), atol=2e-2)
     assert np.array_equal(EncoderOutputs(frozen, tiny_encoder())[0], frozen[0])
+    # stored encoder outputs need no torch encoder (the align stage loads none for them); tuned input does
+    assert np.array_equal(EncoderOutputs(frozen, None)[0], frozen[0])
+    with pytest.raises(ValueError, match="last 1 blocks"):
+        EncoderOutputs(store, None)
 
     trainer = tiny_trainer(recipe, tmp_path / "run", features="features-tune1", tune_encoder_blocks=1,
                            encoder_lr_scale=0.25, augment_prob=0.0)

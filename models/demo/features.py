@@ -199,8 +199,11 @@ class EncoderOutputs:
     or, for features of tuned top blocks, the pretrained top run on them (what tiny.en's own
     alignment reads, alignment.py)."""
 
-    def __init__(self, store: FeatureStore, encoder: torch.nn.Module):
-        self.store, self.encoder = store, encoder.eval()
+    def __init__(self, store: FeatureStore, encoder: torch.nn.Module | None):
+        if store.tuned_top_blocks and encoder is None:
+            raise ValueError(f"the feature store holds the input of the last {store.tuned_top_blocks} blocks: "
+                             "EncoderOutputs needs the pretrained encoder to finish them")
+        self.store, self.encoder = store, encoder.eval() if encoder is not None else None
 
     def __len__(self) -> int:
         return len(self.store)

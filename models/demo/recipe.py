@@ -215,7 +215,10 @@ def stage_align(paths: Paths, corpus: Path, slot_timing: str, threads: int, prog
     windows = load_windows(paths.windows)
     utts = {u.id: u for u in read_corpus(corpus / "train.jsonl")}
     aligner = WindowAligner(tiny_en_dir(), paths.tokenizer, threads)
-    n = align_windows(windows, utts, EncoderOutputs(FeatureStore(paths.features), load_tiny_en()), aligner,
+    store = FeatureStore(paths.features)
+    # Stored encoder outputs align as they are; only the input of tuned top blocks needs the torch encoder
+    encoder = load_tiny_en() if store.tuned_top_blocks else None
+    n = align_windows(windows, utts, EncoderOutputs(store, encoder), aligner,
                       paths.alignment, paths.windows, paths.tokenizer, progress)
     print(f"align: {n} windows aligned, {len(windows) - n} already done -> {paths.alignment}")
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -124,11 +124,12 @@ class ModelDims:
 
 @dataclass(frozen=True)
 class Bundle:
-    """A checked bundle: where it is, its manifest, and the model sizes."""
+    """A checked bundle: where it is, its manifest, the model sizes, and config.json as it was read."""
 
     path: Path
     manifest: dict[str, Any]
     dims: ModelDims
+    config: dict[str, Any] = field(default_factory=dict, compare=False)  # empty for a bundle still being written
 
     @classmethod
     def unpublished(cls, path: Path, graphs: dict[str, Any], precision: str, dims: ModelDims) -> "Bundle":
@@ -191,7 +192,7 @@ def load_bundle(path: str | Path, runtime: str | None = None, verify: bool = Tru
         raise ModelFileError(f"{config_path} is not valid JSON ({exc}); re-export the bundle") from None
     dims = ModelDims.from_config(config, config_path)
     check_against_config(path, manifest, dims)
-    return Bundle(path, manifest, dims)
+    return Bundle(path, manifest, dims, config)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

@@ -135,7 +135,8 @@ def load_pipeline(model: str | Path | None = None, backend: str = "auto", precis
         if precision not in ("auto", "fp32", "fp16"):
             raise OptionError(f"the torch backend computes in fp32 or fp16, not {precision}; use an exported {precision} bundle")
         engine = TorchBackend.from_folder(path, dtype=precision, **options)
-        name = json.loads((path / CONFIG_FILE).read_text()).get("name", path.name)
+        config = json.loads((path / CONFIG_FILE).read_text())  # valid: the backend has just loaded it
+        name = config.get("name", path.name)
         tokenizer_path = path / TOKENIZER_FILE
         # Hashing the weights waits until a cache needs it; the compute dtype changes the KV values too.
         identity = lambda: f"{folder_identity(path)}:{engine.precision}"  # noqa: E731
@@ -150,7 +151,7 @@ def load_pipeline(model: str | Path | None = None, backend: str = "auto", precis
         from .trt_backend import TrtBackend
 
         engine = TrtBackend.from_bundle(path, **options)
-        name = engine.bundle.model_name
+        name, config = engine.bundle.model_name, engine.bundle.config
         tokenizer_path = engine.bundle.tokenizer_path
         identity = bundle_identity(engine.bundle.manifest)
     else:  # onnx
@@ -163,7 +164,7 @@ def load_pipeline(model: str | Path | None = None, backend: str = "auto", precis
         from .onnx_backend import OnnxBackend
 
         engine = OnnxBackend.from_bundle(path, **options)
-        name = engine.bundle.model_name
+        name, config = engine.bundle.model_name, engine.bundle.config
         tokenizer_path = engine.bundle.tokenizer_path
         identity = bundle_identity(engine.bundle.manifest)
     tokenizer = Tokenizer.from_file(tokenizer_path)
@@ -173,8 +174,7 @@ def load_pipeline(model: str | Path | None = None, backend: str = "auto", precis
             f"{tokenizer_path} has {tokenizer.vocab_size} tokens, more than the model's {bundle.dims.vocab_size} "
             "embeddings: the tokenizer comes from another model; re-export the bundle"
         )
-    config_file = path / CONFIG_FILE  # a bundle's was checked against its manifest when it loaded
-    sampling = SamplingOptions.from_config(json.loads(config_file.read_text()), config_file)
+    sampling = SamplingOptions.from_config(config, path / CONFIG_FILE)
     return Pipeline(engine, tokenizer, model_name=name, identity=identity, sampling=sampling)
 
 

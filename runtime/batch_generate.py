@@ -20,7 +20,7 @@ import numpy as np
 
 from .audio import SAMPLE_RATE, audio_to_windows, load_audio
 from .kv_cache import KVCache
-from .repetition import loop_period
+from .repetition import ends_in_loop
 from .sampling import Sampler, SamplingOptions
 from .session import prefix_ids, prefix_key
 
@@ -103,7 +103,7 @@ def generate_rows(
             if token not in stop:
                 answers[a].append(token)
                 # a loop ends the row as `Pipeline.decode_tokens` ends it: repeats kept
-                if sampling.stop_loops and loop_period(answers[a]):
+                if sampling.stop_loops and ends_in_loop(answers[a]):
                     continue
                 keep.append(r)
                 tokens.append(token)

@@ -31,7 +31,7 @@ import numpy as np
 
 from .backend import Backend
 from .kv_cache import KVCache
-from .repetition import loop_period, without_loop
+from .repetition import cut_loop, ends_in_loop
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,9 @@ def beam_search(backend: Backend, logits: np.ndarray, cache: KVCache, beam_size:
                     finished.append(Hypothesis(beams[b].tokens, logprob))
             else:
                 tokens = beams[b].tokens + (token,)
-                period = loop_period(tokens) if stop_loops else 0
-                if period:  # a loop ends its beam as an end token would, cut after the loop's first cycle
+                if stop_loops and ends_in_loop(tokens):  # ends its beam as an end token would, cut after one cycle
                     if len(finished) < beam_size:
-                        finished.append(Hypothesis(tuple(without_loop(tokens, period)), logprob))
+                        finished.append(Hypothesis(tuple(cut_loop(tokens)), logprob))
                     continue
                 live.append(Hypothesis(tokens, logprob))
                 parents.append(b)

@@ -24,7 +24,7 @@ from .bundle import sha256_file
 from .errors import AudioError, OptionError
 from .kv_cache import KVCache
 from .prompt import Task, build_prompt, resolve_task
-from .repetition import loop_period
+from .repetition import ends_in_loop
 from .sampling import Sampler, SamplingOptions
 from .session import AudioSession, samples_sha256
 from .tokenizer import StreamDecoder, Tokenizer
@@ -230,7 +230,7 @@ class Pipeline:
             yield token
             answer.append(token)
             # streamed tokens cannot be taken back: a loop just ends here
-            if sampling.stop_loops and loop_period(answer):
+            if sampling.stop_loops and ends_in_loop(answer):
                 return
             if step + 1 < sampling.max_new_tokens:
                 logits, cache = self.backend.decode(self.backend.embed_tokens(np.array([token], dtype=np.int64)), cache)

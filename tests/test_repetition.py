@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest

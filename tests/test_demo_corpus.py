@@ -158,7 +158,7 @@ def test_augment_lengths_and_determinism():
 def _small_sets() -> texts.SentenceSets:
     rng = random.Random(0)
     train = [f"Sentence number {texts.number_words(i)} is here." for i in range(40)]
-    held = [f"Held out line {texts.number_words(i)} stays out." for i in range(15)]
+    held = [f"Held out line {texts.number_words(i)} stays out." for i in range(17)]
     rng.shuffle(train)
     return texts.SentenceSets(train=train, heldout=held, source={})
 
@@ -174,7 +174,7 @@ class _Killed(Exception):
 
 def _plan(mix: str = "shipped", n_train: int = 30):
     return corpus.plan(seed=0, n_train=n_train, sentences=_small_sets(), n_eval_seen=6, n_eval_unseen=4, n_calib=2,
-                       n_gate=3, mix=mix)
+                       n_gate=3, n_select=2, mix=mix)
 
 
 def test_plan_is_deterministic_and_mixes_voices():
@@ -244,6 +244,26 @@ def test_gate_split_is_clean_training_voices_and_disjoint_from_every_other_split
                [(u.id, u.text, u.voice, u.params) for u in after[split]]
 
 
+def test_select_split_is_clean_training_voices_and_disjoint_from_every_other_split(sets):
+    """Checkpoint selection scores the select split, so eval_seen is held out from every choice a run makes."""
+    plan = corpus.plan(seed=0, n_train=0, sentences=sets)
+    key = texts.normalize_key
+    select = {key(u.text) for u in plan["select"]}
+    assert len(select) == corpus.N_SELECT == 40
+    others = {key(u.text) for split in ("eval_seen", "eval_unseen", "calib", "gate") for u in plan[split]}
+    assert not select & others and not select & corpus.shipped_subset_keys()
+    assert not select & {key(s) for s in sets.train} and not any(texts.is_jfk_like(u.text) for u in plan["select"])
+    assert all(u.params["augment"] is None for u in plan["select"])
+    voices_used = {u.voice for u in plan["select"]}
+    assert corpus.voices.HELDOUT_VOICE not in voices_used and len(voices_used) >= 8
+    # adding the select split moved nothing that was built before it
+    before = corpus.plan(seed=0, n_train=5, sentences=sets, n_select=0)
+    after = corpus.plan(seed=0, n_train=5, sentences=sets)
+    for split in ("eval_seen", "eval_unseen", "calib", "gate", "train"):
+        assert [(u.id, u.text, u.voice, u.params) for u in before[split]] == \
+               [(u.id, u.text, u.voice, u.params) for u in after[split]]
+
+
 def test_pitch_shift_and_lowpass_keep_length_and_move_what_they_should():
     sr = augment.SAMPLE_RATE
     t = np.arange(sr) / sr
@@ -308,7 +328,7 @@ def test_manifest_resume(tmp_path: Path):
     assert manifest.read_bytes() == before
     # another seed in the same folder is refused
     other = corpus.plan(seed=1, n_train=30, sentences=_small_sets(), n_eval_seen=6, n_eval_unseen=4,
-                        n_calib=2, n_gate=3, mix="shipped")["train"]
+                        n_calib=2, n_gate=3, n_select=2, mix="shipped")["train"]
     with pytest.raises(SystemExit):
         corpus.build_split(tmp_path, "train", other, synth=_fake_synth, progress=False)
 
@@ -319,7 +339,7 @@ def test_check_counts(tmp_path: Path):
         corpus.build_split(tmp_path, split, the_plan[split], synth=_fake_synth, progress=False)
     result = corpus.check(tmp_path)
     assert {s: r["utterances"] for s, r in result.items()} == {"eval_seen": 6, "eval_unseen": 4, "calib": 2,
-                                                                   "gate": 3, "train": 30}
+                                                                   "gate": 3, "select": 2, "train": 30}
     assert all(r["hours"] > 0 for r in result.values())
 
 

@@ -1118,6 +1118,46 @@ def test_eval_bundle_stage_scores_the_int8_loss_over_every_split_and_resumes(tmp
     assert calls == []  # every split of every row is in the report: a rerun scores nothing again
 
 
+def test_checkpoints_are_selected_on_the_select_split_and_old_runs_keep_their_set(tmp_path, monkeypatch):
+    from fastslm.calibration.evaluation import EvalItem
+    from fastslm.models.demo import recipe
+
+    def write_split(name: str, n: int) -> None:
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(
+            {"id": f"{name}-{i:06d}", "text": f"line {i}", "voice": "v", "params": {}, "seconds": 1.0,
+             "path": f"audio/{name}/{i}.flac"}) + "\n" for i in range(n)))
+
+    write_split("eval_seen", 50)
+    cache = tmp_path / "train" / recipe.SELECTION_CACHE
+    cache.parent.mkdir()
+    ids = lambda items: [it.id for it in items]  # noqa: E731
+    # a corpus made before the select split: the last 40 eval_seen utterances, as before
+    assert ids(recipe.selection_items(tmp_path, cache)) == [f"eval_seen-{i:06d}" for i in range(10, 50)]
+    write_split("select", 40)
+    assert ids(recipe.selection_items(tmp_path, cache)) == [f"select-{i:06d}" for i in range(40)]
+    # a run that began on eval_seen keeps it after the split is added: its best score stays comparable
+    np.savez(cache, ids=np.array([f"eval_seen-{i:06d}" for i in range(10, 50)]))
+    assert ids(recipe.selection_items(tmp_path, cache))[0] == "eval_seen-000010"
+    paths = recipe.Paths(tmp_path)
+    selected = recipe.selection_ids(paths)
+    assert len(selected) == 40 and recipe.selection_ids(recipe.Paths(tmp_path / "none")) == frozenset()
+
+    # the eval stages add the score over the utterances that did not pick the checkpoint
+    items = [EvalItem(f"eval_seen-{i:06d}", t, tmp_path / "x.flac")
+             for i, t in enumerate(["red hat", "blue cat", "one two three four"])]
+    monkeypatch.setattr(evaluate, "load_split", lambda split, corpus, limit=None: items)
+    picked = frozenset({"eval_seen-000002"})
+    r = {"wer": 0.0, "hyps": ["red hat", "blue dog", "one two"]}  # 3 errors in 8 words, 1 in the first 4
+    assert recipe.add_unselected(r, "eval_seen", tmp_path, None, picked).startswith("WER 25.00% on the 2 utterances")
+    assert r["unselected"] == {"n": 2, "wer": 25.0}
+    questions = evaluate.questions_for_items(items)
+    answers = [[items[i].id, q, expected if i == 0 else "wrong"] for i, q, expected in questions]
+    qa = {"qa": 0.0, "answers": answers}
+    assert "QA 50.00% on the 10 questions" in recipe.add_unselected(qa, "qa", tmp_path, None, picked)
+    assert qa["unselected"]["n"] == 10 and qa["unselected"]["qa"] == 50.0
+    assert recipe.add_unselected(dict(r), "eval_seen", tmp_path, None, frozenset()) == ""
+
+
 def test_faster_whisper_baseline_is_cached_per_beam_width(tmp_path, monkeypatch):
     from fastslm.calibration.evaluation import EvalItem
     from fastslm.models.demo import evaluate

@@ -20,6 +20,8 @@ Splits, built in this order (the small eval splits first):
 * ``gate``        -- :data:`N_GATE` further held-out sentences x eval_seen's voices, clean: what the
   recipe's INT8 WER gate scores (``fastslm-export --eval-corpus``), so the sets the recipe reports
   (eval_seen, eval_unseen, jfk) never choose which layers stay float;
+* ``select``      -- :data:`N_SELECT` further held-out sentences x eval_seen's voices, clean: what picks
+  the best checkpoint during training, so no set the recipe reports chooses the weights either;
 * ``train``       -- training sentences (a seeded permutation, cycled) x training voices.
 
 ``--mix`` picks the training voices and how they vary (eval splits never change with it):
@@ -58,12 +60,14 @@ import soundfile as sf
 from . import augment, texts, voices
 
 SAMPLE_RATE = 16000
-SPLITS = ("eval_seen", "eval_unseen", "calib", "gate", "train")
+SPLITS = ("eval_seen", "eval_unseen", "calib", "gate", "select", "train")
 N_EVAL_SEEN = 200
 N_EVAL_UNSEEN = 100
 N_CALIB = 48  # held-out sentences after the eval ones (voices.main measures on the list's tail)
 # A 1-point INT8 criterion needs a few thousand words: 41 utterances let a +1.3 pt loss through.
 N_GATE = 200
+# Checkpoint selection used to score the last 40 eval_seen utterances, so eval_seen was not wholly held out.
+N_SELECT = 40
 # Sized from a measured build (300 train utterances, seed 0, nice 10, 2 shared cores, load ~3):
 # 0.16 s CPU and 0.20 s wall per utterance, 2.8 s of audio each -> 20000 utterances ~ 15.7 h of
 # audio in ~55-70 min of one core (~2 h if the niced job only gets half a core).
@@ -134,12 +138,14 @@ def plan(
     mix: str = DEFAULT_MIX,
     n_calib: int = N_CALIB,
     n_gate: int = N_GATE,
+    n_select: int = N_SELECT,
 ) -> dict[str, list[Utterance]]:
     """Every utterance of every split, deterministically from ``seed`` (and ``mix`` for calib/train)."""
     sets = sentences or texts.load_sentences(seed)
-    if len(sets.heldout) < n_eval_seen + n_eval_unseen + n_calib + n_gate:
-        raise ValueError(f"only {len(sets.heldout)} held-out sentences for "
-                         f"{n_eval_seen + n_eval_unseen + n_calib + n_gate} eval, calibration and gate utterances")
+    needed = n_eval_seen + n_eval_unseen + n_calib + n_gate + n_select
+    if len(sets.heldout) < needed:
+        raise ValueError(f"only {len(sets.heldout)} held-out sentences for {needed} eval, calibration, gate and "
+                         f"selection utterances")
     train_mix = MIXES[mix]
     out: dict[str, list[Utterance]] = {s: [] for s in SPLITS}
 
@@ -161,12 +167,15 @@ def plan(
     # subset was cut from an older sentence list, whose held-out order differs)
     taken = shipped_subset_keys()
     later = [t for t in sets.heldout[n_eval_seen + n_eval_unseen:] if texts.normalize_key(t) not in taken]
-    if len(later) < n_calib + n_gate:
-        raise ValueError(f"only {len(later)} held-out sentences for {n_calib} calibration and {n_gate} gate utterances")
+    if len(later) < n_calib + n_gate + n_select:
+        raise ValueError(f"only {len(later)} held-out sentences for {n_calib} calibration, {n_gate} gate and "
+                         f"{n_select} selection utterances")
     for i in range(n_calib):
         out["calib"].append(make("calib", i, later[i], train_mix.pick_voice, True, train_mix))
     for i in range(n_gate):
         out["gate"].append(make("gate", i, later[n_calib + i], _pick_voice, False))
+    for i in range(n_select):
+        out["select"].append(make("select", i, later[n_calib + n_gate + i], _pick_voice, False))
     for i in range(n_train):
         text = sets.train[i % len(sets.train)]
         out["train"].append(make("train", i, text, train_mix.pick_voice, True, train_mix))

@@ -165,7 +165,8 @@ def evaluate_split(pipe, split: str, corpus: Path, limit: int | None = None, sho
         for (i, q, expected), got in list(zip(questions, answers))[:show]:
             print(f"  {items[i].id}: {q!r} expected {expected!r} got {got!r}")
         return {"split": split, "n": len(questions), "qa": round(acc, 2), "qa_by_type": by_type,
-                "seconds": round(time.perf_counter() - t0, 1)}
+                "seconds": round(time.perf_counter() - t0, 1),
+                "answers": [[items[i].id, q, got] for (i, q, _), got in zip(questions, answers)]}
     hyps = transcribe_all(pipe, [it.audio for it in items], progress=progress, beam_size=beam_size)
     for it, h in list(zip(items, hyps))[:show]:
         print(f"  {it.id}\n    ref: {it.text}\n    hyp: {h}")

@@ -54,7 +54,8 @@ MODEL_DESCRIPTION = (
     "Small English demo FastSLM: Whisper tiny.en encoder (frozen) + HFQ-Former + a 4-layer Qwen3-style "
     "decoder trained from scratch on synthetic speech (ASR and simple spoken questions)"
 )
-EVAL_SELECT = 40  # eval_seen utterances (the last ones) that pick the best checkpoint during training
+EVAL_SELECT = 40  # eval_seen utterances (the last ones) that picked the best checkpoint before the select split
+SELECTION_CACHE = "eval_features.npz"  # in the train folder: the selection utterances' encoder features, by id
 
 
 def model_description(tune_encoder_blocks: int = 0) -> str:
@@ -286,6 +287,55 @@ class SelectionEvaluator:
         return result
 
 
+def selection_items(corpus: Path, cache: Path) -> list:
+    """The utterances whose WER and QA pick the best checkpoint: the corpus's select split.
+
+    Corpora made before that split have none, and their runs selected on the last EVAL_SELECT eval_seen
+    utterances; a run keeps the set its selection cache was made from to its end, so its scores stay comparable.
+    """
+    from .evaluate import load_split
+
+    legacy = load_split("eval_seen", corpus)[-EVAL_SELECT:]
+    if cache.is_file():
+        with np.load(cache) as data:
+            if list(data["ids"]) == [it.id for it in legacy]:
+                return legacy
+    if (corpus / "select.jsonl").is_file():
+        return load_split("select", corpus)
+    return legacy
+
+
+def selection_ids(paths: Paths) -> frozenset[str]:
+    """Ids of the utterances that picked the trained checkpoint (none when no selection ran)."""
+    cache = paths.train / SELECTION_CACHE
+    if not cache.is_file():
+        return frozenset()
+    with np.load(cache) as data:
+        return frozenset(str(i) for i in data["ids"])
+
+
+def add_unselected(result: dict, split: str, corpus: Path, limit: int | None, selected: frozenset[str]) -> str:
+    """Adds the WER (or QA) over the utterances that played no part in checkpoint selection, when some
+    did; returns it as words for the stage's line ("" when none did)."""
+    from .evaluate import load_split, qa_report, questions_for_items, wer
+
+    if not selected:
+        return ""
+    items = load_split(split, corpus, limit)
+    keep = [i for i, it in enumerate(items) if it.id not in selected]
+    if len(keep) == len(items):
+        return ""
+    if split == "qa":
+        questions = [q for q in questions_for_items(items) if items[q[0]].id not in selected]
+        answers = [got for uid, _, got in result["answers"] if uid not in selected]
+        accuracy, by_type = qa_report(questions, answers)
+        result["unselected"] = {"n": len(questions), "qa": round(accuracy, 2), "qa_by_type": by_type}
+        return f"QA {accuracy:.2f}% on the {len(questions)} questions about utterances that did not pick the checkpoint"
+    score = wer([items[i].text for i in keep], [result["hyps"][i] for i in keep])
+    result["unselected"] = {"n": len(keep), "wer": round(score, 2)}
+    return f"WER {score:.2f}% on the {len(keep)} utterances that did not pick the checkpoint"
+
+
 def build_trainer(paths: Paths, corpus: Path, options, progress: bool = True, speech_tokens: int = SPEECH_TOKENS):
     from ...runtime.tokenizer import Tokenizer
     from .evaluate import load_split
@@ -301,8 +351,9 @@ def build_trainer(paths: Paths, corpus: Path, options, progress: bool = True, sp
     evaluator = None
     if options.eval_minutes or options.eval_every:
         paths.train.mkdir(parents=True, exist_ok=True)
-        items = load_split("eval_seen", corpus)[-EVAL_SELECT:]
-        evaluator = SelectionEvaluator(items, paths.tokenizer, paths.train / "eval_features.npz", whisper,
+        items = selection_items(corpus, paths.train / SELECTION_CACHE)
+        print(f"train: {len(items)} utterances pick the best checkpoint, {items[0].id} to {items[-1].id}", flush=True)
+        evaluator = SelectionEvaluator(items, paths.tokenizer, paths.train / SELECTION_CACHE, whisper,
                                        tuned_top_blocks=n)
     utterances = {u.id: u for u in read_corpus(corpus / "train.jsonl")} if options.align_weight else None
     reading_texts = None
@@ -390,8 +441,10 @@ def stage_export(paths: Paths, corpus: Path, out: Path, dtype: str, check_limit:
 
 
 def stage_eval(model: Path, corpus: Path, limit: int | None, report: Path | None = None,
-               baseline_cache: Path | None = None, threads: int = 2) -> list[dict]:
-    """WER on the held-out synthetic sets and on real speech (jfk.flac), faster-whisper tiny.en's beside each, and QA."""
+               baseline_cache: Path | None = None, threads: int = 2, selected: frozenset[str] = frozenset()) -> list[dict]:
+    """WER on the held-out synthetic sets and on real speech (jfk.flac), faster-whisper tiny.en's beside each, and QA.
+
+    `selected`: ids of utterances that picked the checkpoint; a split holding some also gets its WER without them."""
     from ...runtime.bundle import CONFIG_FILE, MANIFEST_FILE
     from ...runtime.generate import Pipeline
     from .evaluate import REAL_SPEECH_SPLITS, evaluate_split, faster_whisper_wer, load_split
@@ -410,6 +463,8 @@ def stage_eval(model: Path, corpus: Path, limit: int | None, report: Path | None
             metric = f"WER {r['wer']:.2f}% (faster-whisper tiny.en {r['faster_whisper_wer']:.2f}%)"
         else:
             metric = f"QA {r['qa']:.2f}% {r['qa_by_type']}"
+        unselected = add_unselected(r, split, corpus, n, selected)
+        metric += f"; {unselected}" if unselected else ""
         label = f"{split} (real speech)" if r.get("real_speech") else split
         results.append(r)
         print(f"eval: {label}: {metric} (n={r['n']}, {r['seconds']} s)")
@@ -473,6 +528,7 @@ def stage_eval_bundle(corpus: Path, paths: Paths, report: Path, baseline_cache: 
     from ...runtime.generate import Pipeline
     from .evaluate import evaluate_split, faster_whisper_wer, load_split
 
+    selected = selection_ids(paths)
     for precision in BUNDLE_TARGETS:
         if not (paths.bundle(precision) / MANIFEST_FILE).is_file():
             raise RecipeError(f"{paths.bundle(precision)} is not a bundle yet: run the bundle stage first")
@@ -491,10 +547,12 @@ def stage_eval_bundle(corpus: Path, paths: Paths, report: Path, baseline_cache: 
                 pipes[precision] = Pipeline.load(paths.bundle(precision))
             r = evaluate_split(pipes[precision], split, corpus, progress=False, beam_size=width)
             metric = f"WER {r['wer']:.2f}%" if "wer" in r else f"QA {r['qa']:.2f}% {r['qa_by_type']}"
+            unselected = add_unselected(r, split, corpus, None, selected)
             if width > 1 and "wer" in r:
                 r["faster_whisper_wer"] = faster_whisper_wer(split, corpus, None, baseline_cache, threads,
                                                              beam_size=width)["wer"]
                 metric += f" (faster-whisper tiny.en, beam {width}: {r['faster_whisper_wer']:.2f}%)"
+            metric += f"; {unselected}" if unselected else ""
             done.setdefault(key, {})[split] = r
             report.write_text(json.dumps(done, indent=1) + "\n")
             label = precision if width == 1 else f"{precision}, beam {width},"
@@ -703,7 +761,7 @@ def main(argv: list[str] | None = None) -> None:
                 stage_export(paths, a.corpus, out, a.dtype, a.check_limit, a.checkpoint)
             elif stage == "eval":
                 stage_eval(out, a.corpus, a.limit, paths.work / "eval.json", paths.work / "faster_whisper.json",
-                           a.threads)
+                           a.threads, selection_ids(paths))
             elif stage == "bundle":
                 stage_bundle(out, a.corpus, paths)
             elif stage == "eval-bundle":

@@ -1158,6 +1158,19 @@ def test_checkpoints_are_selected_on_the_select_split_and_old_runs_keep_their_se
     assert recipe.add_unselected(dict(r), "eval_seen", tmp_path, None, frozenset()) == ""
 
 
+def test_the_eval_command_scores_the_splits_decoding_is_tuned_on(tmp_path, monkeypatch, capsys):
+    """gate and select are held out from every reported set: the eval command reads them like eval_seen."""
+    for split in ("gate", "select"):
+        (tmp_path / f"{split}.jsonl").write_text(json.dumps(
+            {"id": f"{split}-000000", "text": "red hat and blue cat", "voice": "v", "params": {}, "seconds": 1.0,
+             "path": f"audio/{split}/0.flac"}) + "\n")
+    monkeypatch.setattr(evaluate, "faster_whisper_transcripts",
+                        lambda items, threads=2, progress=False, beam_size=1: ["red hat and a blue cat"])
+    for split in ("gate", "select"):
+        evaluate.main(["--split", split, "--corpus", str(tmp_path), "--faster-whisper", "--beam-size", "8"])
+        assert capsys.readouterr().out.startswith(f"{split}: WER 20.00% on 1 utterance(s)")
+
+
 def test_faster_whisper_baseline_is_cached_per_beam_width(tmp_path, monkeypatch):
     from fastslm.calibration.evaluation import EvalItem
     from fastslm.models.demo import evaluate

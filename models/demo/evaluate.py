@@ -5,7 +5,8 @@
 
 Splits: ``eval_seen`` / ``eval_unseen`` (corpus JSONL), ``jfk`` (the shared real recording) and
 ``qa`` (the held-out questions of :mod:`fastslm.models.demo.tasks` about the eval_seen
-utterances, five per utterance, seeded by utterance id).
+utterances, five per utterance, seeded by utterance id); ``gate`` and ``select`` (corpus JSONL) are
+held out from every reported set, so a choice such as the beam width is made on them.
 
 WER: Whisper's English normalisation (``whisper_normalizer.english.EnglishTextNormalizer``:
 lower case, punctuation removed, numbers and spellings standardised, so "Forty-two" and "42"
@@ -33,7 +34,7 @@ from ...runtime.loading import DEMO_EVAL_SUBSET as EVAL_SUBSET  # the shipped sl
 from ...runtime.sampling import SamplingOptions
 from . import tasks
 
-SPLITS = ("eval_seen", "eval_unseen", "jfk", "qa")
+SPLITS = ("eval_seen", "eval_unseen", "jfk", "qa", "gate", "select")  # gate, select: what may tune decoding
 def greedy(max_new_tokens: int = 200, beam_size: int = 1) -> SamplingOptions:
     """Greedy decoding, or with beam_size > 1 Whisper's beam search (both deterministic)."""
     return SamplingOptions(temperature=0.0, max_new_tokens=max_new_tokens, beam_size=beam_size)
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         greedy(1, a.beam_size)  # a bad --beam-size fails here, before any model loads
         if a.faster_whisper:
             if a.split == "qa":
-                raise FastSLMError("--faster-whisper only transcribes: choose eval_seen, eval_unseen or jfk")
+                raise FastSLMError("--faster-whisper only transcribes: choose eval_seen, eval_unseen, jfk, gate or select")
             items = load_split(a.split, a.corpus, a.limit)
             t0 = time.perf_counter()
             hyps = faster_whisper_transcripts(items, a.threads, progress=True, beam_size=a.beam_size)

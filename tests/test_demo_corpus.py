@@ -223,45 +223,28 @@ def test_calibration_split_is_disjoint_from_everything_scored(sets):
     assert corpus.voices.HELDOUT_VOICE not in {u.voice for u in plan["calib"]}
 
 
-def test_gate_split_is_clean_training_voices_and_disjoint_from_every_other_split(sets):
-    """The INT8 WER gate scores the gate split: none of its sentences is in a set the recipe reports
-    (eval_seen, eval_unseen, jfk), in the shipped test subset, in calibration or in training."""
+@pytest.mark.parametrize("split, size", [("gate", 200), ("select", 40)])
+def test_gate_and_select_splits_are_clean_training_voices_disjoint_from_every_other_split(sets, split, size):
+    """The INT8 WER gate scores the gate split and checkpoint selection the select split: none of their
+    sentences is in a set the recipe reports (eval_seen, eval_unseen, jfk), in the shipped test subset, in
+    calibration, in training or in the other one."""
     plan = corpus.plan(seed=0, n_train=0, sentences=sets)
     key = texts.normalize_key
-    gate = {key(u.text) for u in plan["gate"]}
-    assert len(gate) == corpus.N_GATE == 200
-    others = {key(u.text) for split in ("eval_seen", "eval_unseen", "calib") for u in plan[split]}
-    assert not gate & others and not gate & corpus.shipped_subset_keys()
-    assert not gate & {key(s) for s in sets.train} and not any(texts.is_jfk_like(u.text) for u in plan["gate"])
-    assert all(u.params["augment"] is None for u in plan["gate"])
-    voices_used = {u.voice for u in plan["gate"]}
+    held = {key(u.text) for u in plan[split]}
+    assert len(held) == {"gate": corpus.N_GATE, "select": corpus.N_SELECT}[split] == size
+    others = {key(u.text) for other in corpus.SPLITS if other not in (split, "train") for u in plan[other]}
+    assert not held & others and not held & corpus.shipped_subset_keys()
+    assert not held & {key(s) for s in sets.train} and not any(texts.is_jfk_like(u.text) for u in plan[split])
+    assert all(u.params["augment"] is None for u in plan[split])
+    voices_used = {u.voice for u in plan[split]}
     assert corpus.voices.HELDOUT_VOICE not in voices_used and len(voices_used) >= 8
-    # adding the gate split moved nothing that was built before it
-    before = corpus.plan(seed=0, n_train=5, sentences=sets, n_gate=0)
+    # adding the split moved nothing that was built before it
+    before = corpus.plan(seed=0, n_train=5, sentences=sets, **{f"n_{split}": 0})
     after = corpus.plan(seed=0, n_train=5, sentences=sets)
-    for split in ("eval_seen", "eval_unseen", "calib", "train"):
-        assert [(u.id, u.text, u.voice, u.params) for u in before[split]] == \
-               [(u.id, u.text, u.voice, u.params) for u in after[split]]
-
-
-def test_select_split_is_clean_training_voices_and_disjoint_from_every_other_split(sets):
-    """Checkpoint selection scores the select split, so eval_seen is held out from every choice a run makes."""
-    plan = corpus.plan(seed=0, n_train=0, sentences=sets)
-    key = texts.normalize_key
-    select = {key(u.text) for u in plan["select"]}
-    assert len(select) == corpus.N_SELECT == 40
-    others = {key(u.text) for split in ("eval_seen", "eval_unseen", "calib", "gate") for u in plan[split]}
-    assert not select & others and not select & corpus.shipped_subset_keys()
-    assert not select & {key(s) for s in sets.train} and not any(texts.is_jfk_like(u.text) for u in plan["select"])
-    assert all(u.params["augment"] is None for u in plan["select"])
-    voices_used = {u.voice for u in plan["select"]}
-    assert corpus.voices.HELDOUT_VOICE not in voices_used and len(voices_used) >= 8
-    # adding the select split moved nothing that was built before it
-    before = corpus.plan(seed=0, n_train=5, sentences=sets, n_select=0)
-    after = corpus.plan(seed=0, n_train=5, sentences=sets)
-    for split in ("eval_seen", "eval_unseen", "calib", "gate", "train"):
-        assert [(u.id, u.text, u.voice, u.params) for u in before[split]] == \
-               [(u.id, u.text, u.voice, u.params) for u in after[split]]
+    for other in ("eval_seen", "eval_unseen", "calib", "gate", "train"):
+        if other != split:
+            assert [(u.id, u.text, u.voice, u.params) for u in before[other]] == \
+                   [(u.id, u.text, u.voice, u.params) for u in after[other]]
 
 
 def test_pitch_shift_and_lowpass_keep_length_and_move_what_they_should():

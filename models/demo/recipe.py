@@ -444,7 +444,7 @@ def stage_eval(model: Path, corpus: Path, limit: int | None, report: Path | None
                baseline_cache: Path | None = None, threads: int = 2, selected: frozenset[str] = frozenset()) -> list[dict]:
     """WER on the held-out synthetic sets and on real speech (jfk.flac), faster-whisper tiny.en's beside each, and QA.
 
-    `selected`: ids of utterances that picked the checkpoint; a split holding some also gets its WER without them."""
+    `selected`: ids of utterances that picked the checkpoint; a split holding some is also scored without them."""
     from ...runtime.bundle import CONFIG_FILE, MANIFEST_FILE
     from ...runtime.generate import Pipeline
     from .evaluate import REAL_SPEECH_SPLITS, evaluate_split, faster_whisper_wer, load_split

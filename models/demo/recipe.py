@@ -296,22 +296,24 @@ def selection_items(corpus: Path, cache: Path) -> list:
     from .evaluate import load_split
 
     legacy = load_split("eval_seen", corpus)[-EVAL_SELECT:]
-    if cache.is_file():
-        with np.load(cache) as data:
-            if list(data["ids"]) == [it.id for it in legacy]:
-                return legacy
+    if cached_selection_ids(cache) == [it.id for it in legacy]:
+        return legacy
     if (corpus / "select.jsonl").is_file():
         return load_split("select", corpus)
     return legacy
 
 
+def cached_selection_ids(cache: Path) -> list[str]:
+    """The utterance ids a selection cache was made from, in order ([] when there is none)."""
+    if not cache.is_file():
+        return []
+    with np.load(cache) as data:
+        return [str(i) for i in data["ids"]]
+
+
 def selection_ids(paths: Paths) -> frozenset[str]:
     """Ids of the utterances that picked the trained checkpoint (none when no selection ran)."""
-    cache = paths.train / SELECTION_CACHE
-    if not cache.is_file():
-        return frozenset()
-    with np.load(cache) as data:
-        return frozenset(str(i) for i in data["ids"])
+    return frozenset(cached_selection_ids(paths.train / SELECTION_CACHE))
 
 
 def add_unselected(result: dict, split: str, corpus: Path, limit: int | None, selected: frozenset[str]) -> str:

@@ -37,15 +37,16 @@ pytestmark = pytest.mark.skipif(
     reason="the demo model is not shipped yet (models/demo/shipped/{model,onnx}, issue #4)",
 )
 
-# Measured on the shipped model (the recipe's run 4, weight average at step 6,000, INT8 ONNX
-# bundle, greedy; 2026-11-30): jfk 9.09 % (2 of 22 words), eval subset 23.02 % (seen voices) /
-# 22.75 % (unseen voice), QA 48.3 % on the 12 utterances below (60 questions, so +-6 pt is one
-# utterance's worth); a few points of margin for ONNX Runtime versions.
+# Measured on the shipped model (the recipe's run 8, weight average at step 8,000, INT8 ONNX
+# bundle; 2026-12-01): jfk 13.64 % through fastslm-run (3 of 22 words), eval subset greedy 22.75 %
+# (seen voices) / 23.81 % (unseen voice), beam 4 19.05 % / 22.22 %, QA 60.0 % on the 12 utterances
+# below (60 questions, so +-6 pt is one utterance's worth); a few points of margin for ONNX Runtime
+# versions.
 MAX_WER = {"jfk": 15.0, "eval_seen": 27.0, "eval_unseen": 27.0}
 # The recipe's eval stage reads jfk.flac as one untrimmed window (Pipeline.transcribe), not through
-# fastslm-run's voice-activity segments: 9.09% measured on 2026-11-30 with the default bundle.
+# fastslm-run's voice-activity segments: 13.64% measured on 2026-12-01 with the default bundle.
 MAX_WER_JFK_WHOLE_WINDOW = 20.0
-MIN_QA = 40.0
+MIN_QA = 50.0
 QA_ITEMS = 12  # 5 questions each
 
 
@@ -101,9 +102,9 @@ def test_reference_and_bundle_agree(onnx_pipe, torch_pipe, jfk_path):
     truth = [JFK_TRANSCRIPT] + [it.text for it in items]
     onnx = transcribe_all(onnx_pipe, inputs, max_new_tokens=96)
     ref = transcribe_all(torch_pipe, inputs, max_new_tokens=96)
-    # measured 2026-11-30: the two read each other at 3.3% WER; against the truth the bundle scored
-    # 25.4% and the reference 23.8%
-    assert wer(ref, onnx) <= 10.0, list(zip(ref, onnx))
+    # measured 2026-12-01 (run 8): the two read each other at 8.06% WER; against the truth both
+    # scored 21.31% (run 4: 3.3% apart, 25.4% and 23.8%)
+    assert wer(ref, onnx) <= 12.0, list(zip(ref, onnx))
     assert wer(truth, onnx) <= wer(truth, ref) + 3.0, list(zip(truth, onnx))
 
 

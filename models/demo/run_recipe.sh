@@ -64,7 +64,8 @@ main() {
         "--steps 8000 --warmup-steps 500 --eval-every 400 --spec-prob 0.8 --spec-time-masks 3 --spec-time-frames 12" \
         "--spec-channel-masks 2 --spec-channel-width 32 --spec-speech-only --select-qa-weight 0.5 --reading-qa 8" \
         "--qa-weight 4 --qa-from 2000 --qa-think-from 3200 --reading-qa-from 4480:24 --ema-decay 0.998" \
-        "--ema-from 4000" >"$state/recipe.args"
+        "--ema-from 4000 --summary-scratch-from 3200 --reading-qa-types-from 4480:summary=2,count=1.5" \
+        "--tune-encoder-blocks 1 --encoder-lr-scale 0.1" >"$state/recipe.args"
     for stage in corpus tokenizer windows features align train export-folder eval bundle eval-bundle; do
         while [ ! -f "$state/done.$stage" ]; do
             t0=$(date +%s)

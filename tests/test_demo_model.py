@@ -127,13 +127,15 @@ def test_recipe_eval_scores_real_speech_beside_faster_whisper(tmp_path, monkeypa
     from fastslm.models.demo.recipe import stage_eval
 
     cache, report = tmp_path / "faster_whisper.json", tmp_path / "eval.json"
-    results = stage_eval(DEFAULT_MODEL_DIR, EVAL_SUBSET, 2, report, cache, threads=2)
+    results = stage_eval(DEFAULT_MODEL_DIR, EVAL_SUBSET, 2, report, cache, threads=2, progress=False)
     rows = {r["split"]: r for r in results}
     assert rows["jfk"]["real_speech"] and not rows["eval_seen"]["real_speech"]
     assert rows["jfk"]["faster_whisper_wer"] == 0.0 and rows["jfk"]["wer"] <= MAX_WER_JFK_WHOLE_WINDOW
     assert all(0.0 <= rows[s]["faster_whisper_wer"] <= 50.0 for s in ("eval_seen", "eval_unseen"))
     assert rows["qa"]["n"] == 10 and "faster_whisper_wer" not in rows["qa"]
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "utt/s" not in captured.err  # --no-progress: no bars in the recipe's driver.log
     assert f"eval: jfk (real speech): WER {rows['jfk']['wer']:.2f}% (faster-whisper tiny.en 0.00%)" in out
     assert json.loads(report.read_text())["results"] == json.loads(json.dumps(results))
 

@@ -443,7 +443,8 @@ def stage_export(paths: Paths, corpus: Path, out: Path, dtype: str, check_limit:
 
 
 def stage_eval(model: Path, corpus: Path, limit: int | None, report: Path | None = None,
-               baseline_cache: Path | None = None, threads: int = 2, selected: frozenset[str] = frozenset()) -> list[dict]:
+               baseline_cache: Path | None = None, threads: int = 2, selected: frozenset[str] = frozenset(),
+               progress: bool = True) -> list[dict]:
     """WER on the held-out synthetic sets and on real speech (jfk.flac), faster-whisper tiny.en's beside each, and QA.
 
     `selected`: ids of utterances that picked the checkpoint; a split holding some is also scored without them."""
@@ -458,7 +459,7 @@ def stage_eval(model: Path, corpus: Path, limit: int | None, report: Path | None
     results = []
     for split in ("eval_seen", "eval_unseen", "jfk", "qa"):
         n = limit if split != "jfk" else None
-        r = evaluate_split(pipe, split, corpus, n)
+        r = evaluate_split(pipe, split, corpus, n, progress=progress)
         if "wer" in r:
             r["faster_whisper_wer"] = faster_whisper_wer(split, corpus, n, baseline_cache, threads)["wer"]
             r["real_speech"] = split in REAL_SPEECH_SPLITS
@@ -763,7 +764,7 @@ def main(argv: list[str] | None = None) -> None:
                 stage_export(paths, a.corpus, out, a.dtype, a.check_limit, a.checkpoint)
             elif stage == "eval":
                 stage_eval(out, a.corpus, a.limit, paths.work / "eval.json", paths.work / "faster_whisper.json",
-                           a.threads, selection_ids(paths))
+                           a.threads, selection_ids(paths), not a.no_progress)
             elif stage == "bundle":
                 stage_bundle(out, a.corpus, paths)
             elif stage == "eval-bundle":
